@@ -1,0 +1,25 @@
+# Two commands on a fresh machine: `make run` and `make test`. Each installs what is missing first.
+PYTHON ?= python3
+ARGS ?=
+STAMP := .make/installed
+
+.PHONY: install run test test-all lint
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m pip install -q -e ".[dev]"
+	@mkdir -p $(@D) && touch $@
+
+run: install
+	$(PYTHON) scripts/run.py $(ARGS)
+
+test: install
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m pytest -m "not slow" -q
+
+test-all: install
+	$(PYTHON) -m pytest -q
+
+lint: install
+	$(PYTHON) -m ruff check . && $(PYTHON) -m ruff format --check .

@@ -1,0 +1,38 @@
+"""Sample with one model and one scheduler: python scripts/run.py scheduler=ddim steps=30"""
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+import diffexp.config  # noqa: F401  (registers the schema and resolvers)
+from diffexp.errors import DiffexpError
+from diffexp.run import run
+
+log = logging.getLogger("diffexp")
+
+
+@hydra.main(version_base="1.3", config_path="../configs", config_name="run")
+def main(cfg: DictConfig) -> None:
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        metrics = run(cfg, out_dir)
+    except DiffexpError as err:
+        log.error("%s", err)
+        print(f"\ndiffexp: {err}\n(run folder: {out_dir})", file=sys.stderr)
+        sys.exit(2)
+    log.info(
+        "finished %s: %d steps, %d model calls, %.2f s -> %s",
+        metrics["label"],
+        metrics["steps"],
+        metrics["nfe"],
+        metrics["wall_s"],
+        out_dir,
+    )
+
+
+if __name__ == "__main__":
+    main()
