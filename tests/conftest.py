@@ -1,0 +1,42 @@
+"""Shared test helpers: compose the real configs, run the real CLI, outputs under tmp_path."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+from omegaconf import DictConfig
+
+import diffexp
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def compose(*overrides: str) -> DictConfig:
+    """The run config the CLI would build, quiet and small unless overridden."""
+    return diffexp.compose(["progress=false", *overrides])
+
+
+def run_cli(
+    args: Sequence[str], cwd: Path, env: dict[str, str] | None = None, script: str = "scripts/run.py", timeout: int = 300
+) -> subprocess.CompletedProcess[str]:
+    """Run a script of this checkout as a user would, offline, with its outputs under ``cwd``."""
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", **(env or {})}
+    return subprocess.run(
+        [sys.executable, str(ROOT / script), *args],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path) -> Path:
+    return tmp_path / "run"
