@@ -16,7 +16,7 @@ run: install
 
 test: install
 	$(PYTHON) -m ruff check .
-	$(PYTHON) -m pytest -m "not slow" -q
+	$(PYTHON) -m pytest -m "not slow" -q -n auto
 
 test-all: install
 	$(PYTHON) -m pytest -q

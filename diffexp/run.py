@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import platform
 from collections.abc import Iterator, Sequence
@@ -16,7 +17,7 @@ import diffusers
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from diffexp.config import Precision, RunConfig
+from diffexp.config import Precision
 from diffexp.device import device_name, peak_memory_mb, reset_peak_memory, resolve_device, resolve_dtype
 from diffexp.errors import DiffexpError
 from diffexp.files import RunFiles, mark_failed
@@ -39,13 +40,34 @@ def compose(overrides: Sequence[str] = (), config_name: str = "run") -> DictConf
         return hydra_compose(config_name=config_name, overrides=list(overrides))
 
 
-def check_config(cfg: DictConfig | RunConfig) -> None:
-    """Numbers the schema's types can't rule out."""
+def check_config(cfg: DictConfig) -> None:
+    """What composition lets through: keys added with ``+`` that the schema lacks, and impossible numbers."""
+    unknown = unknown_keys(cfg)
+    if unknown:
+        raise DiffexpError(
+            f"Unknown config key(s): {', '.join(unknown)}. The schema (diffexp/config.py) has no such key; "
+            "check the spelling, or see configs/ for the keys each group takes."
+        )
     for key in ("steps", "batch_size", "log_every"):
         if cfg[key] <= 0:
             raise DiffexpError(f"{key}={cfg[key]} is not allowed: {key} must be a positive integer.")
     if "name" not in cfg.scheduler:
         raise DiffexpError("The scheduler config has no 'name'; choose one with scheduler=<name>.")
+
+
+def unknown_keys(node: DictConfig, prefix: str = "") -> list[str]:
+    """Keys that ``+key=value`` added to a typed node of the schema."""
+    found = []
+    schema = OmegaConf.get_type(node)
+    known = {f.name for f in dataclasses.fields(schema)} if dataclasses.is_dataclass(schema) else None
+    for key in node:
+        if key == "hydra" and not prefix:
+            continue
+        if known is not None and key not in known:
+            found.append(f"{prefix}{key}")
+        elif OmegaConf.is_dict(child := node._get_node(key)) and not OmegaConf.is_missing(node, key):
+            found += unknown_keys(child, f"{prefix}{key}.")
+    return found
 
 
 @dataclass

@@ -93,9 +93,26 @@ class BuiltScheduler:
         return {**record, "hash": digest}
 
 
+# short names people try for the refused ones
+REFUSED_NAMES: dict[str, str] = {
+    "edm-euler": "EDMEulerScheduler",
+    "edm-dpmsolver": "EDMDPMSolverMultistepScheduler",
+    "ipndm": "IPNDMScheduler",
+    "lcm": "LCMScheduler",
+    "tcd": "TCDScheduler",
+    "score-sde-ve": "ScoreSdeVeScheduler",
+    "consistency": "CMStochasticIterativeScheduler",
+    "repaint": "RePaintScheduler",
+    "unclip": "UnCLIPScheduler",
+    "flow-match-euler": "FlowMatchEulerDiscreteScheduler",
+    "flow-match-heun": "FlowMatchHeunDiscreteScheduler",
+    "ddim-inverse": "DDIMInverseScheduler",
+}
+
+
 def resolve_class(name: str) -> type[SchedulerMixin]:
     """Map a diffexp name (or a diffusers class name) to a usable class, or refuse with the valid names."""
-    class_name = SCHEDULERS.get(name, name)
+    class_name = SCHEDULERS.get(name) or REFUSED_NAMES.get(name, name)
     valid = ", ".join(SCHEDULERS)
     if class_name in REFUSED:
         raise DiffexpError(
@@ -159,7 +176,7 @@ def build_scheduler(
     try:
         scheduler = cls.from_config(dict(model_scheduler_config), **config)
     except (ValueError, NotImplementedError, TypeError) as err:
-        raise DiffexpError(f"diffusers refused scheduler '{name}' with options {config}: {err}") from None
+        raise DiffexpError(f"diffusers refused scheduler '{name}' ({cls.__name__}) with these options: {err}") from None
 
     # the betas must be the ones the model was trained with (from_config drops keys left at defaults)
     expected = DDPMScheduler.from_config(dict(model_scheduler_config)).alphas_cumprod

@@ -8,15 +8,16 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-import diffexp.config  # noqa: F401  (registers the schema and resolvers)
+import diffexp.config  # noqa: F401  (registers the schema and resolvers; light, so config errors come fast)
 from diffexp.errors import DiffexpError
-from diffexp.run import run
 
 log = logging.getLogger("diffexp")
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="run")
 def main(cfg: DictConfig) -> None:
+    from diffexp.run import run  # torch and diffusers load only once the config is valid
+
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         metrics = run(cfg, out_dir)

@@ -9,11 +9,15 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
+import torch
 from omegaconf import DictConfig
 
 import diffexp
 
 ROOT = Path(__file__).resolve().parent.parent
+# test tensors are small: one thread is fastest, and avoids oversubscribing a busy CPU
+torch.set_num_threads(1)
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 def compose(*overrides: str) -> DictConfig:
@@ -22,10 +26,14 @@ def compose(*overrides: str) -> DictConfig:
 
 
 def run_cli(
-    args: Sequence[str], cwd: Path, env: dict[str, str] | None = None, script: str = "scripts/run.py", timeout: int = 300
+    args: Sequence[str],
+    cwd: Path,
+    env: dict[str, str] | None = None,
+    script: str = "scripts/run.py",
+    timeout: int = 300,
 ) -> subprocess.CompletedProcess[str]:
     """Run a script of this checkout as a user would, offline, with its outputs under ``cwd``."""
-    full_env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", **(env or {})}
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", **ONE_THREAD, **(env or {})}
     return subprocess.run(
         [sys.executable, str(ROOT / script), *args],
         cwd=cwd,

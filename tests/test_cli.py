@@ -1,0 +1,95 @@
+"""The CLI as a user meets it: the default command end to end, and every kind of bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import run_cli
+
+
+def only_run(root: Path) -> Path:
+    runs = sorted(root.glob("outputs/runs/*/*"))
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+def test_default_command_runs_end_to_end(tmp_path: Path) -> None:
+    result = run_cli(["model=digits-ideal", "scheduler=ddim", "steps=30"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    run = only_run(tmp_path)
+    assert run.name.endswith("digits-ideal-ddim-30")
+    assert json.loads((run / "status.json").read_text())["status"] == "finished"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["steps"] == 30 and metrics["nfe"] == 30 and metrics["wall_s"] > 0 and metrics["peak_mem_mb"] > 0
+    assert metrics["scheduler"]["class"] == "DDIMScheduler" and metrics["scheduler"]["config"]["clip_sample"] is True
+    assert metrics["torch"] == torch.__version__ and metrics["device"] == "cpu"
+    # snapshots at steps 10, 20 and 30: x and x0 grids, steps.jsonl lines, the trajectory
+    assert sorted(p.name for p in (run / "grids").iterdir()) == [
+        f"step{k:04d}_{v}.png" for k in (10, 20, 30) for v in ("x", "x0")
+    ]
+    lines = [json.loads(line) for line in (run / "steps.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [10, 20, 30] and lines[0]["sigma"] > lines[-1]["sigma"]
+    samples = np.load(run / "samples.npy")
+    assert samples.dtype == np.float32 and samples.shape == (4, 1, 32, 32) and np.abs(samples).max() <= 1
+    trajectory = np.load(run / "trajectory.npz")
+    assert trajectory["x0"].shape == (3, 4, 1, 32, 32) and np.array_equal(trajectory["x"][-1], samples)
+    assert (run / "samples.png").exists() and (run / "config.yaml").read_text().count("ddim") >= 1
+    assert "Traceback" not in result.stderr
+
+
+def test_hydra_run_dir_override_is_respected(tmp_path: Path) -> None:
+    result = run_cli(["model=digits-ideal", "steps=3", f"hydra.run.dir={tmp_path / 'mine'}"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "mine" / "status.json").read_text())["status"] == "finished"
+
+
+BAD_INPUT = {
+    "unknown scheduler": (["scheduler=nope"], "Could not find 'scheduler/nope'"),
+    "unknown model": (["model=nope"], "Could not find 'model/nope'"),
+    "invalid scheduler": (["scheduler.name=edm-euler"], "cannot drive an epsilon-prediction UNet2DModel"),
+    "steps <= 0": (["steps=0"], "steps=0 is not allowed"),
+    "batch_size <= 0": (["batch_size=-2"], "batch_size=-2 is not allowed"),
+    "unknown key": (["+stepz=3"], "Unknown config key(s): stepz"),
+    "unknown key without +": (["stepz=3"], "Key 'stepz' not in 'RunConfig'"),
+    "wrong type": (["steps=many"], "could not be converted to Integer"),
+    "wrong enum": (["precision=fp64"], "Invalid value 'fp64'"),
+    "unknown scheduler option": (
+        ["scheduler=euler-ancestral", "+scheduler.use_karras_sigmas=true"],
+        "has no option 'use_karras_sigmas'",
+    ),
+    "hub model offline": (["model=ddpm-cifar10-32"], "Could not load the diffusers model 'google/ddpm-cifar10-32'"),
+    "local model without folder": (["model=local", "model.path=/nonexistent"], "is not a folder"),
+    "too many steps": (["scheduler=ddim", "steps=2000"], "cannot run 2000 steps"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUT))
+def test_bad_input_fails_clearly(case: str, tmp_path: Path) -> None:
+    args, message = BAD_INPUT[case]
+    result = run_cli(["model=digits-ideal", *args], cwd=tmp_path)
+    assert result.returncode != 0
+    assert message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+    for run in tmp_path.glob("outputs/runs/*/*"):  # a run that never sampled is never mistaken for a finished one
+        assert not (run / "metrics.json").exists()
+        assert json.loads((run / "status.json").read_text())["status"] == "failed"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_a_gpu_fails_clearly(tmp_path: Path) -> None:
+    result = run_cli(["model=digits-ideal", "device=cuda"], cwd=tmp_path)
+    assert result.returncode == 2 and "no usable CUDA GPU" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_run_that_diverges_is_marked_failed_with_its_step(tmp_path: Path) -> None:
+    # KDPM2 ancestral at 2 steps gets NaN timesteps from diffusers
+    result = run_cli(["model=digits-ideal", "scheduler=kdpm2-ancestral", "steps=2"], cwd=tmp_path)
+    assert result.returncode == 2 and "NaN/Inf at step 1" in result.stderr
+    run = only_run(tmp_path)
+    status = json.loads((run / "status.json").read_text())
+    assert status["status"] == "failed" and "NaN/Inf" in status["error"]
+    assert not (run / "metrics.json").exists() and not (run / "samples.npy").exists()

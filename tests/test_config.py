@@ -1,0 +1,61 @@
+"""The configs: every group composes, scheduler files hold diffusers' own defaults, the schema is strict."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, compose
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, ValidationError
+
+from diffexp.run import unknown_keys
+from diffexp.schedulers import SCHEDULERS, option_signatures, resolve_class
+
+SCHEDULER_FILES = sorted(p.stem for p in (ROOT / "configs" / "scheduler").glob("*.yaml"))
+MODEL_FILES = sorted(p.stem for p in (ROOT / "configs" / "model").glob("*.yaml"))
+
+
+def test_there_is_one_scheduler_file_per_usable_scheduler() -> None:
+    assert sorted(SCHEDULERS) == SCHEDULER_FILES
+
+
+@pytest.mark.parametrize("name", SCHEDULER_FILES)
+def test_scheduler_files_hold_diffusers_defaults(name: str) -> None:
+    options = OmegaConf.to_container(compose(f"scheduler={name}").scheduler)
+    assert options.pop("name") == name
+    init, step = option_signatures(resolve_class(name))
+    for key, value in options.items():
+        param = init.get(key) or step.get(key)
+        assert param is not None, f"{name}.{key} is not an option of {resolve_class(name).__name__}"
+        if value is not None:  # null: the model's scheduler config decides
+            default = param.default
+            assert value == (list(default) if isinstance(default, tuple) else default), f"{name}.{key}"
+
+
+@pytest.mark.parametrize("name", MODEL_FILES)
+def test_model_files_compose_into_the_schema(name: str) -> None:
+    cfg = compose(f"model={name}")
+    assert cfg.model.name == name and not unknown_keys(cfg)
+
+
+def test_schema_rejects_unknown_keys_and_wrong_types() -> None:
+    with pytest.raises(ConfigCompositionException):
+        compose("stepz=3")
+    with pytest.raises(ConfigCompositionException):
+        compose("device=3", "steps=three")
+    assert sorted(unknown_keys(compose("+stepz=3", "+model.colour=1"))) == ["model.colour", "stepz"]
+
+
+def test_run_folder_is_named_for_what_it_holds(tmp_path: Path) -> None:
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = hydra_compose(
+            "run", ["scheduler=dpmsolver", "scheduler.use_karras_sigmas=true", "steps=20"], return_hydra_config=True
+        )
+    assert cfg.hydra.run.dir.endswith(f"-{cfg.model.name}-dpmsolver-karras-20")
+    with pytest.raises((ConfigKeyError, ValidationError)):
+        OmegaConf.merge(cfg, {"precision": "fp64"})
