@@ -16,6 +16,8 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.unets.unet_2d import UNet2DOutput
 
+from diffexp.noise import log_sigmas, sigma_at
+
 
 def digits_images(sample_size: int = 32) -> torch.Tensor:
     """The 1797 scikit-learn digits (8x8, 17 grey levels) in [-1, 1], bilinearly upsampled: (N, 1, H, W)."""
@@ -60,17 +62,12 @@ class DigitsIdealDenoiser(ModelMixin, ConfigMixin):
         # plain tensors, not buffers: `.to(dtype)` for the precision setting must not round the exact data
         self.images = digits_images(sample_size).flatten(1)
         self._images_on: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
-        alphas_cumprod = DDPMScheduler.from_config(DDPM_SCHEDULER_CONFIG).alphas_cumprod.double()
-        log_sigmas = (((1 - alphas_cumprod) / alphas_cumprod).sqrt()).log()
-        self.log_sigmas = log_sigmas
+        self.log_sigmas = log_sigmas(DDPMScheduler.from_config(DDPM_SCHEDULER_CONFIG).alphas_cumprod)
         self._dummy = torch.nn.Parameter(torch.zeros(()), requires_grad=False)  # gives the module a dtype
 
     def sigma(self, timestep: torch.Tensor) -> torch.Tensor:
-        """Noise level of (possibly fractional) timesteps, interpolating log-sigma like diffusers' _sigma_to_t."""
-        t = timestep.detach().cpu().double().clamp(0, len(self.log_sigmas) - 1)
-        low = t.floor().long().clamp(max=len(self.log_sigmas) - 2)
-        frac = t - low
-        return ((1 - frac) * self.log_sigmas[low] + frac * self.log_sigmas[low + 1]).exp()
+        """Noise level of (possibly fractional) timesteps."""
+        return sigma_at(self.log_sigmas, timestep)
 
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """E[x0 | x] for x = x0 + sigma * n (sigma per sample, shape (B,))."""

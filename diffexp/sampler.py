@@ -19,6 +19,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from diffexp.device import synchronize
 from diffexp.errors import NonFiniteError
+from diffexp.noise import log_sigmas, sigma_at
 
 
 @dataclass
@@ -46,10 +47,11 @@ class CountingModel(torch.nn.Module):
         super().__init__()
         self.model = model
         self.calls = 0
+        self.dtype = getattr(model, "dtype", None) or next((p.dtype for p in model.parameters()), torch.float32)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         self.calls += 1
-        out = self.model(x.to(self.model.dtype), t)
+        out = self.model(x.to(self.dtype), t)
         out = out.sample if hasattr(out, "sample") else out
         return out.float()
 
@@ -83,12 +85,8 @@ def predicted_x0(scheduler: Any, out: Any, x: torch.Tensor, eps: torch.Tensor, t
 
 
 def noise_level(scheduler: Any, t: torch.Tensor) -> float:
-    """Sigma of the call just made: the scheduler's own sigma where it keeps one, else from alpha_bar(t)."""
-    sigmas, index = getattr(scheduler, "sigmas", None), getattr(scheduler, "step_index", None)
-    if sigmas is not None and index is not None:
-        return float(sigmas[index - 1])
-    abar = scheduler.alphas_cumprod[int(t)]
-    return float(((1 - abar) / abar).sqrt())
+    """Sigma of the timestep the model was called at, on the model's own schedule."""
+    return float(sigma_at(log_sigmas(scheduler.alphas_cumprod), t))
 
 
 def completed_full_step(scheduler: Any) -> bool:

@@ -110,3 +110,17 @@ def test_ideal_denoiser_sigma_matches_the_schedule_and_lands_on_the_data() -> No
     data = digits_images(32).flatten(1)
     nearest = torch.cdist(final.flatten(1), data).min(dim=1).values
     assert (nearest < 0.5).all()
+
+
+def test_a_local_pipeline_folder_loads_and_samples(tmp_path) -> None:
+    DDPMPipeline(unet=tiny_unet(), scheduler=DDPMScheduler.from_config(DDPM_SCHEDULER_CONFIG)).save_pretrained(tmp_path)
+    exp = diffexp.prepare(compose("model=local", f"model.path={tmp_path}", "scheduler=unipc", "steps=4"))
+    assert exp.loaded.scheduler_config["beta_end"] == DDPM_SCHEDULER_CONFIG["beta_end"]
+    assert torch.isfinite(list(exp.steps())[-1].x).all()
+
+
+def test_reduced_precision_runs_the_model_in_it_and_the_loop_in_float32() -> None:
+    exp = diffexp.prepare(compose("model=tiny", "precision=bf16", "scheduler=euler", "steps=4"))
+    assert next(exp.loaded.model.parameters()).dtype == torch.bfloat16
+    final = list(exp.steps())[-1]
+    assert final.x.dtype == torch.float32 and torch.isfinite(final.x).all()
