@@ -1,4 +1,7 @@
-"""Sample with one model and one scheduler: python scripts/run.py scheduler=ddim steps=30"""
+"""Sample with one model and one scheduler: python scripts/run.py scheduler=ddim steps=30
+
+A sweep: python scripts/run.py -m scheduler=ddim,dpmsolver steps=10,20 (see diffexp/sweep.py).
+"""
 
 import logging
 import sys
@@ -6,6 +9,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 import diffexp.config  # noqa: F401  (registers the schema and resolvers; light, so config errors come fast)
@@ -15,10 +19,13 @@ log = logging.getLogger("diffexp")
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="run")
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig) -> dict | None:
     from diffexp.run import run  # torch and diffusers load only once the config is valid
+    from diffexp.sweep import run_job
 
     out_dir = Path(HydraConfig.get().runtime.output_dir)
+    if HydraConfig.get().mode == RunMode.MULTIRUN:
+        return run_job(cfg, out_dir)  # a failed job is recorded in its folder; the others still run
     try:
         metrics = run(cfg, out_dir)
     except DiffexpError as err:
