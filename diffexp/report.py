@@ -93,8 +93,9 @@ class Job:
 
 @dataclass
 class Report:
-    """What was written, and the table in a form ready for ``wandb.Table(columns, data)`` (wrap the ``samples``
-    column, a path to the run's samples.png or None, in ``wandb.Image``)."""
+    """What was written, and the table ready for ``wandb.Table(columns=report.columns, data=report.table_data())``
+    once the ``samples`` column (the run's samples.png relative to ``sweep_dir``, or None for a run that did not
+    finish) is wrapped in ``wandb.Image``; the figures are in ``files``."""
 
     sweep_dir: Path
     jobs: list[Job]
@@ -265,35 +266,37 @@ def _cell_status(ax: Any, job: Job | None) -> None:
 def grid_figure(jobs: Sequence[Job], quality: Sequence[str], title: str) -> Figure:
     """Rows: schedulers; columns: steps; cells: the first samples of each run (same seeds), captioned."""
     rows, cols, cells = _layout(jobs)
-    first = next((j.samples() for j in jobs if j.finished and j.samples() is not None), None)
+    first = next((x for j in jobs if j.finished and (x := j.samples()) is not None), None)
     k = min(SAMPLES_PER_CELL, first.shape[0]) if first is not None else SAMPLES_PER_CELL
-    aspect = _image(first[:k]).shape[1] / _image(first[:k]).shape[0] if first is not None else k
-    img_h = 1.0 if aspect < 6 else 0.8  # inches
-    img_w = max(img_h * aspect, 1.9)
+    shape = _image(first[:k]).shape if first is not None else (1, k)
+    img_h = (1.0 if shape[0] <= 70 else 1.6) if shape[1] / shape[0] < 6 else 0.8  # inches; larger images larger
+    img_w = img_h * shape[1] / shape[0]
+    col_w = max(img_w, 1.9)  # room for the caption and for a failure's message
     cap_h = 0.5 if quality else 0.36
     label_w = 0.3 + 0.085 * max(len(r) for r in rows)
-    pitch_w, pitch_h = img_w + 0.25, img_h + cap_h + 0.12
+    pitch_w, pitch_h = col_w + 0.25, img_h + cap_h + 0.12
     head, pad = 0.95, 0.15
-    W, H = label_w + pitch_w * len(cols) + pad, head + pitch_h * len(rows) + pad
+    what = f"the first {k} samples" if k > 1 else "the first sample"
+    subtitle = f"each cell: {what} (the same seeds in every cell) · NFE · sampling time"
+    W = max(label_w + pitch_w * len(cols) + pad, 2 * pad + 0.075 * max(len(subtitle), 1.2 * len(title)))
+    H = head + pitch_h * len(rows) + pad
     fig = Figure(figsize=(W, H), dpi=110)
     fig.text(pad / W, 1 - 0.25 / H, title, fontsize=12, weight="bold", va="center")
-    fig.text(
-        pad / W, 1 - 0.52 / H, f"each cell: the first {k} samples (the same seeds in every cell) · NFE · sampling time",
-        fontsize=9, color=MUTED, va="center",
-    )  # fmt: skip
+    fig.text(pad / W, 1 - 0.52 / H, subtitle, fontsize=9, color=MUTED, va="center")
     for c, steps in enumerate(cols):
-        x = (label_w + c * pitch_w + img_w / 2) / W
+        x = (label_w + c * pitch_w + col_w / 2) / W
         fig.text(x, 1 - 0.8 / H, f"{steps} steps", ha="center", va="center", fontsize=11, weight="bold")
     for r, row in enumerate(rows):
         y0 = H - head - (r + 1) * pitch_h + cap_h
         fig.text((label_w - 0.15) / W, (y0 + img_h / 2) / H, row, ha="right", va="center", fontsize=10, weight="bold")
         for c, steps in enumerate(cols):
             job = cells.get((row, steps))
-            ax = fig.add_axes((((label_w + c * pitch_w) / W), y0 / H, img_w / W, img_h / H))
             x = job.samples() if job is not None and job.finished else None
+            left = label_w + c * pitch_w
             if x is None:
-                _cell_status(ax, job)
+                _cell_status(fig.add_axes((left / W, y0 / H, col_w / W, img_h / H)), job)
                 continue
+            ax = fig.add_axes(((left + (col_w - img_w) / 2) / W, y0 / H, img_w / W, img_h / H))
             image = _image(x[:k])
             ax.imshow(image, cmap="gray" if image.ndim == 2 else None, vmin=0, vmax=255, interpolation="nearest")
             ax.set_aspect("auto")
