@@ -35,6 +35,27 @@ class ModelConfig:
     std: float = 0.0  # digits-ideal: std of the Gaussian mixture around each training image
 
 
+class WandbMode(str, Enum):
+    online = "online"
+    offline = "offline"
+    disabled = "disabled"
+
+
+@dataclass
+class LoggerConfig:
+    """W&B run settings (configs/logger/wandb.yaml); ``logger=none`` sets the whole node to null."""
+
+    project: str = "diffexp"
+    entity: str | None = None  # W&B's default entity of the API key when unset
+    group: str | None = None  # default: the experiment and sweep name
+    name: str | None = None  # default: what the run is, e.g. ddim-30
+    tags: list[str] = field(default_factory=list)
+    job_type: str | None = None  # default: what the script does (sample, train, ...)
+    mode: WandbMode | None = None  # unset: WANDB_MODE decides, else offline when no API key is configured
+    init_timeout: float = 30.0  # seconds before W&B setup gives up and the run goes on without it
+    finish_timeout: float = 120.0  # seconds to wait for uploads at the end; the rest stays for `wandb sync`
+
+
 @dataclass
 class RunConfig:
     model: ModelConfig = MISSING
@@ -47,6 +68,7 @@ class RunConfig:
     precision: Precision = Precision.fp32
     log_every: int = 10
     progress: bool = True
+    logger: LoggerConfig | None = None
 
 
 _PROCESS_ID = uuid.uuid4().hex[:6]

@@ -26,6 +26,7 @@ from diffexp.observers import Observer, RunInfo
 from diffexp.progress import ProgressBar
 from diffexp.sampler import CountingModel, StepState, initial_noise, iter_steps
 from diffexp.schedulers import BuiltScheduler, build_scheduler, scheduler_label, split_options
+from diffexp.tracking import WandbRun
 
 log = logging.getLogger("diffexp")
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -180,6 +181,8 @@ def run(cfg: DictConfig, out_dir: Path, observers: Sequence[Observer] = ()) -> d
         environment=environment(exp.device),
     )
     everyone: list[Observer] = [RunFiles(out_dir), *observers]
+    if cfg.get("logger") is not None:
+        everyone.append(WandbRun(cfg.logger))
     if cfg.progress:
         everyone.append(ProgressBar())
     error: BaseException | None = None

@@ -21,19 +21,20 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 def compose(*overrides: str) -> DictConfig:
-    """The run config the CLI would build, quiet and small unless overridden."""
-    return diffexp.compose(["progress=false", *overrides])
+    """The run config the CLI would build, quiet, small and without W&B unless overridden."""
+    return diffexp.compose(["progress=false", "logger=none", *overrides])
 
 
 def run_cli(
     args: Sequence[str],
     cwd: Path,
-    env: dict[str, str] | None = None,
+    env: dict[str, str | None] | None = None,
     script: str = "scripts/run.py",
     timeout: int = 300,
 ) -> subprocess.CompletedProcess[str]:
-    """Run a script of this checkout as a user would, offline, with its outputs under ``cwd``."""
-    full_env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", **ONE_THREAD, **(env or {})}
+    """Run a script of this checkout as a user would, offline, with its outputs under ``cwd``; None unsets a var."""
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", **ONE_THREAD, **(env or {})}
+    full_env = {k: v for k, v in full_env.items() if v is not None}
     return subprocess.run(
         [sys.executable, str(ROOT / script), *args],
         cwd=cwd,

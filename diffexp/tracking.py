@@ -1,0 +1,211 @@
+"""Weights & Biases: every run is a W&B run, offline by itself, and never blocks or spoils the local results.
+
+``start_run`` and ``finish_run`` serve any script (sampling, training) through the ``logger`` config;
+``WandbRun`` is the sampling observer. The run folder stays the source of truth: a W&B failure is reported
+and the run goes on without W&B. Each run is finished in the runner's ``finally``, with exit code 1 after a
+failure, and ``reinit="finish_previous"`` closes any run a crashed job left open, so nothing leaks into the
+next job of a multirun. (``start_method="thread"`` is gone since wandb 0.29: every process talks to its own
+wandb-core service.)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from diffexp.config import LoggerConfig, WandbMode
+from diffexp.images import grid
+from diffexp.observers import Observer, RunInfo
+from diffexp.sampler import StepState
+from diffexp.schedulers import scheduler_label
+
+if TYPE_CHECKING:
+    from wandb.sdk.wandb_run import Run
+
+log = logging.getLogger("diffexp")
+
+
+def has_credentials() -> bool:
+    """Whether W&B would find credentials (WANDB_API_KEY, netrc, identity token), without prompting or network.
+
+    ``wandb.login(prompt=False)`` would also look up the user on the server, which blocks while it is unreachable.
+    """
+    from wandb.sdk import wandb_setup
+    from wandb.sdk.lib import wbauth
+
+    try:
+        host = wandb_setup.singleton().settings.base_url
+        found = wbauth.authenticate_session(host=host, source="diffexp", prompt=False, update_session=False)
+    except Exception:  # a malformed key is still a key: wandb.init reports what is wrong with it
+        return True
+    return found is not None
+
+
+def resolve_mode(mode: WandbMode | str | None) -> tuple[str | None, str | None]:
+    """The mode for ``wandb.init`` and, for offline runs, why: the config, then WANDB_MODE, then the credentials.
+
+    Without ``mode``, WANDB_MODE or an API key, the run is offline rather than waiting at a login prompt.
+    """
+    if mode is not None:
+        mode = getattr(mode, "value", mode)
+        return mode, f"logger.mode={mode}" if mode == "offline" else None
+    if os.environ.get("WANDB_MODE"):
+        return None, f"WANDB_MODE={os.environ['WANDB_MODE']}"
+    if not has_credentials():
+        return "offline", "no W&B API key is configured"
+    return None, None
+
+
+def default_group() -> str | None:
+    """The experiment and sweep name, so that a sweep's runs are grouped: ``<experiment>-<sweep folder>``."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return None
+    hydra = HydraConfig.get()
+    parts = [hydra.runtime.choices.get("experiment")]
+    if hydra.mode == RunMode.MULTIRUN:
+        parts.append(Path(hydra.sweep.dir).name)
+    return "-".join(p for p in parts if p) or None
+
+
+def _reason(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:300] if text else type(err).__name__
+
+
+def start_run(
+    logger_cfg: LoggerConfig | Any | None, run_dir: Path, name: str, job_type: str, config: dict[str, Any]
+) -> Run | None:
+    """A W&B run whose files go in ``run_dir/wandb``; None when logging is off or W&B cannot start.
+
+    ``name`` and ``job_type`` are the defaults for ``logger.name`` and ``logger.job_type``. Setup gives up after
+    ``logger.init_timeout`` seconds; the caller goes on without W&B, and this says so once on the terminal.
+    """
+    if logger_cfg is None:
+        return None
+    run_dir = Path(run_dir)
+    try:
+        import wandb
+
+        mode, offline_reason = resolve_mode(logger_cfg.mode)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        run = wandb.init(
+            project=logger_cfg.project,
+            entity=logger_cfg.entity,
+            group=logger_cfg.group or default_group(),
+            name=logger_cfg.name or name,
+            tags=list(logger_cfg.tags),
+            job_type=logger_cfg.job_type or job_type,
+            config=config,
+            dir=run_dir,
+            mode=mode,
+            reinit="finish_previous",  # a run a crashed job left open never takes this job's data
+            settings=wandb.Settings(
+                init_timeout=float(logger_cfg.init_timeout),
+                finish_timeout=float(logger_cfg.finish_timeout),
+                silent=True,  # diffexp says what matters below; W&B's banner would look up the user, unbounded
+            ),
+        )
+        if run.offline:
+            log.info(
+                "W&B: %s, so this run is logged offline in %s. Upload it later with: wandb sync %s",
+                offline_reason or "offline mode",
+                run.settings.sync_dir,
+                run.settings.sync_dir,
+            )
+        elif run.url:
+            log.info("W&B: %s", run.url)
+    except Exception as err:
+        log.warning(
+            "W&B could not start (%s). This run goes on without W&B; its folder %s has every result "
+            "(logger.mode=offline logs offline, for `wandb sync` later).",
+            _reason(err),
+            run_dir,
+        )
+        return None
+    return run
+
+
+def finish_run(run: Run | None, error: BaseException | None = None) -> None:
+    """Finish ``run`` with exit code 0, or 1 after ``error`` so that W&B marks it failed. Never raises."""
+    if run is None:
+        return
+    try:
+        if error is not None:
+            kind = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
+            run.summary.update({"status": kind, "error": _reason(error)})
+        run.finish(exit_code=0 if error is None else 1)
+    except Exception as err:
+        log.warning("W&B could not finish the run cleanly (%s); the run folder is complete.", _reason(err))
+
+
+def image(x: torch.Tensor) -> Any:
+    """A batch as one ``wandb.Image`` grid, with the pipelines' value range like the PNGs in the run folder."""
+    import wandb
+
+    return wandb.Image(grid(x))
+
+
+def run_config(run: RunInfo) -> dict[str, Any]:
+    """The resolved config plus what it resolved to: the scheduler in force, the model, the machine."""
+    options = run.scheduler.options | {"name": run.scheduler.name}
+    return {
+        **run.config,
+        "label": run.label,
+        "scheduler_label": scheduler_label(options),
+        "effective_scheduler": run.scheduler.effective_config(),
+        "loaded_model": {"name": run.model.name, "id": run.model.id, "revision": run.model.revision},
+        "environment": run.environment,
+    }
+
+
+class WandbRun(Observer):
+    """One W&B run per sampling run: config, x/x0 grids and scalars at each snapshot, metrics as the summary."""
+
+    def __init__(self, logger_cfg: LoggerConfig | Any) -> None:
+        self.logger_cfg = logger_cfg
+        self.run: Run | None = None
+
+    def start(self, run: RunInfo) -> None:
+        self.run = start_run(self.logger_cfg, run.out_dir, run.label, "sample", run_config(run))
+        if self.run is not None:
+            self._safely("define metrics", self._define_metrics)
+
+    def _define_metrics(self) -> None:
+        # charts plot against the sampling step by default; "nfe" or "elapsed_s" can be picked as the x-axis
+        assert self.run is not None
+        self.run.define_metric("step")
+        self.run.define_metric("nfe")
+        self.run.define_metric("*", step_metric="step")
+
+    def snapshot(self, state: StepState, record: dict[str, Any]) -> None:
+        if self.run is not None:
+            scalars = {k: v for k, v in record.items() if v is not None}
+            self._safely(
+                f"log step {state.step}",
+                lambda: self.run.log({**scalars, "x": image(state.x), "x0": image(state.x0)}, step=state.step),
+            )
+
+    def finish(self, final: StepState, metrics: dict[str, Any]) -> None:
+        if self.run is not None:
+            self._safely("write the summary", lambda: self.run.summary.update({**metrics, "samples": image(final.x)}))
+
+    def close(self, error: BaseException | None) -> None:
+        finish_run(self.run, error)
+        self.run = None
+
+    def _safely(self, what: str, action: Callable[[], object]) -> None:
+        """Do a W&B action; on failure say so, stop logging and let sampling go on."""
+        try:
+            action()
+        except Exception as err:
+            log.warning("W&B failed to %s (%s); this run goes on without W&B.", what, _reason(err))
+            finish_run(self.run, err)
+            self.run = None
