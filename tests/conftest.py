@@ -33,7 +33,14 @@ def run_cli(
     timeout: int = 300,
 ) -> subprocess.CompletedProcess[str]:
     """Run a script of this checkout as a user would, offline, with its outputs under ``cwd``; None unsets a var."""
-    full_env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", **ONE_THREAD, **(env or {})}
+    full_env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "HF_HUB_OFFLINE": "1",
+        "WANDB_MODE": "offline",
+        **ONE_THREAD,
+        **(env or {}),
+    }
     full_env = {k: v for k, v in full_env.items() if v is not None}
     return subprocess.run(
         [sys.executable, str(ROOT / script), *args],
