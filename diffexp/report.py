@@ -157,7 +157,7 @@ def _not_started(sweep_dir: Path, seen: set[int]) -> list[Job]:
         return []
     from omegaconf import OmegaConf
 
-    from diffexp.run import compose
+    from diffexp.runner import compose
 
     jobs = []
     for num, overrides in missing:

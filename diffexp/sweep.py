@@ -36,7 +36,7 @@ def run_job(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     import torch
 
     from diffexp.files import mark_failed
-    from diffexp.run import run
+    from diffexp.runner import run
 
     out_dir = Path(out_dir)
     done = finished_metrics(cfg, out_dir)

@@ -20,7 +20,7 @@ log = logging.getLogger("diffexp")
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="run")
 def main(cfg: DictConfig) -> dict | None:
-    from diffexp.run import run  # torch and diffusers load only once the config is valid
+    from diffexp.runner import run  # torch and diffusers load only once the config is valid
     from diffexp.sweep import run_job
 
     out_dir = Path(HydraConfig.get().runtime.output_dir)

@@ -10,7 +10,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
-from diffexp.run import unknown_keys
+from diffexp.runner import unknown_keys
 from diffexp.schedulers import SCHEDULERS, option_signatures, resolve_class
 
 SCHEDULER_FILES = sorted(p.stem for p in (ROOT / "configs" / "scheduler").glob("*.yaml"))

@@ -22,7 +22,7 @@ from PIL import Image
 
 from diffexp.files import read_status
 from diffexp.report import write_report
-from diffexp.run import CONFIG_DIR
+from diffexp.runner import CONFIG_DIR
 from diffexp.sweep import check_same_sweep, job_folders, planned_jobs
 
 # 3 schedulers x 2 step counts; pndm cannot run 2 steps (refused before sampling) and kdpm2-ancestral

@@ -151,7 +151,7 @@ def test_no_key_logs_offline_and_groups_the_sweep(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep-a"
     done = run_cli(["-m", f"hydra.sweep.dir={sweep}", "progress=false", "steps=3,4"], tmp_path, clean_env(tmp_path))
     assert done.returncode == 0, done.stderr
-    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    jobs = sorted(p for p in sweep.iterdir() if (p / "status.json").exists())
     assert len(jobs) == 2
     for job, steps in zip(jobs, (3, 4), strict=True):
         (sync_dir,) = (job / "wandb").glob("offline-run-*")

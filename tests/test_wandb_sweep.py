@@ -13,7 +13,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 from wandb.sdk.launch.sweeps import utils as sweep_utils
 
-from diffexp.run import CONFIG_DIR, compose
+from diffexp.runner import CONFIG_DIR, compose
 from diffexp.schedulers import split_options
 
 SWEEP_FILES = sorted((CONFIG_DIR / "wandb").glob("*.yaml"))
