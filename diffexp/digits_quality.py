@@ -35,8 +35,10 @@ def to_8x8(x: torch.Tensor) -> np.ndarray:
 def digit_classifier() -> Any:
     """Logistic regression on the 1797 digits, seen as a 32x32 model sees them (area-averaged to 8x8)."""
     from sklearn.linear_model import LogisticRegression
+    from threadpoolctl import threadpool_limits
 
-    return LogisticRegression(max_iter=5000).fit(to_8x8(digits_images(32)), digits_labels().numpy())
+    with threadpool_limits(1):  # a small problem: more BLAS threads only contend
+        return LogisticRegression(max_iter=5000).fit(to_8x8(digits_images(32)), digits_labels().numpy())
 
 
 def nearest_distances(x: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
