@@ -3,7 +3,7 @@ PYTHON ?= python3
 ARGS ?=
 STAMP := .make/installed
 
-.PHONY: install run test test-all lint
+.PHONY: install run test test-all lint train-digits
 
 install: $(STAMP)
 
@@ -13,6 +13,9 @@ $(STAMP): pyproject.toml
 
 run: install
 	$(PYTHON) scripts/run.py $(ARGS)
+
+train-digits: install  # retrains the shipped digits-unet into outputs/train/digits-unet/model (see its model card)
+	$(PYTHON) scripts/train.py $(ARGS)
 
 test: install
 	$(PYTHON) -m ruff check .

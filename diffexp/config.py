@@ -22,6 +22,7 @@ class ModelSource(str, Enum):
     local = "local"  # a folder saved by DDPMPipeline.save_pretrained
     ideal = "ideal"  # the exact denoiser of the scikit-learn digits
     random = "random"  # a tiny random-weight UNet2DModel, for tests
+    package = "package"  # a pipeline folder shipped in the package: diffexp/weights/<path>
 
 
 @dataclass
@@ -30,7 +31,7 @@ class ModelConfig:
     source: ModelSource = MISSING
     id: str | None = None
     revision: str | None = None
-    path: str | None = None
+    path: str | None = None  # local: a folder; package: a folder name under diffexp/weights
     sample_size: int | None = None
     std: float = 0.0  # digits-ideal: std of the Gaussian mixture around each training image
 

@@ -18,7 +18,8 @@ from diffexp.config import ModelConfig, ModelSource
 from diffexp.errors import DiffexpError
 from diffexp.ideal import DDPM_SCHEDULER_CONFIG, DigitsIdealDenoiser
 
-OFFLINE_MODELS = "model=digits-ideal (the default), model=tiny, or model=local model.path=DIR"
+OFFLINE_MODELS = "model=digits-ideal (the default), model=digits-unet, model=tiny, or model=local model.path=DIR"
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"  # trained pipelines shipped with the package
 
 
 @dataclass
@@ -88,6 +89,13 @@ def load_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype = torc
             raise DiffexpError("model=hub needs model.id=<a Hub id>, e.g. model.id=google/ddpm-cifar10-32.")
         model, scheduler_config = load_pretrained(cfg.id, cfg.revision)
         ident = cfg.id
+    elif source == ModelSource.package:
+        path = WEIGHTS_DIR / str(cfg.path)
+        if not cfg.path or not (path / "model_index.json").is_file():
+            shipped = sorted(p.name for p in WEIGHTS_DIR.glob("*/model_index.json"))
+            raise DiffexpError(f"No model '{cfg.path}' ships with diffexp; shipped: {', '.join(shipped) or 'none'}.")
+        model, scheduler_config = load_pretrained(str(path))
+        ident = f"diffexp/weights/{cfg.path}"
     else:
         if not cfg.path:
             raise DiffexpError("model=local needs model.path=DIR, a folder saved by DDPMPipeline.save_pretrained.")

@@ -1,0 +1,177 @@
+"""Training lowers the loss; checkpoints sample as model=local and resume exactly; digits-unet loads offline."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import compose, run_cli
+from PIL import Image
+from safetensors.torch import load_file
+
+import diffexp
+from diffexp import models
+from diffexp.errors import DiffexpError
+from diffexp.train import checkpoints, new_trainer, resume_trainer, train
+
+# a UNet small enough to train a few steps in a second on a CPU
+TINY = [
+    "progress=false",
+    "dataset.sample_size=16",
+    "unet.block_out_channels=[8,16]",
+    "unet.down_block_types=[DownBlock2D,DownBlock2D]",
+    "unet.up_block_types=[UpBlock2D,UpBlock2D]",
+    "unet.norm_num_groups=4",
+    "batch_size=8",
+    "sample_every=0",
+    "warmup_steps=0",
+    "device=cpu",
+]
+
+
+def train_cfg(*overrides: str):
+    return diffexp.compose([*TINY, *overrides], config_name="train")
+
+
+def test_training_steps_lower_the_loss_on_a_fixed_batch() -> None:
+    trainer = new_trainer(train_cfg("lr=0.003", "lr_schedule=constant"), torch.device("cpu"))
+    batch = diffexp.ideal.digits_images(16)[:32]
+    state = torch.Generator().manual_seed(123).get_state()
+
+    def fixed_loss() -> float:
+        trainer.generator.set_state(state)  # the same timesteps and noise every time
+        with torch.no_grad():
+            return trainer.loss(batch).item()
+
+    before = fixed_loss()
+    trainer.generator.manual_seed(0)
+    for _ in range(15):
+        trainer.train_step()
+    assert trainer.step == 15
+    assert fixed_loss() < 0.7 * before
+
+
+def test_checkpoint_loads_as_model_local_and_resumes_exactly(tmp_path: Path) -> None:
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    common = ("lr_schedule=constant", "checkpoint_every=2", "keep_checkpoints=5")
+    train(train_cfg("steps=4", *common, "sample_every=4", "sample_batch=2", "sample_steps=2"), straight)
+    train(train_cfg("steps=2", *common), split)
+    summary = train(train_cfg("steps=4", *common), split)  # resumes from step 2
+    assert summary["steps"] == 4 and summary["steps_this_session"] == 2
+    assert [p.name for p in checkpoints(split)] == ["step-000002", "step-000004"]
+    assert json.loads((split / "status.json").read_text())["status"] == "finished"
+    records = [json.loads(line) for line in (straight / "train.jsonl").read_text().splitlines()]
+    assert Path(records[-1]["samples"]).is_file()  # the sample grid went through the logger
+
+    # the resumed run is the uninterrupted one: same step, weights, EMA weights and optimizer state
+    a, b = (
+        resume_trainer(train_cfg("steps=4", *common), torch.device("cpu"), d / "checkpoints/step-000004")
+        for d in (straight, split)
+    )
+    assert a.step == b.step == 4
+    for key, value in a.unet.state_dict().items():
+        torch.testing.assert_close(b.unet.state_dict()[key], value, rtol=0, atol=0)
+    ema_a = load_file(straight / "model/unet/diffusion_pytorch_model.safetensors")
+    ema_b = load_file(split / "model/unet/diffusion_pytorch_model.safetensors")
+    assert ema_a.keys() == ema_b.keys() and all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
+    opt_a, opt_b = a.optimizer.state_dict(), b.optimizer.state_dict()
+    assert opt_a["state"].keys() == opt_b["state"].keys()
+    for i, s in opt_a["state"].items():
+        assert s["step"] == opt_b["state"][i]["step"] == 4
+        assert torch.equal(s["exp_avg"], opt_b["state"][i]["exp_avg"])
+        assert torch.equal(s["exp_avg_sq"], opt_b["state"][i]["exp_avg_sq"])
+    assert a.ema.optimization_step == b.ema.optimization_step == 4
+
+    # a checkpoint is a pipeline folder that model=local samples, with the EMA weights
+    exp = diffexp.prepare(compose("model=local", f"model.path={split / 'checkpoints/step-000004'}", "steps=3"))
+    final = diffexp.sample(exp.model, exp.built.scheduler, exp.noise, 3, exp.generators)
+    assert final.x.shape == (4, 1, 16, 16) and torch.isfinite(final.x).all()
+    weights = load_file(split / "checkpoints/step-000004/unet/diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(v, weights[k]) for k, v in exp.loaded.model.state_dict().items())
+
+
+def test_training_and_sampling_share_one_loading_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    train(train_cfg("steps=2", "checkpoint_every=2"), tmp_path)
+    checkpoint = tmp_path / "checkpoints/step-000002"
+    loaded: list[str] = []
+    real = models.load_pretrained
+
+    def recording(source: str, revision: str | None = None):
+        loaded.append(source)
+        return real(source, revision)
+
+    monkeypatch.setattr(models, "load_pretrained", recording)
+    resume_trainer(train_cfg("steps=2"), torch.device("cpu"), checkpoint)
+    models.load_model(compose("model=local", f"model.path={checkpoint}").model, torch.device("cpu"))
+    models.load_model(compose("model=digits-unet").model, torch.device("cpu"))
+    assert loaded == [str(checkpoint), str(checkpoint), str(models.WEIGHTS_DIR / "digits-unet")]
+
+
+def test_digits_unet_samples_offline(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    result = run_cli(
+        ["model=digits-unet", "scheduler=dpmsolver", "steps=4", "batch_size=2", f"hydra.run.dir={out}"], tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    samples = np.load(out / "samples.npy")
+    assert samples.shape == (2, 1, 32, 32) and np.isfinite(samples).all()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["model"] == {"name": "digits-unet", "id": "diffexp/weights/digits-unet", "revision": None}
+
+
+def test_shipped_weights_are_small_safetensors_with_a_card() -> None:
+    folder = models.WEIGHTS_DIR / "digits-unet"
+    weights = folder / "unet/diffusion_pytorch_model.safetensors"
+    assert weights.stat().st_size <= 10 * 2**20
+    assert (folder / "scheduler/scheduler_config.json").is_file() and (folder / "README.md").is_file()
+    config = json.loads((folder / "scheduler/scheduler_config.json").read_text())
+    for key, value in diffexp.ideal.DDPM_SCHEDULER_CONFIG.items():
+        if key != "_class_name":
+            assert config[key] == value, key  # the noise schedule of digits-ideal
+
+
+def test_folder_dataset_trains(tmp_path: Path) -> None:
+    images = tmp_path / "images" / "nested"
+    images.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(images / f"{i}.png")
+    summary = train(train_cfg("dataset=folder", f"dataset.path={tmp_path / 'images'}", "steps=2"), tmp_path / "out")
+    assert summary["steps"] == 2
+    unet, _ = models.load_pretrained(str(tmp_path / "out/model"))
+    assert unet.config.in_channels == 3 and unet.config.sample_size == 16
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["dataset=folder"], "dataset.path"),
+        (["dataset=folder", "dataset.path=/nonexistent"], "not a folder"),
+        (["+unet.not_an_option=1"], "not a UNet2DModel option"),
+        (["steps=0"], "steps=0"),
+        (["lr_schedule=wobbly"], "lr_schedule=wobbly"),
+    ],
+)
+def test_bad_training_config_is_a_clear_error(tmp_path: Path, overrides: list[str], message: str) -> None:
+    with pytest.raises(DiffexpError, match=message):
+        train(train_cfg(*overrides), tmp_path)
+
+
+def test_cli_error_exits_without_traceback(tmp_path: Path) -> None:
+    result = run_cli(["dataset=folder", f"hydra.run.dir={tmp_path / 'out'}"], tmp_path, script="scripts/train.py")
+    assert result.returncode == 2
+    assert "dataset.path" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_digits_quality_tells_digits_from_noise_and_copies() -> None:
+    from diffexp.digits_quality import digits_quality
+
+    real = diffexp.ideal.digits_images(32)[::28][:64]
+    q = digits_quality(real)
+    assert q["classes_present"] == 10 and q["nn_distance_median"] == 0.0  # copies sit at distance 0
+    noise = digits_quality(torch.randn(64, 1, 32, 32).clamp(-1, 1))
+    assert noise["nn_distance_median"] > 3 * noise["training_spacing_median"]
+    assert noise["recognisable_fraction"] < 0.1 < q["recognisable_fraction"]
