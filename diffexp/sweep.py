@@ -168,13 +168,16 @@ class SweepReport(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from diffexp.report import write_report
+        from diffexp.tracking import log_report, sweep_group
 
+        sweep_dir = Path(config.hydra.sweep.dir)
         try:
-            report = write_report(Path(config.hydra.sweep.dir))
+            report = write_report(sweep_dir)
         except DiffexpError as err:
             log.error("no comparison report: %s", err)
             return
         log.info("comparison report: %s", report.html)
+        log_report(config.get("logger"), report, sweep_group(config.hydra.runtime.choices.get("experiment"), sweep_dir))
 
 
 def check_same_sweep(config: DictConfig, sweep_dir: Path) -> None:

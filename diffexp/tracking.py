@@ -27,6 +27,8 @@ from diffexp.schedulers import scheduler_label
 if TYPE_CHECKING:
     from wandb.sdk.wandb_run import Run
 
+    from diffexp.report import Report
+
 log = logging.getLogger("diffexp")
 
 
@@ -61,18 +63,21 @@ def resolve_mode(mode: WandbMode | str | None) -> tuple[str | None, str | None]:
     return None, None
 
 
+def sweep_group(experiment: str | None, sweep_dir: Path | None) -> str | None:
+    """``<experiment>-<sweep folder>``, so that a sweep's runs (and its comparison) are grouped."""
+    return "-".join(p for p in (experiment, sweep_dir.name if sweep_dir else None) if p) or None
+
+
 def default_group() -> str | None:
-    """The experiment and sweep name, so that a sweep's runs are grouped: ``<experiment>-<sweep folder>``."""
+    """The experiment and sweep name of the Hydra job this process runs, if any."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
     if not HydraConfig.initialized():
         return None
     hydra = HydraConfig.get()
-    parts = [hydra.runtime.choices.get("experiment")]
-    if hydra.mode == RunMode.MULTIRUN:
-        parts.append(Path(hydra.sweep.dir).name)
-    return "-".join(p for p in parts if p) or None
+    multirun = hydra.mode == RunMode.MULTIRUN
+    return sweep_group(hydra.runtime.choices.get("experiment"), Path(hydra.sweep.dir) if multirun else None)
 
 
 def _reason(err: BaseException) -> str:
@@ -81,11 +86,17 @@ def _reason(err: BaseException) -> str:
 
 
 def start_run(
-    logger_cfg: LoggerConfig | Any | None, run_dir: Path, name: str, job_type: str, config: dict[str, Any]
+    logger_cfg: LoggerConfig | Any | None,
+    run_dir: Path,
+    name: str,
+    job_type: str,
+    config: dict[str, Any],
+    group: str | None = None,
 ) -> Run | None:
     """A W&B run whose files go in ``run_dir/wandb``; None when logging is off or W&B cannot start.
 
-    ``name`` and ``job_type`` are the defaults for ``logger.name`` and ``logger.job_type``. Setup gives up after
+    ``name``, ``job_type`` and ``group`` are the defaults for ``logger.name``, ``logger.job_type`` and
+    ``logger.group`` (whose own default is the Hydra job's sweep). Setup gives up after
     ``logger.init_timeout`` seconds; the caller goes on without W&B, and this says so once on the terminal.
     """
     if logger_cfg is None:
@@ -99,7 +110,7 @@ def start_run(
         run = wandb.init(
             project=logger_cfg.project,
             entity=logger_cfg.entity,
-            group=logger_cfg.group or default_group(),
+            group=logger_cfg.group or group or default_group(),
             name=logger_cfg.name or name,
             tags=list(logger_cfg.tags),
             job_type=logger_cfg.job_type or job_type,
@@ -164,6 +175,59 @@ def run_config(run: RunInfo) -> dict[str, Any]:
         "loaded_model": {"name": run.model.name, "id": run.model.id, "revision": run.model.revision},
         "environment": run.environment,
     }
+
+
+def log_report(logger_cfg: LoggerConfig | Any | None, report: Report, group: str | None) -> Run | None:
+    """The comparison as a W&B run (``job_type=compare``) in the sweep's group: the table, with each run's final
+    samples in its row, and the report's figures."""
+    run = start_run(
+        logger_cfg,
+        report.sweep_dir / "report",
+        f"compare-{report.sweep_dir.name}",
+        "compare",
+        {"sweep_dir": str(report.sweep_dir), "jobs": len(report.jobs), "quality_metrics": list(report.quality)},
+        group,
+    )
+    if run is None:
+        return None
+    error: BaseException | None = None
+    try:
+        import wandb
+
+        def cell(row: dict[str, Any], column: str) -> Any:
+            value = row[column]
+            return wandb.Image(str(report.sweep_dir / value)) if column == "samples" and value else value
+
+        rows = [[cell(row, c) for c in report.columns] for row in report.rows]
+        figures = {k: wandb.Image(str(p)) for k, p in report.files.items() if p.suffix == ".png"}
+        run.log({"comparison": wandb.Table(columns=report.columns, data=rows), **figures})
+        run.summary.update({"jobs": len(report.jobs), "failed": len(report.failed)})
+    except Exception as err:
+        error = err
+        log.warning("W&B could not log the comparison (%s); the report folder is complete.", _reason(err))
+    finally:
+        finish_run(run, error)
+    return run
+
+
+class TrainRun:
+    """Training's W&B run: loss, learning rate and EMA sample grids at the training step (a ``TrainLogger``)."""
+
+    def __init__(self, logger_cfg: LoggerConfig | Any | None, out_dir: Path, name: str, config: dict[str, Any]) -> None:
+        self.run = start_run(logger_cfg, out_dir, name, "train", config)
+
+    def log(self, metrics: dict[str, float], step: int, images: dict[str, torch.Tensor] | None = None) -> None:
+        if self.run is None:
+            return
+        try:
+            self.run.log({**metrics, **{k: image(v) for k, v in (images or {}).items()}}, step=step)
+        except Exception as err:
+            log.warning("W&B failed to log step %d (%s); training goes on without W&B.", step, _reason(err))
+            self.close(err)
+
+    def close(self, error: BaseException | None = None) -> None:
+        finish_run(self.run, error)
+        self.run = None
 
 
 class WandbRun(Observer):

@@ -30,6 +30,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from diffexp import models
+from diffexp.config import LoggerConfig
 from diffexp.device import device_name, resolve_device
 from diffexp.errors import DiffexpError
 from diffexp.files import write_json
@@ -76,6 +77,7 @@ class TrainConfig:
     sample_steps: int = 20
     checkpoint_every: int = 250  # and at the end
     keep_checkpoints: int = 2
+    logger: LoggerConfig | None = None  # the same W&B settings as sampling (configs/logger); null: none
     resume: bool = True  # resume from the last checkpoint in the output folder
     progress: bool = True
 
@@ -92,7 +94,7 @@ class TrainLogger(Protocol):
 
     def log(self, metrics: dict[str, float], step: int, images: dict[str, torch.Tensor] | None = None) -> None: ...
 
-    def close(self) -> None: ...
+    def close(self, error: BaseException | None = None) -> None: ...
 
 
 class JsonlLogger:
@@ -110,7 +112,7 @@ class JsonlLogger:
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
 
-    def close(self) -> None:
+    def close(self, error: BaseException | None = None) -> None:
         pass
 
 
@@ -350,6 +352,11 @@ def train(cfg: DictConfig, out_dir: Path, loggers: Sequence[TrainLogger] = ()) -
     status: dict[str, Any] = {"status": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "step": trainer.step}
     write_json(out_dir / "status.json", status)
     everyone: list[TrainLogger] = [JsonlLogger(out_dir), *loggers]
+    if cfg.get("logger") is not None:
+        from diffexp.tracking import TrainRun
+
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+        everyone.append(TrainRun(cfg.logger, out_dir, cfg.name, resolved | {"resumed_at_step": trainer.step}))
     start_step, start = trainer.step, time.perf_counter()
     error: BaseException | None = None
     bar = tqdm(total=cfg.steps, initial=trainer.step, desc=cfg.name, unit="step", disable=not cfg.progress)
@@ -411,6 +418,6 @@ def train(cfg: DictConfig, out_dir: Path, loggers: Sequence[TrainLogger] = ()) -
         bar.close()
         for lg in everyone:
             try:
-                lg.close()
+                lg.close(error)
             except Exception as close_err:
                 log.warning("logger %s failed to close: %s (%s)", type(lg).__name__, close_err, error)

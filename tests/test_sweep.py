@@ -293,3 +293,18 @@ def test_report_page_opens_offline_with_every_image(
     assert "Runs that did not finish" in seen["text"] and "pndm, 2 steps" in seen["text"]
     shot = Image.open(tmp_path / "report.png")
     assert shot.width == 1400 and shot.height > 1500
+
+
+def test_the_comparison_is_a_wandb_run_in_the_sweeps_group(
+    sweep: tuple[Path, subprocess.CompletedProcess[str]],
+) -> None:
+    from diffexp.wandb_reader import OfflineRun
+
+    sweep_dir, _ = sweep
+    compare = OfflineRun.read(sweep_dir / "report" / "wandb")
+    job = OfflineRun.read(job_folders(sweep_dir)[0] / "wandb")
+    assert compare.run.job_type == "compare" and compare.exit_code == 0
+    assert compare.run.run_group == job.run.run_group == sweep_dir.name
+    (row,) = compare.history
+    assert row["comparison"]["_type"] == "table-file" and row["comparison"]["nrows"] == 6
+    assert {"grid", "cost"} <= set(row) and compare.summary["failed"] == 2

@@ -20,6 +20,7 @@ from diffexp.train import checkpoints, new_trainer, resume_trainer, train
 # a UNet small enough to train a few steps in a second on a CPU
 TINY = [
     "progress=false",
+    "logger=none",
     "dataset.sample_size=16",
     "unet.block_out_channels=[8,16]",
     "unet.down_block_types=[DownBlock2D,DownBlock2D]",
@@ -175,3 +176,18 @@ def test_digits_quality_tells_digits_from_noise_and_copies() -> None:
     noise = digits_quality(torch.randn(64, 1, 32, 32).clamp(-1, 1))
     assert noise["nn_distance_median"] > 3 * noise["training_spacing_median"]
     assert noise["recognisable_fraction"] < 0.1 < q["recognisable_fraction"]
+
+
+def test_training_logs_loss_and_samples_to_wandb_through_the_logger_config(tmp_path: Path) -> None:
+    import wandb
+
+    from diffexp.wandb_reader import OfflineRun
+
+    cfg = train_cfg("steps=4", "log_every=2", "sample_every=4", "sample_batch=2", "sample_steps=2",
+                    "logger=wandb", "logger.mode=offline")  # fmt: skip
+    train(cfg, tmp_path)
+    wandb.teardown()  # W&B writes its file asynchronously
+    run = OfflineRun.read(tmp_path / "wandb")
+    assert run.run.job_type == "train" and run.exit_code == 0 and run.config["steps"] == 4
+    assert [row["_step"] for row in run.history] == [2, 4]
+    assert all(row["loss"] > 0 for row in run.history) and "samples" in run.history[-1]
