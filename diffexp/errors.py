@@ -1,5 +1,9 @@
 """The one error type a user sees: a clear paragraph, no traceback."""
 
+import logging
+import sys
+from typing import NoReturn
+
 
 class DiffexpError(Exception):
     """Bad input or an impossible request, explained in one paragraph."""
@@ -15,3 +19,10 @@ class NonFiniteError(DiffexpError):
             f"NaN/Inf at step {step} (model call {call}): the {what} is no longer finite. This scheduler "
             "and step count diverge on this model; try more steps or other options."
         )
+
+
+def exit_with(err: DiffexpError, folder: object) -> NoReturn:
+    """End a command-line run on a clear message: logged, printed as one paragraph, exit status 2."""
+    logging.getLogger("diffexp").error("%s", err)
+    print(f"\ndiffexp: {err}\n(output folder: {folder})", file=sys.stderr)
+    sys.exit(2)

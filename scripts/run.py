@@ -4,7 +4,6 @@ A sweep: python scripts/run.py -m scheduler=ddim,dpmsolver steps=10,20 (see diff
 """
 
 import logging
-import sys
 from pathlib import Path
 
 import hydra
@@ -13,7 +12,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 import diffexp.config  # noqa: F401  (registers the schema and resolvers; light, so config errors come fast)
-from diffexp.errors import DiffexpError
+from diffexp.errors import DiffexpError, exit_with
 
 log = logging.getLogger("diffexp")
 
@@ -29,9 +28,7 @@ def main(cfg: DictConfig) -> dict | None:
     try:
         metrics = run(cfg, out_dir)
     except DiffexpError as err:
-        log.error("%s", err)
-        print(f"\ndiffexp: {err}\n(run folder: {out_dir})", file=sys.stderr)
-        sys.exit(2)
+        exit_with(err, out_dir)
     log.info(
         "finished %s: %d steps, %d model calls, %.2f s -> %s",
         metrics["label"],

@@ -1,7 +1,6 @@
 """Train a UNet2DModel: python scripts/train.py [dataset=folder dataset.path=DIR] [steps=N]"""
 
 import logging
-import sys
 from pathlib import Path
 
 import hydra
@@ -9,7 +8,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 import diffexp.train  # registers the schema; the training loop
-from diffexp.errors import DiffexpError
+from diffexp.errors import DiffexpError, exit_with
 
 log = logging.getLogger("diffexp")
 
@@ -20,9 +19,7 @@ def main(cfg: DictConfig) -> None:
     try:
         summary = diffexp.train.train(cfg, out_dir)
     except DiffexpError as err:
-        log.error("%s", err)
-        print(f"\ndiffexp: {err}\n(training folder: {out_dir})", file=sys.stderr)
-        sys.exit(2)
+        exit_with(err, out_dir)
     log.info(
         "finished %d steps in %.0f s (%.2f s/step) -> %s",
         summary["steps"],
