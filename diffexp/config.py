@@ -57,6 +57,44 @@ class LoggerConfig:
     finish_timeout: float = 120.0  # seconds to wait for uploads at the end; the rest stays for `wandb sync`
 
 
+class FidFeatures(str, Enum):
+    digits = "digits"  # the small digits classifier shipped with diffexp (offline)
+    inception = "inception"  # the standard InceptionV3 of torch-fidelity (needs its weights)
+
+
+@dataclass
+class ReferenceConfig:
+    """The reference solution from the same noise (diffexp/reference.py)."""
+
+    enabled: bool = False
+    # a deterministic diffusers scheduler and its options; clipping and thresholding are always off
+    scheduler: dict[str, Any] = field(default_factory=lambda: {"name": "heun", "timestep_spacing": "linspace"})
+    steps: int = 500
+
+
+@dataclass
+class FidConfig:
+    """FID and KID of the final samples against real images (diffexp/fid.py)."""
+
+    enabled: bool = False
+    features: FidFeatures = FidFeatures.digits
+    real: str = "digits"  # digits, or a folder of images
+    n: int | None = None  # use the first n samples of the batch; null: all of them
+    kid_subset_size: int = 100  # capped at the sample count
+    kid_subsets: int = 100
+    inception_weights: str | None = None  # a local copy of torch-fidelity's Inception weights
+
+
+@dataclass
+class MetricsConfig:
+    name: str = "fast"
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    fid: FidConfig = field(default_factory=FidConfig)
+    landing: bool = True  # digits-ideal: where the samples land among the training images (cheap)
+    hit_tol: float = 0.02  # a sample within this RMSE of a training image has landed on it
+    cache_dir: str = "outputs/cache"  # reference solutions and real-data statistics
+
+
 @dataclass
 class RunConfig:
     model: ModelConfig = MISSING
@@ -70,6 +108,7 @@ class RunConfig:
     log_every: int = 10
     progress: bool = True
     logger: LoggerConfig | None = None
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
 
 _PROCESS_ID = uuid.uuid4().hex[:6]
