@@ -21,6 +21,7 @@ from diffexp.config import Precision
 from diffexp.device import device_name, peak_memory_mb, reset_peak_memory, resolve_device, resolve_dtype
 from diffexp.errors import DiffexpError
 from diffexp.files import RunFiles, mark_failed
+from diffexp.metrics import RunMetrics
 from diffexp.models import LoadedModel, load_model
 from diffexp.observers import Observer, RunInfo
 from diffexp.progress import ProgressBar
@@ -163,6 +164,7 @@ def run(cfg: DictConfig, out_dir: Path, observers: Sequence[Observer] = ()) -> d
     """Sample once as ``cfg`` says, writing the run folder ``out_dir``; returns the metrics."""
     try:
         exp = prepare(cfg)
+        measures = RunMetrics(cfg, exp, cfg.progress)  # reference solve, feature network: before the clock
     except BaseException as err:
         mark_failed(Path(out_dir), err)
         raise
@@ -195,7 +197,7 @@ def run(cfg: DictConfig, out_dir: Path, observers: Sequence[Observer] = ()) -> d
             for o in everyone:
                 o.call(state)
             if state.snapshot:
-                record = snapshot_record(state, previous, snapshots)
+                record = snapshot_record(state, previous, snapshots) | measures.snapshot(state)
                 for o in everyone:
                     o.snapshot(state, record)
                 previous, snapshots = state, snapshots + 1
@@ -220,6 +222,7 @@ def run(cfg: DictConfig, out_dir: Path, observers: Sequence[Observer] = ()) -> d
             "warnings": exp.built.warnings,
             **info.environment,
         }
+        metrics |= measures.final(final)
         for o in everyone:
             o.finish(final, metrics)
         return metrics
