@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from diffexp.metrics import rmse
+from diffexp.ideal import DigitsIdealDenoiser
+from diffexp.metrics import nearest, rmse
 from diffexp.models import LoadedModel
 from diffexp.reference import Reference, clipping, is_stochastic
 from diffexp.run import Experiment, prepare
@@ -73,7 +74,9 @@ class Point:
     target: int  # the NFE asked for
     steps: int
     nfe: int  # the NFE used: at most the target
-    ref_rmse: float
+    ref_rmse: float  # over the whole batch
+    median_rmse: float  # the median of the per-sample errors: robust to a few basin switches
+    switched: int | None  # digits-ideal: samples nearest another training image than the reference's
     clip_sample: bool
     stochastic: bool
     wall_s: float
@@ -85,7 +88,8 @@ class Row:
     spacing: str
     scheduler: str
     points: list[Point]
-    order: float | None
+    order: float | None  # fitted over the asymptotic range
+    last_order: float | None  # from the last two points of that range alone
     theory: int | None
     fit_nfe: list[int]
 
@@ -108,6 +112,24 @@ def configure(head: DictConfig, spacing: str, clip: str) -> DictConfig:
     return cfg
 
 
+def measure(exp: Experiment, steps: int, reference: Reference, images: torch.Tensor | None) -> dict[str, Any]:
+    """Sample ``exp`` from its noise and compare with the reference; on digits-ideal count basin switches."""
+    with torch.inference_mode():
+        final = sample(exp.model, exp.built.scheduler, exp.noise, steps, exp.generators, exp.built.step_kwargs, steps)
+    x = final.x.float().cpu()
+    per_sample = (x - reference.x).flatten(1).pow(2).mean(1).sqrt()
+    out = {
+        "nfe": final.nfe,
+        "ref_rmse": rmse(x, reference.x),
+        "median_rmse": per_sample.median().item(),
+        "wall_s": final.elapsed_s,
+        "switched": None,
+    }
+    if images is not None:  # samples that land nearest another training image than the reference's
+        out["switched"] = int((nearest(x, images)[1] != nearest(reference.x, images)[1]).sum())
+    return out
+
+
 def study(
     compose: Any,
     base: Sequence[str],
@@ -127,7 +149,8 @@ def study(
     sampled once. Points whose error is below ``floor`` (the reference's own accuracy) are left out of the fit.
     """
     heads = {name: compose([*base, f"scheduler={name}", "steps=1"]) for name in schedulers}
-    done: dict[tuple[str, int], tuple[int, float, float]] = {}
+    images = loaded.model.images if isinstance(loaded.model, DigitsIdealDenoiser) else None
+    done: dict[tuple[str, int], dict[str, Any]] = {}
     rows = []
     for clip in clips:
         for spacing in spacings:
@@ -140,66 +163,49 @@ def study(
                     exp = prepare(cfg, model=loaded)
                     key = (exp.built.effective_config()["hash"], steps)
                     if key not in done:
-                        with torch.inference_mode():
-                            final = sample(
-                                exp.model,
-                                exp.built.scheduler,
-                                exp.noise,
-                                steps,
-                                exp.generators,
-                                exp.built.step_kwargs,
-                                steps,
-                            )
-                        done[key] = (final.nfe, rmse(final.x.float().cpu(), reference.x), final.elapsed_s)
-                    nfe, err, wall = done[key]
-                    points.append(
-                        Point(
-                            clip,
-                            spacing,
-                            name,
-                            target,
-                            steps,
-                            nfe,
-                            err,
-                            clipping(exp.built)["clip_sample"],
-                            is_stochastic(exp.built),
-                            wall,
-                        )
-                    )
+                        done[key] = measure(exp, steps, reference, images)
+                    flags = {"clip_sample": clipping(exp.built)["clip_sample"], "stochastic": is_stochastic(exp.built)}
+                    points.append(Point(clip, spacing, name, target, steps, **done[key], **flags))
                 fit = [p for p in points if p.target >= fit_min_nfe and p.ref_rmse > floor]
                 options = OmegaConf.to_container(cfg.scheduler, resolve=True)
-                row = Row(
-                    clip,
-                    spacing,
-                    name,
-                    points,
-                    fit_order([p.nfe for p in fit], [p.ref_rmse for p in fit]),
-                    theory_order(name, options),
-                    [p.nfe for p in fit],
-                )
+                order = fit_order([p.nfe for p in fit], [p.ref_rmse for p in fit])
+                last = fit_order([p.nfe for p in fit[-2:]], [p.ref_rmse for p in fit[-2:]])
+                row = Row(clip, spacing, name, points, order, last, theory_order(name, options), [p.nfe for p in fit])
                 rows.append(row)
                 errs = " ".join(f"{p.nfe}:{p.ref_rmse:.2e}" for p in points)
-                order = "-" if row.order is None else f"{row.order:.2f}"
-                log(f"clip {clip:3s} {spacing:8s} {name:10s} {errs}  order {order}")
+                log(f"clip {clip:3s} {spacing:8s} {name:10s} {errs}  order {_num(order)}")
     return rows
+
+
+def _num(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}"
 
 
 def table(rows: Sequence[Row], nfes: Sequence[int]) -> str:
     """Markdown tables, one per clipping x spacing: ref_rmse at each NFE, fitted and theoretical order."""
-    out = []
+    out = [
+        "ref_rmse of the final samples against the reference, at each target NFE (the NFE used, where it is "
+        "less, in brackets).\norder (fit): minus the slope of log ref_rmse against log NFE over the asymptotic "
+        "range; last 2: from its last two points alone.\nswitched (digits-ideal): samples, at each NFE, that land "
+        "nearest another training image than the reference's sample does."
+    ]
     groups: dict[tuple[str, str], list[Row]] = {}
     for r in rows:
         groups.setdefault((r.clip, r.spacing), []).append(r)
     for (clip, spacing), group in groups.items():
         out.append(f"\n### clipping {clip}, timestep_spacing={spacing}\n")
-        out.append("| scheduler | " + " | ".join(f"NFE≈{n}" for n in nfes) + " | order (fit) | theory | match |")
-        out.append("|---|" + "---|" * (len(nfes) + 3))
+        head = " | ".join(f"NFE≈{n}" for n in nfes)
+        out.append(f"| scheduler | {head} | order (fit) | last 2 | theory | match | switched |")
+        out.append("|---|" + "---|" * (len(nfes) + 5))
         for r in group:
-            cells = [f"{p.ref_rmse:.2e} ({p.nfe})" for p in r.points]
-            clip_note = " (clips x0)" if any(p.clip_sample for p in r.points) else ""
-            order = "-" if r.order is None else f"{r.order:.2f}"
+            cells = " | ".join(f"{p.ref_rmse:.2e}" + (f" ({p.nfe})" if p.nfe != p.target else "") for p in r.points)
+            note = " (clips x0)" if any(p.clip_sample for p in r.points) else ""
             theory = "-" if r.theory is None else str(r.theory)
-            out.append(f"| {r.scheduler}{clip_note} | " + " | ".join(cells) + f" | {order} | {theory} | {r.verdict} |")
+            switched = "/".join("-" if p.switched is None else str(p.switched) for p in r.points)
+            out.append(
+                f"| {r.scheduler}{note} | {cells} | {_num(r.order)} | {_num(r.last_order)} | {theory} "
+                f"| {r.verdict} | {switched} |"
+            )
     return "\n".join(out)
 
 
