@@ -21,7 +21,7 @@ from diffexp.ideal import DigitsIdealDenoiser
 from diffexp.metrics import nearest, rmse
 from diffexp.models import LoadedModel
 from diffexp.reference import Reference, clipping, is_stochastic
-from diffexp.run import Experiment, prepare
+from diffexp.runner import Experiment, prepare
 from diffexp.sampler import sample
 
 TOLERANCE = 0.3  # a fitted order within this of the theory counts as a match
