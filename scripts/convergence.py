@@ -33,7 +33,7 @@ def main() -> None:
     parser.add_argument("--spacings", default="leading,linspace,trailing")
     parser.add_argument("--clip", default="off,on", help="off: clip_sample/thresholding false; on: as inherited")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--fit-min-nfe", type=int, default=20, help="the asymptotic range starts here")
+    parser.add_argument("--fit-min-nfe", type=int, default=40, help="the asymptotic range starts here")
     parser.add_argument("--floor-factor", type=float, default=3.0, help="fit only errors above this x ref error")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
