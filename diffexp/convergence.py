@@ -216,19 +216,23 @@ def plot(rows: Sequence[Row], path: Any) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = sorted({(r.clip, r.spacing) for r in rows}, key=lambda k: (k[0], k[1]))
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4), squeeze=False, sharey=True)
-    for ax, (clip, spacing) in zip(axes[0], panels, strict=True):
-        for r in rows:
-            if (r.clip, r.spacing) != (clip, spacing):
-                continue
-            order = "" if r.order is None else f" ({r.order:.2f})"
-            ax.loglog([p.nfe for p in r.points], [p.ref_rmse for p in r.points], "o-", label=r.scheduler + order)
-        ax.set_title(f"clip {clip}, {spacing}")
-        ax.set_xlabel("NFE")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
-    axes[0][0].set_ylabel("ref_rmse")
+    clips = sorted({r.clip for r in rows}, key=lambda c: c != "off")
+    spacings = list(dict.fromkeys(r.spacing for r in rows))
+    fig, axes = plt.subplots(
+        len(clips), len(spacings), figsize=(4.2 * len(spacings), 3.6 * len(clips)), squeeze=False, sharey=True
+    )
+    for i, clip in enumerate(clips):
+        for j, spacing in enumerate(spacings):
+            ax = axes[i][j]
+            for r in rows:
+                if (r.clip, r.spacing) == (clip, spacing):
+                    label = f"{r.scheduler} ({_num(r.order)})"
+                    ax.loglog([p.nfe for p in r.points], [p.ref_rmse for p in r.points], "o-", label=label)
+            ax.set_title(f"clipping {clip}, {spacing}")
+            ax.set_xlabel("NFE")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=7)
+        axes[i][0].set_ylabel("ref_rmse")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
