@@ -16,13 +16,24 @@ import json
 import time
 from pathlib import Path
 
-from omegaconf import OmegaConf
+from hydra.errors import HydraException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 import diffexp
 from diffexp.config import Precision
 from diffexp.convergence import as_dict, plot, reference_accuracy, study, table
-from diffexp.errors import DiffexpError
+from diffexp.errors import DiffexpError, exit_with
 from diffexp.reference import solve_reference
+from diffexp.schedulers import resolve_class
+
+
+def compose(overrides: list[str]) -> DictConfig:
+    """The run config of these overrides; a bad override is a clear error, not a traceback."""
+    try:
+        return diffexp.compose(overrides)
+    except (HydraException, OmegaConfBaseException) as err:
+        raise DiffexpError(f"Bad override in {' '.join(overrides)}: {str(err).splitlines()[0]}") from None
 
 
 def main() -> None:
@@ -46,7 +57,9 @@ def main() -> None:
     out = args.out or Path("outputs/convergence") / time.strftime("%Y-%m-%d_%H-%M-%S")
     out.mkdir(parents=True, exist_ok=True)
     try:
-        cfg = diffexp.compose(base)
+        for name in args.schedulers.split(","):
+            resolve_class(name)  # an unknown or unusable name: the valid ones, before any work
+        cfg = compose(base)
         exp = diffexp.prepare(cfg)
         ref_cfg = cfg.metrics.reference
         spec = OmegaConf.to_container(ref_cfg.scheduler, resolve=True)
@@ -69,7 +82,7 @@ def main() -> None:
             flush=True,
         )
         rows = study(
-            diffexp.compose,
+            compose,
             base,
             exp.loaded,
             fine,
@@ -82,7 +95,7 @@ def main() -> None:
             log=lambda line: print(line, flush=True),
         )
     except DiffexpError as err:
-        raise SystemExit(f"diffexp: {err}") from None
+        exit_with(err, out)
     text = table(rows, nfes)
     print(text)
     (out / "tables.md").write_text(text + "\n")
