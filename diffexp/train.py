@@ -24,7 +24,7 @@ from typing import Any, Protocol
 import torch
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from diffusers.optimization import get_scheduler
-from diffusers.training_utils import EMAModel
+from diffusers.training_utils import EMAModel, compute_snr
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 from tqdm.auto import tqdm
@@ -66,6 +66,7 @@ class TrainConfig:
     warmup_steps: int = 100
     weight_decay: float = 0.0
     grad_clip: float = 1.0
+    snr_gamma: float | None = None  # min-SNR-gamma loss weights (Hang et al. 2023); null: plain MSE
     ema_decay: float = 0.999
     seed: int = 0
     device: str = "auto"
@@ -199,6 +200,15 @@ def check_config(cfg: TrainConfig | DictConfig) -> None:
         raise DiffexpError("sample_every and warmup_steps must be >= 0, and keep_checkpoints >= 1.")
     if not 0 <= cfg.ema_decay < 1:
         raise DiffexpError(f"ema_decay={cfg.ema_decay} must be in [0, 1).")
+    if cfg.snr_gamma is not None and cfg.snr_gamma <= 0:
+        raise DiffexpError(f"snr_gamma={cfg.snr_gamma} must be positive (or null for plain MSE).")
+
+
+def snr_weights(noise_scheduler: DDPMScheduler, t: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma weights for noise prediction (Hang et al. 2023, eq. 9 with eps = x0-loss / SNR):
+    w_t = min(SNR_t, gamma) / SNR_t, SNR_t = abar_t / (1 - abar_t)."""
+    snr = compute_snr(noise_scheduler, t)
+    return snr.clamp(max=gamma) / snr
 
 
 # ---------------------------------------------------------------------------------------------- state
@@ -226,7 +236,10 @@ class Trainer:
         eps = torch.randn(x0.shape, generator=self.generator)
         x0, t, eps = x0.to(self.device), t.to(self.device), eps.to(self.device)
         xt = self.noise_scheduler.add_noise(x0, eps, t)
-        return torch.nn.functional.mse_loss(self.unet(xt, t).sample, eps)
+        if self.cfg.snr_gamma is None:
+            return torch.nn.functional.mse_loss(self.unet(xt, t).sample, eps)
+        per_sample = torch.nn.functional.mse_loss(self.unet(xt, t).sample, eps, reduction="none").mean(dim=(1, 2, 3))
+        return (snr_weights(self.noise_scheduler, t, self.cfg.snr_gamma) * per_sample).mean()
 
     def train_step(self) -> float:
         """One optimiser step on a random batch; returns its loss."""

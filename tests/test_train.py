@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 import diffexp
 from diffexp import models
 from diffexp.errors import DiffexpError
-from diffexp.train import checkpoints, new_trainer, resume_trainer, train
+from diffexp.train import checkpoints, new_trainer, resume_trainer, snr_weights, train
 
 # a UNet small enough to train a few steps in a second on a CPU
 TINY = [
@@ -53,6 +53,32 @@ def test_training_steps_lower_the_loss_on_a_fixed_batch() -> None:
         trainer.train_step()
     assert trainer.step == 15
     assert fixed_loss() < 0.7 * before
+
+
+def test_min_snr_weights_are_min_snr_gamma_over_snr() -> None:
+    trainer = new_trainer(train_cfg("snr_gamma=5"), torch.device("cpu"))
+    abar = trainer.noise_scheduler.alphas_cumprod
+    t = torch.tensor([0, 50, 200, 600, 999])
+    snr = abar[t] / (1 - abar[t])
+    expected = torch.minimum(snr, torch.tensor(5.0)) / snr
+    torch.testing.assert_close(snr_weights(trainer.noise_scheduler, t, 5.0), expected)
+    assert expected[0] < 0.01 and expected[-1] == 1  # low-noise steps count less, high-noise ones fully
+
+
+@pytest.mark.parametrize("gamma", ["null", "5"])
+def test_snr_gamma_weights_the_per_sample_loss(gamma: str) -> None:
+    trainer = new_trainer(train_cfg(f"snr_gamma={gamma}"), torch.device("cpu"))
+    batch = diffexp.ideal.digits_images(16)[:32]
+    trainer.generator.manual_seed(7)
+    with torch.no_grad():
+        loss = trainer.loss(batch)
+        trainer.generator.manual_seed(7)  # the same t and noise, by hand
+        t = torch.randint(0, 1000, (32,), generator=trainer.generator)
+        eps = torch.randn(batch.shape, generator=trainer.generator)
+        err = (trainer.unet(trainer.noise_scheduler.add_noise(batch, eps, t), t).sample - eps).pow(2).mean((1, 2, 3))
+    weights = torch.ones(32) if gamma == "null" else snr_weights(trainer.noise_scheduler, t, 5.0)
+    torch.testing.assert_close(loss, (weights * err).mean())
+    assert gamma == "null" or (weights.min() < 0.5 and loss < err.mean())  # low-noise samples weigh less
 
 
 def test_checkpoint_loads_as_model_local_and_resumes_exactly(tmp_path: Path) -> None:
@@ -153,6 +179,7 @@ def test_folder_dataset_trains(tmp_path: Path) -> None:
         (["dataset=folder", "dataset.path=/nonexistent"], "not a folder"),
         (["+unet.not_an_option=1"], "not a UNet2DModel option"),
         (["steps=0"], "steps=0"),
+        (["snr_gamma=0"], "snr_gamma=0"),
         (["lr_schedule=wobbly"], "lr_schedule=wobbly"),
     ],
 )
