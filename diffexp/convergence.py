@@ -22,7 +22,7 @@ from diffexp.metrics import nearest, rmse
 from diffexp.models import LoadedModel
 from diffexp.reference import Reference, clipping, is_stochastic
 from diffexp.runner import Experiment, prepare
-from diffexp.sampler import sample
+from diffexp.sampler import iter_steps, sample
 
 TOLERANCE = 0.3  # a fitted order within this of the theory counts as a match
 
@@ -115,7 +115,9 @@ def configure(head: DictConfig, spacing: str, clip: str) -> DictConfig:
 def measure(exp: Experiment, steps: int, reference: Reference, images: torch.Tensor | None) -> dict[str, Any]:
     """Sample ``exp`` from its noise and compare with the reference; on digits-ideal count basin switches."""
     with torch.inference_mode():
-        final = sample(exp.model, exp.built.scheduler, exp.noise, steps, exp.generators, exp.built.step_kwargs, steps)
+        final = sample(
+            iter_steps(exp.model, exp.built.scheduler, exp.noise, steps, exp.generators, exp.built.step_kwargs, steps)
+        )
     x = final.x.float().cpu()
     per_sample = (x - reference.x).flatten(1).pow(2).mean(1).sqrt()
     out = {

@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from diffexp.errors import DiffexpError
 from diffexp.models import LoadedModel
-from diffexp.sampler import CountingModel, StepState, sample
+from diffexp.sampler import CountingModel, StepState, iter_steps, sample
 from diffexp.schedulers import BuiltScheduler, build_scheduler, option_signatures, resolve_class
 
 log = logging.getLogger("diffexp")
@@ -180,7 +180,7 @@ def solve_reference(
 
     try:
         with torch.inference_mode():
-            final = sample(model, built.scheduler, noise, steps, None, built.step_kwargs, steps, tick)
+            final = sample(iter_steps(model, built.scheduler, noise, steps, None, built.step_kwargs, steps), tick)
     finally:
         if bar is not None:
             bar.close()

@@ -2,14 +2,14 @@
 
 ``iter_steps`` is the book's loop made right for every scheduler (fresh ``set_timesteps``, ``init_noise_sigma``,
 ``scale_model_input``, several model calls per step, stochastic steps) and yields a ``StepState`` after each
-model call. ``sample`` runs it and hands each state to a callback, so logging never touches the maths.
+model call. ``sample`` runs it to the end and hands each state to a callback, so logging never touches the maths.
 """
 
 from __future__ import annotations
 
 import inspect
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -158,20 +158,13 @@ def iter_steps(
         )
 
 
-def sample(
-    model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    scheduler: Any,
-    noise: torch.Tensor,
-    num_steps: int,
-    generators: list[torch.Generator] | None = None,
-    step_kwargs: dict[str, Any] | None = None,
-    log_every: int = 10,
-    callback: Callable[[StepState], None] | None = None,
-) -> StepState:
-    """Run the loop to the end, handing every state to ``callback``; returns the last state."""
+def sample(states: Iterable[StepState], callback: Callable[[StepState], None] | None = None) -> StepState:
+    """Run a loop, ``sample(iter_steps(model, scheduler, noise, steps, ...))``, to its end, handing every state to
+    ``callback``; returns the last state."""
     state = None
-    for state in iter_steps(model, scheduler, noise, num_steps, generators, step_kwargs, log_every):
+    for state in states:
         if callback is not None:
             callback(state)
-    assert state is not None, "a scheduler produced no timesteps"
+    if state is None:
+        raise ValueError("the scheduler produced no timesteps")
     return state

@@ -36,7 +36,7 @@ from diffexp.errors import DiffexpError
 from diffexp.files import write_json
 from diffexp.ideal import DDPM_SCHEDULER_CONFIG, digits_images
 from diffexp.images import save_grid
-from diffexp.sampler import initial_noise, sample
+from diffexp.sampler import initial_noise, iter_steps, sample
 from diffexp.schedulers import build_scheduler
 
 log = logging.getLogger("diffexp")
@@ -267,7 +267,9 @@ class Trainer:
         built = build_scheduler(scheduler, dict(self.noise_scheduler.config), {}, seed=seed)
         shape = (model.config.in_channels, model.config.sample_size, model.config.sample_size)
         noise, generators = initial_noise(shape, seed, n, self.device)
-        final = sample(lambda x, t: model(x, t).sample, built.scheduler, noise, steps, generators, built.step_kwargs)
+        final = sample(
+            iter_steps(lambda x, t: model(x, t).sample, built.scheduler, noise, steps, generators, built.step_kwargs)
+        )
         return final.x.clamp(-1, 1).cpu()
 
     def pipeline(self) -> DDPMPipeline:

@@ -75,7 +75,7 @@ def test_non_finite_values_stop_the_run_with_the_step() -> None:
     built = diffexp.build_scheduler("heun", DDPM_SCHEDULER_CONFIG)
     noise, gens = diffexp.initial_noise((1, 32, 32), 0, 2, torch.device("cpu"))
     with pytest.raises(NonFiniteError, match="NaN/Inf at step 3 \\(model call 5\\)"):
-        sample(NaNAfter(DigitsIdealDenoiser(), 4), built.scheduler, noise, 6, gens)
+        sample(iter_steps(NaNAfter(DigitsIdealDenoiser(), 4), built.scheduler, noise, 6, gens))
 
 
 def test_observer_callbacks_do_not_change_the_maths() -> None:
@@ -83,9 +83,9 @@ def test_observer_callbacks_do_not_change_the_maths() -> None:
     model = diffexp.CountingModel(DigitsIdealDenoiser())
     seen: list[int] = []
     noise, gens = diffexp.initial_noise((1, 32, 32), 0, 2, torch.device("cpu"))
-    with_callback = sample(model, built.scheduler, noise, 6, gens, callback=lambda s: seen.append(s.nfe)).x
+    with_callback = sample(iter_steps(model, built.scheduler, noise, 6, gens), lambda s: seen.append(s.nfe)).x
     noise, gens = diffexp.initial_noise((1, 32, 32), 0, 2, torch.device("cpu"))
-    without = sample(model, built.scheduler, noise, 6, gens).x
+    without = sample(iter_steps(model, built.scheduler, noise, 6, gens)).x
     assert torch.equal(with_callback, without) and seen == [1, 2, 3, 4, 5, 6]
 
 

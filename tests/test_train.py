@@ -114,7 +114,7 @@ def test_checkpoint_loads_as_model_local_and_resumes_exactly(tmp_path: Path) -> 
 
     # a checkpoint is a pipeline folder that model=local samples, with the EMA weights
     exp = diffexp.prepare(compose("model=local", f"model.path={split / 'checkpoints/step-000004'}", "steps=3"))
-    final = diffexp.sample(exp.model, exp.built.scheduler, exp.noise, 3, exp.generators)
+    final = diffexp.sample(diffexp.iter_steps(exp.model, exp.built.scheduler, exp.noise, 3, exp.generators))
     assert final.x.shape == (4, 1, 16, 16) and torch.isfinite(final.x).all()
     weights = load_file(split / "checkpoints/step-000004/unet/diffusion_pytorch_model.safetensors")
     assert all(torch.equal(v, weights[k]) for k, v in exp.loaded.model.state_dict().items())
