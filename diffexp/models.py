@@ -18,7 +18,7 @@ from diffexp.config import ModelConfig, ModelSource
 from diffexp.errors import DiffexpError
 from diffexp.ideal import DDPM_SCHEDULER_CONFIG, DigitsIdealDenoiser
 
-OFFLINE_MODELS = "model=digits-ideal (the default), model=digits-unet, model=tiny, or model=local model.path=DIR"
+OFFLINE_MODELS = "model=digits-unet (the default), model=digits-ideal, model=tiny, or model=local model.path=DIR"
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"  # trained pipelines shipped with the package
 
 

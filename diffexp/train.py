@@ -59,7 +59,7 @@ class TrainConfig:
     unet: dict[str, Any] = field(default_factory=dict)
     # the DDPMScheduler config of the noise schedule; saved with the model
     noise_schedule: dict[str, Any] = field(default_factory=lambda: dict(DDPM_SCHEDULER_CONFIG))
-    steps: int = 2000  # optimiser steps
+    steps: int = 5000  # optimiser steps
     batch_size: int = 64
     lr: float = 2e-3
     lr_schedule: str = "cosine"  # any diffusers.optimization schedule: constant, cosine, linear ...

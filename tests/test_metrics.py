@@ -211,7 +211,9 @@ def test_the_stochastic_label_matches_what_the_scheduler_does(name: str, options
     from diffexp.ideal import DDPM_SCHEDULER_CONFIG
     from diffexp.reference import is_stochastic
 
-    model = diffexp.CountingModel(load_model(compose("model.sample_size=8").model, torch.device("cpu")).model)
+    model = diffexp.CountingModel(
+        load_model(compose("model=digits-ideal", "model.sample_size=8").model, torch.device("cpu")).model
+    )
     noise, _ = diffexp.initial_noise((1, 8, 8), 0, 2, torch.device("cpu"))
     finals = []
     for seed in (0, 1):  # the same initial noise; only the noise drawn during sampling differs

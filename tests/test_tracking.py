@@ -47,7 +47,9 @@ def media(run_dir: Path, ref: dict) -> Path:
 
 
 def test_offline_run_logs_history_images_config_and_summary(run_dir: Path) -> None:
-    cfg = offline("scheduler=dpmsolver", "scheduler.use_karras_sigmas=true", "steps=12", "log_every=5")
+    cfg = offline(
+        "model=digits-ideal", "scheduler=dpmsolver", "scheduler.use_karras_sigmas=true", "steps=12", "log_every=5"
+    )
     metrics = diffexp.run(cfg, run_dir)
     wb = read_wandb(run_dir)
     records = steps_jsonl(run_dir)
