@@ -17,21 +17,35 @@ from typing import Any
 _EXPORTS = {
     "DiffexpError": "diffexp.errors",
     "NonFiniteError": "diffexp.errors",
-    "LoadedModel": "diffexp.models",
-    "load_model": "diffexp.models",
-    "Experiment": "diffexp.runner",
-    "compose": "diffexp.runner",
-    "prepare": "diffexp.runner",
-    "run": "diffexp.runner",
-    "CountingModel": "diffexp.sampler",
-    "StepState": "diffexp.sampler",
-    "initial_noise": "diffexp.sampler",
-    "iter_steps": "diffexp.sampler",
-    "sample": "diffexp.sampler",
-    "SCHEDULERS": "diffexp.schedulers",
-    "build_scheduler": "diffexp.schedulers",
+    "LoadedModel": "diffexp.sampling.models",
+    "load_model": "diffexp.sampling.models",
+    "Experiment": "diffexp.sampling.experiment",
+    "compose": "diffexp.config",
+    "prepare": "diffexp.sampling.experiment",
+    "run": "diffexp.runner.run",
+    "CountingModel": "diffexp.sampling.loop",
+    "StepState": "diffexp.sampling.loop",
+    "initial_noise": "diffexp.sampling.loop",
+    "iter_steps": "diffexp.sampling.loop",
+    "sample": "diffexp.sampling.loop",
+    "SCHEDULERS": "diffexp.catalog",
+    "build_scheduler": "diffexp.sampling.schedulers",
 }
 __all__ = sorted(_EXPORTS)
+
+# The layers, bottom to top: a module imports only from its own layer or those below, also inside functions
+# (tests/test_architecture.py checks it, and that no import circle exists).
+LAYERS: tuple[tuple[str, ...], ...] = (
+    ("diffexp.errors", "diffexp.folders"),  # the error type; on-disk formats of run and sweep folders
+    ("diffexp.config", "diffexp.catalog"),  # the schema and compose; what each scheduler file declares
+    ("diffexp.sampling",),  # the loop, schedulers, models, noise, the experiment
+    ("diffexp.metrics",),  # the Metric contract and each metric
+    ("diffexp.tracking",),  # the W&B session policy and the offline reader
+    ("diffexp.runner",),  # one run: observers, the loop driven, the summary
+    ("diffexp.report",),  # the comparison report of a sweep
+    ("diffexp.sweep",),  # Hydra callbacks, jobs, the convergence study
+    ("diffexp.training",),  # training a UNet
+)
 
 
 def __getattr__(name: str) -> Any:

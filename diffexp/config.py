@@ -1,14 +1,24 @@
-"""The typed run configuration: a Hydra schema, so a misspelled key or a wrong type fails at startup."""
+"""The typed run configuration: a Hydra schema, so a misspelled key or a wrong type fails at startup.
+
+``compose`` builds the config the CLI would build; ``check_config`` catches what composition lets through.
+Light to import (no torch), so config errors come fast.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
+
+from diffexp.errors import DiffexpError
 
 
 class Precision(str, Enum):
@@ -109,25 +119,80 @@ class RunConfig:
     progress: bool = True
     logger: LoggerConfig | None = None
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    # what watches the loop: name -> a _target_ node (a diffexp.runner.observers.Observer), built in order
+    observers: dict[str, Any] = field(default_factory=dict)
 
 
 _PROCESS_ID = uuid.uuid4().hex[:6]
-
-
-def _run_label(scheduler: DictConfig, steps: int) -> str:
-    from diffexp.schedulers import scheduler_label
-
-    return f"{scheduler_label(OmegaConf.to_container(scheduler, resolve=True))}-{steps}"
+# small functions that the YAML files use, e.g. ``stochastic: ${gt:${.eta},0}`` in configs/scheduler/ddim.yaml
+RESOLVERS = {
+    "uid": lambda: _PROCESS_ID,  # one random id per process: run folders never collide, even in the same second
+    "gt": lambda a, b: a > b,
+    "startswith": lambda text, prefix: str(text).startswith(str(prefix)),
+    "add": lambda a, b: a + b,
+    "if": lambda condition, then, otherwise: then if condition else otherwise,
+}
 
 
 def register() -> None:
     """Store the schema and the resolvers that the YAML files use; safe to call twice."""
     ConfigStore.instance().store(name="run_schema", node=RunConfig)
-    # one random id per process: run folders never collide, even for launches in the same second
-    if not OmegaConf.has_resolver("uid"):
-        OmegaConf.register_new_resolver("uid", lambda: _PROCESS_ID)
-    if not OmegaConf.has_resolver("run_label"):
-        OmegaConf.register_new_resolver("run_label", _run_label)
+    for name, function in RESOLVERS.items():
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, function)
 
 
 register()
+
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+WEIGHTS_DIR = PACKAGE_DIR / "weights"  # trained networks shipped with the package
+
+
+@functools.cache
+def config_dir() -> Path:
+    """``configs/`` of this checkout, or the copy installed with the package (``diffexp/configs``)."""
+    package = Path(__file__).resolve().parent
+    for candidate in (package.parent / "configs", package / "configs"):
+        if (candidate / "run.yaml").is_file():
+            return candidate
+    raise DiffexpError(f"diffexp's configs/ folder is missing (looked beside {package}).")
+
+
+def compose(overrides: Sequence[str] = (), config_name: str = "run") -> DictConfig:
+    """The config the CLI would build from these overrides (Hydra's compose API), for notebooks and tests."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        return hydra_compose(config_name=config_name, overrides=list(overrides))
+
+
+def check_config(cfg: DictConfig) -> None:
+    """What composition lets through: keys added with ``+`` that the schema lacks, and impossible numbers."""
+    unknown = unknown_keys(cfg)
+    if unknown:
+        raise DiffexpError(
+            f"Unknown config key(s): {', '.join(unknown)}. The schema (diffexp/config.py) has no such key; "
+            "check the spelling, or see configs/ for the keys each group takes."
+        )
+    for key in ("steps", "batch_size", "log_every"):
+        if cfg[key] <= 0:
+            raise DiffexpError(f"{key}={cfg[key]} is not allowed: {key} must be a positive integer.")
+    if "name" not in cfg.scheduler:
+        raise DiffexpError("The scheduler config has no 'name'; choose one with scheduler=<name>.")
+
+
+def unknown_keys(node: DictConfig, prefix: str = "") -> list[str]:
+    """Keys that ``+key=value`` added to a typed node of the schema."""
+    found = []
+    schema = OmegaConf.get_type(node)
+    known = {f.name for f in dataclasses.fields(schema)} if dataclasses.is_dataclass(schema) else None
+    for key in node:
+        if key == "hydra" and not prefix:
+            continue
+        if known is not None and key not in known:
+            found.append(f"{prefix}{key}")
+        elif OmegaConf.is_dict(child := node._get_node(key)) and not OmegaConf.is_missing(node, key):
+            found += unknown_keys(child, f"{prefix}{key}.")
+    return found

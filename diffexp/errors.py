@@ -2,6 +2,8 @@
 
 import logging
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import NoReturn
 
 
@@ -26,3 +28,12 @@ def exit_with(err: DiffexpError, folder: object) -> NoReturn:
     logging.getLogger("diffexp").error("%s", err)
     print(f"\ndiffexp: {err}\n(output folder: {folder})", file=sys.stderr)
     sys.exit(2)
+
+
+@contextmanager
+def exit_on_error(folder: object) -> Iterator[None]:
+    """For command-line scripts: a ``DiffexpError`` inside ends the process through ``exit_with``."""
+    try:
+        yield
+    except DiffexpError as err:
+        exit_with(err, folder)

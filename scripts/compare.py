@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from diffexp.errors import DiffexpError
-from diffexp.report import write_report
+from diffexp.report.write import write_report
 
 
 def main(argv: list[str] | None = None) -> int:

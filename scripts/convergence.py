@@ -21,11 +21,11 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 import diffexp
+from diffexp.catalog import resolve_class
 from diffexp.config import Precision
-from diffexp.convergence import as_dict, plot, reference_accuracy, study, table
 from diffexp.errors import DiffexpError, exit_with
-from diffexp.reference import solve_reference
-from diffexp.schedulers import resolve_class
+from diffexp.metrics.reference import solve_reference
+from diffexp.sweep.convergence import as_dict, plot, reference_accuracy, study, table
 
 
 def compose(overrides: list[str]) -> DictConfig:

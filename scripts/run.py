@@ -1,6 +1,6 @@
 """Sample with one model and one scheduler: python scripts/run.py scheduler=ddim steps=30
 
-A sweep: python scripts/run.py -m scheduler=ddim,dpmsolver steps=10,20 (see diffexp/sweep.py).
+A sweep: python scripts/run.py -m scheduler=ddim,dpmsolver steps=10,20 (see diffexp/sweep/).
 """
 
 import logging
@@ -11,31 +11,24 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-import diffexp.config  # noqa: F401  (registers the schema and resolvers; light, so config errors come fast)
-from diffexp.errors import DiffexpError, exit_with
+import diffexp.catalog  # noqa: F401  (registers the schema and resolvers; light, so config errors come fast)
+from diffexp.errors import exit_on_error
 
 log = logging.getLogger("diffexp")
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="run")
 def main(cfg: DictConfig) -> dict | None:
-    from diffexp.runner import run  # torch and diffusers load only once the config is valid
-    from diffexp.sweep import run_job
+    from diffexp.runner.run import run  # torch and diffusers load only once the config is valid
+    from diffexp.sweep.jobs import run_job
 
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     if HydraConfig.get().mode == RunMode.MULTIRUN:
         return run_job(cfg, out_dir)  # a failed job is recorded in its folder; the others still run
-    try:
-        metrics = run(cfg, out_dir)
-    except DiffexpError as err:
-        exit_with(err, out_dir)
+    with exit_on_error(out_dir):
+        m = run(cfg, out_dir)
     log.info(
-        "finished %s: %d steps, %d model calls, %.2f s -> %s",
-        metrics["label"],
-        metrics["steps"],
-        metrics["nfe"],
-        metrics["wall_s"],
-        out_dir,
+        "finished %s: %d steps, %d model calls, %.2f s -> %s", m["label"], m["steps"], m["nfe"], m["wall_s"], out_dir
     )
 
 

@@ -7,26 +7,20 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-import diffexp.train  # registers the schema; the training loop
-from diffexp.errors import DiffexpError, exit_with
+import diffexp.training.config  # noqa: F401  (registers the schema)
+from diffexp.errors import exit_on_error
 
 log = logging.getLogger("diffexp")
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="train")
 def main(cfg: DictConfig) -> None:
+    from diffexp.training.loop import train  # torch and diffusers load only once the config is valid
+
     out_dir = Path(HydraConfig.get().runtime.output_dir)
-    try:
-        summary = diffexp.train.train(cfg, out_dir)
-    except DiffexpError as err:
-        exit_with(err, out_dir)
-    log.info(
-        "finished %d steps in %.0f s (%.2f s/step) -> %s",
-        summary["steps"],
-        summary["wall_s"],
-        summary["step_s"],
-        summary["model"],
-    )
+    with exit_on_error(out_dir):
+        s = train(cfg, out_dir)
+    log.info("finished %d steps in %.0f s (%.2f s/step) -> %s", s["steps"], s["wall_s"], s["step_s"], s["model"])
 
 
 if __name__ == "__main__":

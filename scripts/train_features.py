@@ -1,6 +1,6 @@
 """Train the digits feature network of the offline FID/KID: python scripts/train_features.py
 
-A small CNN classifies the scikit-learn digits at 32x32 (diffexp.features.DigitsFeatures); its penultimate
+A small CNN classifies the scikit-learn digits at 32x32 (diffexp.metrics.features.DigitsFeatures); its penultimate
 layer is the feature space. Training sees shifted and noisy copies, so imperfect samples still get sensible
 features, which are finally standardised on all the digits. 80% of the digits train it, 20% measure its
 accuracy; the weights and that record go to diffexp/weights/digits-features/model.safetensors. Deterministic on the
@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from diffexp.features import WEIGHTS, DigitsFeatures
-from diffexp.ideal import digits_images, digits_labels
+from diffexp.metrics.features import WEIGHTS, DigitsFeatures
+from diffexp.sampling.ideal import digits_images, digits_labels
 
 
 def augment(x: torch.Tensor, generator: torch.Generator, shift: int = 3, noise: float = 0.2) -> torch.Tensor:
@@ -70,7 +70,7 @@ def main() -> None:
             acc = (net.classify(images[val]).argmax(1) == labels[val]).float().mean().item()
         print(f"epoch {epoch + 1:3d}  loss {total / len(train):.4f}  val. accuracy {acc:.4f}")
 
-    with torch.no_grad():  # standardise the features on all the real digits (diffexp.features)
+    with torch.no_grad():  # standardise the features on all the real digits (diffexp.metrics.features)
         features = net.embedding(images)
         net.feature_mean.copy_(features.mean(0))
         net.feature_std.copy_(features.std(0).clamp_min(1e-6))

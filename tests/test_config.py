@@ -10,8 +10,8 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
-from diffexp.runner import unknown_keys
-from diffexp.schedulers import SCHEDULERS, option_signatures, resolve_class
+from diffexp.catalog import SCHEDULERS, option_signatures, options_of, resolve_class
+from diffexp.config import unknown_keys
 
 SCHEDULER_FILES = sorted(p.stem for p in (ROOT / "configs" / "scheduler").glob("*.yaml"))
 MODEL_FILES = sorted(p.stem for p in (ROOT / "configs" / "model").glob("*.yaml"))
@@ -23,8 +23,9 @@ def test_there_is_one_scheduler_file_per_usable_scheduler() -> None:
 
 @pytest.mark.parametrize("name", SCHEDULER_FILES)
 def test_scheduler_files_hold_diffusers_defaults(name: str) -> None:
-    options = OmegaConf.to_container(compose(f"scheduler={name}").scheduler)
-    assert options.pop("name") == name
+    spec = OmegaConf.to_container(compose(f"scheduler={name}").scheduler, resolve=True)
+    assert spec["name"] == name
+    options = options_of(spec)  # without the declarations (class, stochastic, theory_order)
     init, step = option_signatures(resolve_class(name))
     for key, value in options.items():
         param = init.get(key) or step.get(key)

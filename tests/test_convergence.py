@@ -9,7 +9,7 @@ import pytest
 from conftest import compose, run_cli
 
 import diffexp
-from diffexp.convergence import fit_order, steps_for_nfe, theory_order
+from diffexp.sweep.convergence import fit_order, steps_for_nfe, theory_order
 
 
 def test_fit_order_recovers_the_slope_of_a_power_law() -> None:

@@ -10,9 +10,9 @@ from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler
 
 import diffexp
 from diffexp.errors import NonFiniteError
-from diffexp.ideal import DDPM_SCHEDULER_CONFIG, DigitsIdealDenoiser, digits_images
-from diffexp.models import LoadedModel, tiny_unet
-from diffexp.sampler import iter_steps, sample
+from diffexp.sampling.ideal import DDPM_SCHEDULER_CONFIG, DigitsIdealDenoiser, digits_images
+from diffexp.sampling.loop import iter_steps, sample
+from diffexp.sampling.models import LoadedModel, tiny_unet
 
 
 def final_images(overrides: list[str]) -> np.ndarray:

@@ -15,14 +15,15 @@ from safetensors.torch import load_file, save_file
 
 import diffexp
 from diffexp.errors import DiffexpError
-from diffexp.fid import feature_net, fid_kid
-from diffexp.ideal import digits_images
-from diffexp.metrics import STOCHASTIC, landing, psnr, rmse, ssim
-from diffexp.models import load_model
-from diffexp.observers import Observer
-from diffexp.reference import solve_reference
-from diffexp.runner import run
-from diffexp.sampler import StepState
+from diffexp.metrics.agreement import STOCHASTIC, psnr, rmse, ssim
+from diffexp.metrics.fid import feature_net, fid_kid
+from diffexp.metrics.landing import landing
+from diffexp.metrics.reference import solve_reference
+from diffexp.runner.observers import Observer
+from diffexp.runner.run import run
+from diffexp.sampling.ideal import digits_images
+from diffexp.sampling.loop import StepState
+from diffexp.sampling.models import load_model
 
 HEUN = {"name": "heun", "timestep_spacing": "linspace"}
 
@@ -60,8 +61,8 @@ def test_fid_of_a_set_against_itself_is_about_zero(tmp_path: Path) -> None:
 
 
 def test_the_shipped_feature_network_knows_digits() -> None:
-    from diffexp.features import load_digits_features
-    from diffexp.ideal import digits_labels
+    from diffexp.metrics.features import load_digits_features
+    from diffexp.sampling.ideal import digits_labels
 
     net, metadata = load_digits_features()
     digits = digits_images(32)
@@ -208,8 +209,7 @@ def test_stochastic_samplers_are_labelled_and_clipping_is_recorded(tmp_path: Pat
     + [("ddim", {"eta": 1.0}), ("euler", {"s_churn": 1.0}), ("dpmsolver", {"algorithm_type": "sde-dpmsolver++"})],
 )
 def test_the_stochastic_label_matches_what_the_scheduler_does(name: str, options: dict[str, Any]) -> None:
-    from diffexp.ideal import DDPM_SCHEDULER_CONFIG
-    from diffexp.reference import is_stochastic
+    from diffexp.sampling.ideal import DDPM_SCHEDULER_CONFIG
 
     model = diffexp.CountingModel(
         load_model(compose("model=digits-ideal", "model.sample_size=8").model, torch.device("cpu")).model
@@ -220,7 +220,7 @@ def test_the_stochastic_label_matches_what_the_scheduler_does(name: str, options
         built = diffexp.build_scheduler(name, DDPM_SCHEDULER_CONFIG, options, seed=seed)
         other = [torch.Generator().manual_seed(100 * seed + k) for k in range(2)]
         finals.append(diffexp.sample(diffexp.iter_steps(model, built.scheduler, noise, 8, other, built.step_kwargs)).x)
-    assert is_stochastic(built) == (not torch.allclose(finals[0], finals[1])), name
+    assert built.stochastic == (not torch.allclose(finals[0], finals[1])), name
 
 
 def test_the_default_metrics_are_cheap(tmp_path: Path) -> None:

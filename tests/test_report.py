@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from diffexp.report import Job, _label_rows, markdown_table, options_text, pareto_front
+from diffexp.report.jobs import Job, _label_rows, options_text
+from diffexp.report.plots import pareto_front
+from diffexp.report.tables import markdown_table
 
 
 @pytest.mark.parametrize(

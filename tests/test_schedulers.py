@@ -7,10 +7,11 @@ import torch
 from conftest import compose
 
 import diffexp
+from diffexp.catalog import SCHEDULERS, scheduler_label
 from diffexp.errors import DiffexpError
-from diffexp.ideal import DDPM_SCHEDULER_CONFIG, digits_images
-from diffexp.sampler import iter_steps
-from diffexp.schedulers import SCHEDULERS, build_scheduler, scheduler_label
+from diffexp.sampling.ideal import DDPM_SCHEDULER_CONFIG, digits_images
+from diffexp.sampling.loop import iter_steps
+from diffexp.sampling.schedulers import build_scheduler
 
 SECOND_ORDER = {"heun", "kdpm2", "kdpm2-ancestral", "dpmsolver-sde"}
 

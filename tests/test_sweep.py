@@ -20,10 +20,10 @@ from hydra import initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
-from diffexp.files import read_status
-from diffexp.report import write_report
-from diffexp.runner import CONFIG_DIR
-from diffexp.sweep import check_same_sweep, job_folders, planned_jobs
+from diffexp.config import config_dir
+from diffexp.folders import job_folders, read_status
+from diffexp.report.write import write_report
+from diffexp.sweep.callbacks import check_same_sweep, planned_jobs
 
 # 3 schedulers x 2 step counts; pndm cannot run 2 steps (refused before sampling) and kdpm2-ancestral
 # diverges to NaN at 2 steps (fails while sampling): 4 runs finish, 2 fail, each in its own folder
@@ -125,7 +125,7 @@ def test_a_sweep_folder_is_reused_only_by_the_same_sweep(
 
 
 def test_experiment_scheduler_sweep_is_a_multirun_of_schedulers_by_steps() -> None:
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         cfg = hydra_compose("run", overrides=["experiment=scheduler-sweep"], return_hydra_config=True)
     jobs = planned_jobs(cfg)
     assert jobs is not None and len(jobs) == 8 * 4
@@ -298,7 +298,7 @@ def test_report_page_opens_offline_with_every_image(
 def test_the_comparison_is_a_wandb_run_in_the_sweeps_group(
     sweep: tuple[Path, subprocess.CompletedProcess[str]],
 ) -> None:
-    from diffexp.wandb_reader import OfflineRun
+    from diffexp.tracking.reader import OfflineRun
 
     sweep_dir, _ = sweep
     compare = OfflineRun.read(sweep_dir / "report" / "wandb")

@@ -17,9 +17,9 @@ from PIL import Image
 
 import diffexp
 from diffexp.errors import NonFiniteError
-from diffexp.files import read_status
-from diffexp.tracking import resolve_mode
-from diffexp.wandb_reader import OfflineRun
+from diffexp.folders import read_status
+from diffexp.tracking.reader import OfflineRun
+from diffexp.tracking.session import resolve_mode
 
 SCALARS = {"index", "step", "num_steps", "nfe", "timestep", "sigma", "elapsed_s", "x0_change", "step_s"} | {
     f"{v}_{s}" for v in ("x", "x0") for s in ("mean", "std", "min", "max")

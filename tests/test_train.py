@@ -13,9 +13,10 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import diffexp
-from diffexp import models
 from diffexp.errors import DiffexpError
-from diffexp.train import checkpoints, new_trainer, resume_trainer, snr_weights, train
+from diffexp.sampling import models
+from diffexp.training.loop import train
+from diffexp.training.trainer import checkpoints, new_trainer, resume_trainer, snr_weights
 
 # a UNet small enough to train a few steps in a second on a CPU
 TINY = [
@@ -39,7 +40,7 @@ def train_cfg(*overrides: str):
 
 def test_training_steps_lower_the_loss_on_a_fixed_batch() -> None:
     trainer = new_trainer(train_cfg("lr=0.003", "lr_schedule=constant"), torch.device("cpu"))
-    batch = diffexp.ideal.digits_images(16)[:32]
+    batch = diffexp.sampling.ideal.digits_images(16)[:32]
     state = torch.Generator().manual_seed(123).get_state()
 
     def fixed_loss() -> float:
@@ -68,7 +69,7 @@ def test_min_snr_weights_are_min_snr_gamma_over_snr() -> None:
 @pytest.mark.parametrize("gamma", ["null", "5"])
 def test_snr_gamma_weights_the_per_sample_loss(gamma: str) -> None:
     trainer = new_trainer(train_cfg(f"snr_gamma={gamma}"), torch.device("cpu"))
-    batch = diffexp.ideal.digits_images(16)[:32]
+    batch = diffexp.sampling.ideal.digits_images(16)[:32]
     trainer.generator.manual_seed(7)
     with torch.no_grad():
         loss = trainer.loss(batch)
@@ -155,7 +156,7 @@ def test_shipped_weights_are_small_safetensors_with_a_card() -> None:
     assert weights.stat().st_size <= 10 * 2**20
     assert (folder / "scheduler/scheduler_config.json").is_file() and (folder / "README.md").is_file()
     config = json.loads((folder / "scheduler/scheduler_config.json").read_text())
-    for key, value in diffexp.ideal.DDPM_SCHEDULER_CONFIG.items():
+    for key, value in diffexp.sampling.ideal.DDPM_SCHEDULER_CONFIG.items():
         if key != "_class_name":
             assert config[key] == value, key  # the noise schedule of digits-ideal
 
@@ -195,9 +196,9 @@ def test_cli_error_exits_without_traceback(tmp_path: Path) -> None:
 
 
 def test_digits_quality_tells_digits_from_noise_and_copies() -> None:
-    from diffexp.digits_quality import digits_quality
+    from diffexp.metrics.digits_quality import digits_quality
 
-    real = diffexp.ideal.digits_images(32)[::28][:64]
+    real = diffexp.sampling.ideal.digits_images(32)[::28][:64]
     q = digits_quality(real)
     assert q["classes_present"] == 10 and q["nn_distance_median"] == 0.0  # copies sit at distance 0
     noise = digits_quality(torch.randn(64, 1, 32, 32).clamp(-1, 1))
@@ -208,7 +209,7 @@ def test_digits_quality_tells_digits_from_noise_and_copies() -> None:
 def test_training_logs_loss_and_samples_to_wandb_through_the_logger_config(tmp_path: Path) -> None:
     import wandb
 
-    from diffexp.wandb_reader import OfflineRun
+    from diffexp.tracking.reader import OfflineRun
 
     cfg = train_cfg("steps=4", "log_every=2", "sample_every=4", "sample_batch=2", "sample_steps=2",
                     "logger=wandb", "logger.mode=offline")  # fmt: skip

@@ -13,8 +13,10 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 from wandb.sdk.launch.sweeps import utils as sweep_utils
 
-from diffexp.runner import CONFIG_DIR, compose
-from diffexp.schedulers import split_options
+from diffexp.config import compose, config_dir
+from diffexp.sampling.schedulers import split_options
+
+CONFIG_DIR = config_dir()
 
 SWEEP_FILES = sorted((CONFIG_DIR / "wandb").glob("*.yaml"))
 

@@ -1,0 +1,197 @@
+"""The scheduler catalog: what each ``configs/scheduler/*.yaml`` declares, and the names of runs.
+
+A scheduler file holds its diffexp ``name``, three declarations and the options people compare:
+- ``diffusers_class``: the diffusers class it builds;
+- ``stochastic``: whether it injects fresh noise (an interpolation of its options where that depends on them);
+- ``theory_order``: the global order of accuracy that theory gives its ODE solver (null: none).
+
+Everything else in the file is an option of the class. Adding a scheduler is adding a file: the tables here are
+read from the files. Classes that cannot drive a DDPM-style UNet are refused, with the reason.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from diffexp.config import config_dir
+from diffexp.errors import DiffexpError
+
+DECLARED = ("name", "diffusers_class", "stochastic", "theory_order")  # keys of a scheduler file that are no options
+
+# diffusers schedulers that cannot drive such a model, and why
+REFUSED: dict[str, str] = {
+    "EDMEulerScheduler": "it uses EDM timestep and output scaling",
+    "EDMDPMSolverMultistepScheduler": "it uses EDM timestep and output scaling",
+    "IPNDMScheduler": "it expects continuous time in [0, 1]",
+    "LCMScheduler": "it is only for consistency-distilled models",
+    "TCDScheduler": "it is only for trajectory-consistency-distilled models",
+    "ScoreSdeVeScheduler": "it is a variance-exploding score-SDE sampler",
+    "CMStochasticIterativeScheduler": "it is only for consistency models",
+    "RePaintScheduler": "it inpaints and needs a mask",
+    "UnCLIPScheduler": "it is specific to unCLIP",
+    "FlowMatchEulerDiscreteScheduler": "it is for flow-matching models",
+    "FlowMatchHeunDiscreteScheduler": "it is for flow-matching models",
+    "FlowMatchLCMScheduler": "it is for flow-matching models",
+    "CogVideoXDDIMScheduler": "it is specific to CogVideoX",
+    "CogVideoXDPMScheduler": "it is specific to CogVideoX",
+    "DDIMInverseScheduler": "it inverts images into noise",
+    "DPMSolverMultistepInverseScheduler": "it inverts images into noise",
+    "AmusedScheduler": "it samples discrete tokens",
+    "VQDiffusionScheduler": "it samples discrete tokens",
+}
+# short names people try for the refused ones
+REFUSED_NAMES: dict[str, str] = {
+    "edm-euler": "EDMEulerScheduler",
+    "edm-dpmsolver": "EDMDPMSolverMultistepScheduler",
+    "ipndm": "IPNDMScheduler",
+    "lcm": "LCMScheduler",
+    "tcd": "TCDScheduler",
+    "score-sde-ve": "ScoreSdeVeScheduler",
+    "consistency": "CMStochasticIterativeScheduler",
+    "repaint": "RePaintScheduler",
+    "unclip": "UnCLIPScheduler",
+    "flow-match-euler": "FlowMatchEulerDiscreteScheduler",
+    "flow-match-heun": "FlowMatchHeunDiscreteScheduler",
+    "ddim-inverse": "DDIMInverseScheduler",
+}
+# the loop passes these itself; they are never options
+LOOP_ARGS = {"self", "model_output", "timestep", "sample", "generator", "variance_noise", "return_dict"}
+# configuration that belongs to the model, not to a scheduler comparison
+MODEL_KEYS = {"num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas"}
+
+
+@dataclass(frozen=True)
+class SchedulerFile:
+    """One ``configs/scheduler/<name>.yaml``: its declarations and its options, unresolved."""
+
+    name: str
+    diffusers_class: str
+    path: Path
+
+    def spec(self, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """The file's contents with ``overrides`` on top, interpolations resolved."""
+        merged = OmegaConf.merge(OmegaConf.load(self.path), dict(overrides or {}))
+        return OmegaConf.to_container(merged, resolve=True)  # type: ignore[return-value]
+
+
+@functools.cache
+def scheduler_files() -> dict[str, SchedulerFile]:
+    """Every scheduler file of the package's configs, by name."""
+    files = {}
+    for path in sorted((config_dir() / "scheduler").glob("*.yaml")):
+        node = OmegaConf.load(path)
+        files[str(node.name)] = SchedulerFile(str(node.name), str(node.diffusers_class), path)
+    return files
+
+
+def valid_names() -> str:
+    return ", ".join(scheduler_files())
+
+
+def class_name_of(name: str, declared: str | None = None) -> str:
+    """The diffusers class of scheduler ``name``: its file's, else ``declared`` (a file on another config path)."""
+    if name in REFUSED_NAMES or (declared or name) in REFUSED:
+        class_name = REFUSED_NAMES.get(name) or declared or name
+        raise DiffexpError(
+            f"Scheduler '{name}' ({class_name}) cannot drive an epsilon-prediction UNet2DModel: "
+            f"{REFUSED[class_name]}. Valid schedulers are: {valid_names()}."
+        )
+    known = scheduler_files().get(name)
+    class_name = known.diffusers_class if known else declared
+    if not class_name:
+        raise DiffexpError(f"Unknown scheduler '{name}'. Valid schedulers are: {valid_names()}.")
+    return class_name
+
+
+def resolve_class(name: str, declared: str | None = None) -> type:
+    """The diffusers scheduler class of ``name``, or a clear refusal that lists the valid names."""
+    import diffusers
+    from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
+    class_name = class_name_of(name, declared)
+    cls = getattr(diffusers, class_name, None)
+    if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
+        raise DiffexpError(
+            f"Scheduler '{name}' declares diffusers_class: {class_name}, which is no diffusers scheduler class."
+        )
+    return cls
+
+
+def option_signatures(cls: type) -> tuple[dict[str, inspect.Parameter], dict[str, inspect.Parameter]]:
+    """The options a class accepts: its config (``__init__``) and its per-step arguments (``step``)."""
+    init = {k: p for k, p in inspect.signature(cls.__init__).parameters.items() if k not in LOOP_ARGS}
+    step = {k: p for k, p in inspect.signature(cls.step).parameters.items() if k not in LOOP_ARGS}
+    return init, step
+
+
+def options_of(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """A scheduler node without its declarations: the options to build the class with."""
+    return {k: v for k, v in spec.items() if k not in DECLARED}
+
+
+def non_default_options(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """The options of ``spec`` that differ from the diffusers class default ({} for an unknown scheduler)."""
+    try:
+        init, step = option_signatures(resolve_class(str(spec.get("name")), spec.get("diffusers_class")))
+    except DiffexpError:
+        return {}
+    params = {**init, **step}
+    return {
+        k: v
+        for k, v in options_of(spec).items()
+        if k in params and v is not None and v != params[k].default and k not in MODEL_KEYS
+    }
+
+
+# short words for the options people compare; the rest are spelled key-value
+_TAGS = {
+    "use_karras_sigmas": "karras",
+    "use_exponential_sigmas": "exponential",
+    "use_beta_sigmas": "beta",
+    "use_lu_lambdas": "lu",
+    "skip_prk_steps": "plms",
+    "thresholding": "thresholding",
+}
+_VALUE_ONLY = ("algorithm_type", "timestep_spacing", "solver_type")
+
+
+def scheduler_label(spec: Mapping[str, Any]) -> str:
+    """A name that says what a scheduler is: ``ddim``, ``dpmsolver-karras``, ``ddim-eta1`` ...
+
+    Only options that differ from the class default appear, so a row named "karras" really is Karras.
+    """
+    parts = [str(spec.get("name"))]
+    for key, value in non_default_options(spec).items():
+        short = key.replace("_", "")
+        if key in _TAGS and value is True:
+            parts.append(_TAGS[key])
+        elif key in _VALUE_ONLY:
+            parts.append(str(value))
+        elif isinstance(value, bool):
+            parts.append(f"{short}{'on' if value else 'off'}")
+        else:
+            parts.append(f"{short}{value:g}" if isinstance(value, float) else f"{short}{value}")
+    return "-".join(parts)
+
+
+def run_label(spec: Mapping[str, Any], steps: int) -> str:
+    """What a run is: the scheduler label and the steps, e.g. ``dpmsolver-karras-20``."""
+    return f"{scheduler_label(spec)}-{steps}"
+
+
+def _run_label_resolver(scheduler: Any, steps: int) -> str:
+    return run_label(OmegaConf.to_container(scheduler, resolve=True), steps)  # type: ignore[arg-type]
+
+
+if not OmegaConf.has_resolver("run_label"):  # hydra.run.dir and hydra.sweep.subdir name runs with it
+    OmegaConf.register_new_resolver("run_label", _run_label_resolver)
+
+
+SCHEDULERS: dict[str, str] = {name: f.diffusers_class for name, f in scheduler_files().items()}  # name -> class

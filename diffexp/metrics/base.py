@@ -1,0 +1,73 @@
+"""The metric contract: what a metric computes, when, and which way is better.
+
+A metric is prepared before sampling starts (a reference solve, a feature network: never timed as sampling),
+adds values to every snapshot's record and to the final metrics, and declares the keys it writes with their
+direction. The report and W&B read the declarations, so a new metric appears there by itself.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from omegaconf import DictConfig
+
+from diffexp.config import MetricsConfig
+from diffexp.sampling.experiment import Experiment
+from diffexp.sampling.loop import StepState
+
+Better = Literal["lower", "higher"]
+
+
+@dataclass(frozen=True)
+class Key:
+    """A value a metric writes: in the final metrics (``final``) or in every snapshot's record (``snapshot``)."""
+
+    name: str
+    better: Better | None = None  # set for a quality axis that the report plots against cost
+    when: Literal["final", "snapshot"] = "final"
+
+
+@dataclass
+class Context:
+    """What every metric of a run shares: the run, its metrics config and what earlier metrics prepared."""
+
+    cfg: DictConfig
+    exp: Experiment
+    mcfg: MetricsConfig | DictConfig
+    cache_dir: Path
+    progress: bool
+    reference: Any = None  # diffexp.metrics.reference.Reference, once a metric has solved it
+
+
+class Metric(ABC):
+    """One family of values. ``enabled`` decides from the config; the constructor prepares, before the clock."""
+
+    keys: ClassVar[tuple[Key, ...]]
+
+    @classmethod
+    @abstractmethod
+    def enabled(cls, ctx: Context) -> bool: ...
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+
+    def snapshot(self, state: StepState) -> dict[str, Any]:
+        """Values for this snapshot's record (``when="snapshot"`` keys)."""
+        return {}
+
+    @abstractmethod
+    def final(self, final: StepState) -> dict[str, Any]:
+        """Values for metrics.json and the W&B summary."""
+
+
+def quality_keys(metrics: Sequence[type[Metric]]) -> dict[str, Better]:
+    """Every final key with a direction, in declaration order: the report's quality axes."""
+    return {k.name: k.better for m in metrics for k in m.keys if k.better is not None and k.when == "final"}
+
+
+def snapshot_keys(metrics: Sequence[type[Metric]]) -> list[str]:
+    return [k.name for m in metrics for k in m.keys if k.when == "snapshot"]

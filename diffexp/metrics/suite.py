@@ -1,0 +1,36 @@
+"""The metrics of a run: every metric its config switches on, prepared before sampling starts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from diffexp.config import MetricsConfig
+from diffexp.metrics.agreement import ReferenceAgreement
+from diffexp.metrics.base import Context, Metric, quality_keys
+from diffexp.metrics.fid import FidKid
+from diffexp.metrics.landing import Landing
+from diffexp.metrics.scheduler_flags import SchedulerFlags
+from diffexp.sampling.experiment import Experiment
+from diffexp.sampling.loop import StepState
+
+# in the order they are prepared: the reference (which landing uses) before the others
+METRICS: tuple[type[Metric], ...] = (SchedulerFlags, ReferenceAgreement, Landing, FidKid)
+QUALITY = quality_keys(METRICS)  # final keys with a direction: the report's quality axes
+
+
+class RunMetrics:
+    """The enabled metrics of one run; ``snapshot`` and ``final`` give what to add to the records."""
+
+    def __init__(self, cfg: DictConfig, exp: Experiment, progress: bool = False) -> None:
+        mcfg = cfg.get("metrics") or OmegaConf.structured(MetricsConfig)
+        ctx = Context(cfg, exp, mcfg, Path(mcfg.cache_dir).expanduser(), progress)
+        self.metrics = [m(ctx) for m in METRICS if m.enabled(ctx)]
+
+    def snapshot(self, state: StepState) -> dict[str, Any]:
+        return {k: v for m in self.metrics for k, v in m.snapshot(state).items()}
+
+    def final(self, final: StepState) -> dict[str, Any]:
+        return {k: v for m in self.metrics for k, v in m.final(final).items()}

@@ -1,0 +1,166 @@
+"""The jobs of a sweep as the report sees them: one ``Job`` per job folder or planned job, each with its row label.
+
+A row is the scheduler label plus every other setting that varies across the sweep; the columns of the grid are
+step counts, so (row, steps) names a cell.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import yaml
+from omegaconf import OmegaConf
+
+from diffexp.catalog import non_default_options, scheduler_label
+from diffexp.config import compose
+from diffexp.errors import DiffexpError
+from diffexp.folders import (
+    METRICS_FILE,
+    NOT_RUN,
+    RunStatus,
+    job_folders,
+    read_json,
+    read_plan,
+    read_status_record,
+)
+
+
+@dataclass
+class Job:
+    """One job folder of a sweep (or a planned job that never started)."""
+
+    folder: Path | None
+    num: int
+    status: str  # a RunStatus value, or NOT_RUN
+    config: dict[str, Any]
+    metrics: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+    row: str = ""  # the scheduler label, plus the settings that vary across the sweep
+
+    @property
+    def scheduler(self) -> str:
+        return str(self.config["scheduler"]["name"])
+
+    @property
+    def steps(self) -> int:
+        return int(self.config["steps"])
+
+    @property
+    def finished(self) -> bool:
+        return self.status == RunStatus.finished
+
+    @property
+    def failed(self) -> bool:
+        """Failed or interrupted: it started and did not finish (unlike a job still running or never run)."""
+        return self.status in (RunStatus.failed, RunStatus.interrupted)
+
+    def samples(self) -> np.ndarray | None:
+        path = self.folder / "samples.npy" if self.folder else None
+        return np.load(path) if path and path.exists() else None
+
+    def value(self, key: str) -> float | None:
+        """A finite number from metrics.json, else None."""
+        v = self.metrics.get(key)
+        return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
+
+
+def load_jobs(sweep_dir: Path) -> list[Job]:
+    """Every job of a sweep in job order, with its row label; planned jobs without a folder are 'not run'."""
+    sweep_dir = Path(sweep_dir)
+    if not sweep_dir.is_dir():
+        raise DiffexpError(f"{sweep_dir} is not a folder. Pass the folder of a sweep, e.g. outputs/sweeps/<date>/<id>.")
+    jobs = [load_job(folder) for folder in job_folders(sweep_dir)]
+    jobs += not_started(sweep_dir, {j.num for j in jobs})
+    if not jobs:
+        raise DiffexpError(
+            f"{sweep_dir} holds no sweep jobs (no */.hydra/hydra.yaml). Pass the folder a multirun wrote, "
+            "e.g. outputs/sweeps/<date>/<time>-<id>."
+        )
+    jobs.sort(key=lambda j: j.num)
+    label_rows(jobs)
+    return jobs
+
+
+def load_job(folder: Path) -> Job:
+    """A job folder: its config, status, error and (once finished) metrics."""
+    hydra_cfg = yaml.safe_load((folder / ".hydra" / "hydra.yaml").read_text())
+    num = int(hydra_cfg["hydra"]["job"].get("num") or 0)
+    resolved = folder / "config.yaml"  # written when sampling starts; Hydra's record otherwise
+    config = yaml.safe_load((resolved if resolved.exists() else folder / ".hydra" / "config.yaml").read_text())
+    record = read_status_record(folder) or {}
+    status = str(record.get("status") or NOT_RUN)
+    metrics = (read_json(folder / METRICS_FILE) or {}) if status == RunStatus.finished else {}
+    return Job(folder, num, status, config, metrics, record.get("error"))
+
+
+def not_started(sweep_dir: Path, seen: set[int]) -> list[Job]:
+    """Planned jobs (sweep.json) that have no folder: an interrupted sweep's remainder."""
+    planned = read_plan(sweep_dir).get("jobs") or []
+    jobs = []
+    for num, overrides in enumerate(planned):
+        if num in seen:
+            continue
+        try:
+            config = OmegaConf.to_container(compose(overrides), resolve=True, enum_to_str=True)
+        except Exception as err:  # configs changed since: still list the job
+            config = {"scheduler": {"name": " ".join(overrides)}, "steps": 0}
+            jobs.append(Job(None, num, NOT_RUN, config, error=f"cannot compose {overrides}: {err}"))
+            continue
+        jobs.append(Job(None, num, NOT_RUN, config, error="the sweep stopped before this job started"))
+    return jobs
+
+
+def _flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config as dotted keys."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping):
+            out |= _flat(v, f"{prefix}{k}.")
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def label_rows(jobs: Sequence[Job]) -> None:
+    """Row = scheduler label (its non-default options) plus any other setting that varies across the sweep."""
+    flats = [
+        {k: v for k, v in _flat(j.config).items() if not k.startswith("scheduler.") and k not in ("steps", "progress")}
+        for j in jobs
+    ]
+    keys = sorted({k for f in flats for k in f})
+    varying = [k for k in keys if len({json.dumps(f.get(k), default=str) for f in flats}) > 1]
+    for job, flat in zip(jobs, flats, strict=True):
+        extra = [f"{k}={flat.get(k)}" for k in varying]
+        job.row = " ".join([scheduler_label(job.config["scheduler"]), *extra])
+
+
+_label_rows = label_rows  # the name tests/test_report.py imports
+
+
+def options_text(scheduler: Mapping[str, Any]) -> str:
+    """The options that differ from the diffusers class default, as key=value."""
+    return ", ".join(f"{k}={v}" for k, v in non_default_options(scheduler).items())
+
+
+class Layout(NamedTuple):
+    """The grid of a sweep: rows (in job order), step counts (ascending) and the job shown in each cell."""
+
+    rows: list[str]
+    steps: list[int]
+    cells: dict[tuple[str, int], Job]
+
+
+def layout(jobs: Sequence[Job]) -> Layout:
+    rows = list(dict.fromkeys(j.row for j in jobs))
+    steps = sorted({j.steps for j in jobs})
+    cells: dict[tuple[str, int], Job] = {}
+    for j in jobs:  # a later attempt of the same cell wins only if it finished
+        if (j.row, j.steps) not in cells or j.finished:
+            cells[(j.row, j.steps)] = j
+    return Layout(rows, steps, cells)

@@ -1,0 +1,96 @@
+"""The table of a sweep's runs: one row per job in grid order, written as CSV and Markdown."""
+
+from __future__ import annotations
+
+import csv
+import textwrap
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from diffexp.report.jobs import Job, layout, options_text
+
+MEASURES = ("nfe", "wall_s", "images_per_s", "peak_mem_mb")  # metrics.json keys every finished run holds
+HIDDEN = ("folder", "samples")  # columns for programs (W&B, report.json), not for readers
+
+# column -> header for readers; other columns are headed by their key
+HEADERS = {
+    "scheduler": "scheduler",
+    "options": "options",
+    "steps": "steps",
+    "nfe": "NFE",
+    "wall_s": "time (s)",
+    "images_per_s": "images/s",
+    "peak_mem_mb": "memory (MB)",
+    "status": "status",
+    "error": "error",
+}
+
+
+def table_rows(jobs: Sequence[Job], quality: Sequence[str], sweep_dir: Path) -> tuple[list[str], list[dict[str, Any]]]:
+    """The columns, and one row per job in grid order; ``samples`` is the run's samples.png relative to
+    ``sweep_dir``, or None for a run that did not finish."""
+    columns = ["scheduler", "options", "steps", *MEASURES, *quality, "status", "error", *HIDDEN]
+    rows_order, steps_order, _ = layout(jobs)
+    ordered = sorted(jobs, key=lambda j: (rows_order.index(j.row), steps_order.index(j.steps), j.num))
+    rows = []
+    for j in ordered:
+        samples = j.folder / "samples.png" if j.folder and j.finished else None
+        rows.append(
+            {
+                "scheduler": j.row,
+                "options": options_text(j.config["scheduler"]),
+                "steps": j.steps,
+                **{k: j.metrics.get(k) for k in (*MEASURES, *quality)},
+                "status": j.status,
+                "error": j.error or "",
+                "folder": j.folder.name if j.folder else "",
+                "samples": str(samples.relative_to(sweep_dir)) if samples and samples.exists() else None,
+            }
+        )
+    return columns, rows
+
+
+def format_value(key: str, v: Any) -> str:
+    """A cell as text: times to 3 digits, memory in whole MB, other floats to 4 digits, None empty."""
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        if key == "wall_s":
+            return f"{v:.3g}"
+        if key == "peak_mem_mb":
+            return f"{v:.0f}"
+        return f"{v:.4g}"
+    return str(v)
+
+
+def shown_columns(columns: Sequence[str]) -> list[str]:
+    """The columns a reader sees."""
+    return [c for c in columns if c not in HIDDEN]
+
+
+def write_csv(path: Path, columns: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> Path:
+    """Every column, numbers unrounded, None as empty."""
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(columns))
+        w.writeheader()
+        w.writerows({k: ("" if r[k] is None else r[k]) for k in columns} for r in rows)
+    return path
+
+
+def markdown_table(columns: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> str:
+    """The shown columns as a Markdown table, errors shortened and pipes escaped."""
+    shown = shown_columns(columns)
+
+    def cell(c: str, v: Any) -> str:
+        text = textwrap.shorten(format_value(c, v), 80, placeholder=" …") if c == "error" else format_value(c, v)
+        return text.replace("|", "\\|")
+
+    lines = ["| " + " | ".join(HEADERS.get(c, c) for c in shown) + " |", "|" + "---|" * len(shown)]
+    lines += ["| " + " | ".join(cell(c, r[c]) for c in shown) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_markdown(path: Path, columns: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> Path:
+    path.write_text(markdown_table(columns, rows))
+    return path

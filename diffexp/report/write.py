@@ -1,0 +1,102 @@
+"""The comparison report of a sweep, written into the sweep folder: python scripts/compare.py SWEEP_DIR
+
+- ``report/grid.png``: rows are schedulers (with options), columns are step counts, each cell the first samples
+  of that run (same seeds everywhere), captioned with NFE and sampling time; failed cells are marked.
+- ``report/trajectories.png``: per scheduler, x0 at each snapshot of its longest run ("step k of N").
+- ``report/<metric>.png|svg``: each quality metric against NFE and against wall time, one line per scheduler, with
+  the Pareto front; ``report/cost.png|svg``: wall time against NFE.
+- ``report/table.csv``, ``report/table.md``, ``report/report.json``: one row per job.
+- ``report.html``: all of the above in one offline page (images embedded as data URIs).
+
+Quality metrics are whichever of the declared ones (``diffexp.metrics.suite.QUALITY``) the runs' metrics.json
+hold, so the report works with any metrics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from matplotlib.figure import Figure
+
+from diffexp.folders import write_json
+from diffexp.metrics.base import Better
+from diffexp.metrics.suite import QUALITY
+from diffexp.report.grid import grid_figure, trajectory_figure
+from diffexp.report.jobs import Job, load_jobs
+from diffexp.report.page import render_page, summary
+from diffexp.report.plots import cost_figure, quality_figure
+from diffexp.report.tables import table_rows, write_csv, write_markdown
+
+REPORT_DIR = "report"  # in the sweep folder: the figures and tables
+HTML_FILE = "report.html"  # in the sweep folder: the page
+
+
+@dataclass
+class Report:
+    """What was written, and the table ready for ``wandb.Table(columns=report.columns, data=report.table_data())``
+    once the ``samples`` column (the run's samples.png relative to ``sweep_dir``, or None for a run that did not
+    finish) is wrapped in ``wandb.Image``; the figures are in ``files``."""
+
+    sweep_dir: Path
+    jobs: list[Job]
+    quality: dict[str, Better]  # the quality keys present in these runs, and which way is better
+    columns: list[str]
+    rows: list[dict[str, Any]]
+    files: dict[str, Path]
+
+    @property
+    def html(self) -> Path:
+        return self.files["html"]
+
+    @property
+    def failed(self) -> list[Job]:
+        return [j for j in self.jobs if not j.finished]
+
+    def table_data(self) -> list[list[Any]]:
+        return [[row[c] for c in self.columns] for row in self.rows]
+
+
+def _save(fig: Figure, path: Path, svg: bool = False) -> Path:
+    """The figure as PNG at ``path`` (and SVG beside it)."""
+    fig.savefig(path, facecolor="white")
+    if svg:
+        fig.savefig(path.with_suffix(".svg"), facecolor="white")
+    return path
+
+
+def _figures(jobs: list[Job], quality: Mapping[str, Better], title: str, out: Path) -> dict[str, Path]:
+    """Every figure as a PNG in ``out``, by name: grid, each quality key, cost and (if saved) trajectories."""
+    images = {"grid": _save(grid_figure(jobs, list(quality), title), out / "grid.png")}
+    for key, better in quality.items():
+        images[key] = _save(quality_figure(jobs, key, better), out / f"{key}.png", svg=True)
+    images["cost"] = _save(cost_figure(jobs), out / "cost.png", svg=True)
+    strips = trajectory_figure(jobs)
+    if strips is not None:
+        images["trajectories"] = _save(strips, out / "trajectories.png")
+    return images
+
+
+def write_report(sweep_dir: Path, quality: Mapping[str, Better] = QUALITY) -> Report:
+    """Write every part of the report into ``sweep_dir``; ``quality`` maps metrics.json keys to their direction."""
+    sweep_dir = Path(sweep_dir).resolve()
+    jobs = load_jobs(sweep_dir)
+    present = {k: b for k, b in quality.items() if any(j.value(k) is not None for j in jobs if j.finished)}
+    out = sweep_dir / REPORT_DIR
+    out.mkdir(exist_ok=True)
+    title = f"Scheduler comparison: {summary(jobs)['model']}"
+    images = _figures(jobs, present, title, out)
+    columns, rows = table_rows(jobs, list(present), sweep_dir)
+    files = {**images, "csv": write_csv(out / "table.csv", columns, rows)}
+    files["md"] = write_markdown(out / "table.md", columns, rows)
+    report = Report(sweep_dir, jobs, present, columns, rows, files)
+    page = render_page(
+        sweep_dir=sweep_dir, jobs=jobs, quality=present, columns=columns, rows=rows, images=images, title=title,
+        searched=list(quality),
+    )  # fmt: skip
+    files["html"] = sweep_dir / HTML_FILE
+    files["html"].write_text(page)
+    write_json(out / "report.json", {"quality": present, "columns": columns, "rows": rows})
+    return report

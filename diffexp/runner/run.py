@@ -1,0 +1,112 @@
+"""One run: prepare what the config names, build its observers, drive the loop and record the summary.
+
+``diffexp.prepare`` builds everything (also for notebooks); ``run`` samples and tells the observers.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from diffexp.errors import DiffexpError
+from diffexp.folders import mark_failed
+from diffexp.metrics.suite import RunMetrics
+from diffexp.runner.folder import RunFiles
+from diffexp.runner.observers import Observer, RunInfo
+from diffexp.runner.summary import environment, run_summary, snapshot_record
+from diffexp.sampling.device import reset_peak_memory
+from diffexp.sampling.experiment import Experiment, prepare
+from diffexp.sampling.loop import StepState
+
+log = logging.getLogger("diffexp")
+
+
+def build_observers(cfg: DictConfig) -> list[Observer]:
+    """The config's ``observers``, in order; the run folder (``RunFiles``) must be among them."""
+    built = []
+    for name, node in (cfg.get("observers") or {}).items():
+        if node is None:
+            continue
+        try:
+            observer = instantiate(node)
+        except Exception as err:  # Hydra wraps import and constructor errors
+            raise DiffexpError(f"observers.{name} could not be built: {err}") from None
+        if not isinstance(observer, Observer):
+            raise DiffexpError(f"observers.{name} is a {type(observer).__name__}, not a diffexp Observer.")
+        built.append(observer)
+    if not any(isinstance(o, RunFiles) for o in built):
+        raise DiffexpError(
+            "observers.files (diffexp.runner.folder.RunFiles) is missing: the run folder is the source of truth "
+            "of a run, so it cannot be removed."
+        )
+    return built
+
+
+def run_info(exp: Experiment, out_dir: Path) -> RunInfo:
+    return RunInfo(
+        cfg=exp.cfg,
+        config=OmegaConf.to_container(exp.cfg, resolve=True),
+        out_dir=Path(out_dir),
+        label=exp.label,
+        model=exp.loaded,
+        scheduler=exp.built,
+        device=exp.device,
+        dtype=exp.dtype,
+        total_calls=exp.total_calls,
+        environment=environment(exp.device),
+    )
+
+
+def drive(exp: Experiment, measures: RunMetrics, observers: Sequence[Observer]) -> StepState:
+    """The loop, with every call and snapshot handed to the observers; returns the last state."""
+    final = previous = None
+    snapshots = 0
+    for state in exp.steps():
+        for o in observers:
+            o.call(state)
+        if state.snapshot:
+            record = snapshot_record(state, previous, snapshots) | measures.snapshot(state)
+            for o in observers:
+                o.snapshot(state, record)
+            previous, snapshots = state, snapshots + 1
+        final = state
+    assert final is not None
+    return final
+
+
+def run(cfg: DictConfig, out_dir: Path, observers: Sequence[Observer] = ()) -> dict[str, Any]:
+    """Sample once as ``cfg`` says, writing the run folder ``out_dir``; returns the metrics."""
+    try:
+        exp = prepare(cfg)
+        everyone = [*build_observers(cfg), *observers]
+        measures = RunMetrics(cfg, exp, cfg.progress)  # reference solve, feature network: before the clock
+    except BaseException as err:
+        mark_failed(Path(out_dir), err)
+        raise
+    for warning in exp.built.warnings:
+        log.warning(warning)
+    reset_peak_memory(exp.device)
+    info = run_info(exp, out_dir)
+    error: BaseException | None = None
+    try:
+        for o in everyone:
+            o.start(info)
+        final = drive(exp, measures, everyone)
+        metrics = run_summary(exp, final, info.environment) | measures.final(final)
+        for o in everyone:
+            o.finish(final, metrics)
+        return metrics
+    except BaseException as err:
+        error = err
+        raise
+    finally:
+        for o in reversed(everyone):
+            try:
+                o.close(error)
+            except Exception as close_err:  # one observer's failure must not hide the run's own error
+                log.warning("observer %s failed to close: %s", type(o).__name__, close_err)

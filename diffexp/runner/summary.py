@@ -1,0 +1,76 @@
+"""What a run records: the scalars of each snapshot and the summary of a finished run (metrics.json)."""
+
+from __future__ import annotations
+
+import platform
+from typing import Any
+
+import diffusers
+import torch
+
+from diffexp.config import Precision
+from diffexp.sampling.device import device_name, peak_memory_mb
+from diffexp.sampling.experiment import Experiment
+from diffexp.sampling.loop import StepState
+
+
+def snapshot_record(state: StepState, previous: StepState | None, index: int) -> dict[str, Any]:
+    """The scalars of one snapshot, computed once for every observer."""
+    record: dict[str, Any] = {
+        "index": index,
+        "step": state.step,
+        "num_steps": state.num_steps,
+        "nfe": state.nfe,
+        "timestep": state.timestep,
+        "sigma": state.sigma,
+        "elapsed_s": state.elapsed_s,
+    }
+    for name, v in (("x", state.x), ("x0", state.x0)):
+        v = v.float()
+        record |= {
+            f"{name}_mean": v.mean().item(),
+            f"{name}_std": v.std().item(),
+            f"{name}_min": v.min().item(),
+            f"{name}_max": v.max().item(),
+        }
+    if previous is not None:
+        record["x0_change"] = (state.x0.float() - previous.x0.float()).pow(2).mean().sqrt().item()
+        record["step_s"] = (state.elapsed_s - previous.elapsed_s) / max(state.step - previous.step, 1)
+    else:
+        record["x0_change"] = None
+        record["step_s"] = state.elapsed_s / max(state.step, 1)
+    return record
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    return {
+        "device": str(device),
+        "device_name": device_name(device),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def run_summary(exp: Experiment, final: StepState, env: dict[str, Any]) -> dict[str, Any]:
+    """Cost, settings and versions of a finished run; the metrics add their values to it."""
+    cfg = exp.cfg
+    return {
+        "status": "finished",
+        "label": exp.label,
+        "steps": cfg.steps,
+        "nfe": final.nfe,
+        "wall_s": final.elapsed_s,
+        "images_per_s": cfg.batch_size / final.elapsed_s,
+        "load_s": exp.loaded.load_s,
+        "peak_mem_mb": peak_memory_mb(exp.device),
+        "batch_size": cfg.batch_size,
+        "seed": cfg.seed,
+        "precision": Precision(cfg.precision).value,
+        "model": {"name": exp.loaded.name, "id": exp.loaded.id, "revision": exp.loaded.revision},
+        "scheduler": exp.built.effective_config(),
+        "scheduler_name": exp.built.name,
+        "scheduler_options": exp.built.options,
+        "warnings": exp.built.warnings,
+        **env,
+    }

@@ -1,0 +1,170 @@
+"""The sampling loop: one contract for every diffusers scheduler.
+
+``iter_steps`` is the book's loop made right for every scheduler (fresh ``set_timesteps``, ``init_noise_sigma``,
+``scale_model_input``, several model calls per step, stochastic steps) and yields a ``StepState`` after each
+model call. ``sample`` runs it to the end and hands each state to a callback, so logging never touches the maths.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from diffusers import PNDMScheduler
+from diffusers.utils.torch_utils import randn_tensor
+
+from diffexp.errors import NonFiniteError
+from diffexp.sampling.device import synchronize
+from diffexp.sampling.noise import log_sigmas, sigma_at
+
+
+@dataclass
+class StepState:
+    """What the loop knows after one model call; x and x0 are the loop's own tensors, never to be modified."""
+
+    nfe: int  # model calls so far
+    step: int  # full steps completed (a second-order step counts once)
+    num_steps: int
+    timestep: float  # the timestep the model was called at
+    sigma: float  # its noise level, sqrt((1 - alpha_bar) / alpha_bar)
+    x: torch.Tensor  # the sample after this call
+    x0: torch.Tensor  # the predicted clean image at this call
+    full_step: bool  # a full step ended here
+    snapshot: bool  # a full step on the log_every grid, or the last call
+    last: bool
+    elapsed_s: float  # sampling time so far, device synchronised, callbacks excluded
+    call_s: float  # time of this call
+
+
+class CountingModel(torch.nn.Module):
+    """Counts model calls (NFE) and casts to the model's precision; the loop itself stays in float32."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.calls = 0
+        self.dtype = getattr(model, "dtype", None) or next((p.dtype for p in model.parameters()), torch.float32)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        out = self.model(x.to(self.dtype), t)
+        out = out.sample if hasattr(out, "sample") else out
+        return out.float()
+
+
+def initial_noise(
+    shape: Sequence[int], seed: int, batch_size: int, device: torch.device
+) -> tuple[torch.Tensor, list[torch.Generator]]:
+    """Sample k's noise comes from its own CPU generator seeded ``seed + k``: the same whatever the batch or device.
+
+    Returns the noise on ``device`` and the generators, which then drive every stochastic step.
+    """
+    generators = [torch.Generator("cpu").manual_seed(seed + k) for k in range(batch_size)]
+    noise = randn_tensor((batch_size, *shape), generator=generators, device=torch.device("cpu"), dtype=torch.float32)
+    return noise.to(device), generators
+
+
+def predicted_x0(scheduler: Any, out: Any, x: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """x0 as the scheduler sees it: its own ``pred_original_sample``, else derived in its parameterisation."""
+    x0 = getattr(out, "pred_original_sample", None)
+    if x0 is not None:
+        return x0
+    if hasattr(scheduler, "_sigma_to_alpha_sigma_t"):
+        # DPM-Solver, DEIS, UniPC, SA-Solver: VP space, alpha_t = 1/sqrt(1+sigma^2); step_index has advanced
+        alpha_t, sigma_t = scheduler._sigma_to_alpha_sigma_t(scheduler.sigmas[scheduler.step_index - 1])
+        return (x - sigma_t.to(x.device) * eps) / alpha_t.to(x.device)
+    if isinstance(scheduler, PNDMScheduler):
+        # integer timesteps: x0 = (x - sqrt(1 - abar_t) eps) / sqrt(abar_t)
+        abar = scheduler.alphas_cumprod[int(t)].to(x.device)
+        return (x - (1 - abar).sqrt() * eps) / abar.sqrt()
+    raise NotImplementedError(f"no x0 rule for {type(scheduler).__name__}")
+
+
+def noise_level(scheduler: Any, t: torch.Tensor) -> float:
+    """Sigma of the timestep the model was called at, on the model's own schedule."""
+    return float(sigma_at(log_sigmas(scheduler.alphas_cumprod), t))
+
+
+def completed_full_step(scheduler: Any) -> bool:
+    """Whether the call just made ended a full step (Heun, KDPM2, PNDM make several calls per step)."""
+    if hasattr(scheduler, "state_in_first_order"):  # second order: the correction call ends the step
+        return bool(scheduler.state_in_first_order)
+    if isinstance(scheduler, PNDMScheduler):
+        if scheduler.config.skip_prk_steps:
+            return scheduler.counter != 1  # call 0 is a provisional Euler step, call 1 redoes it
+        warmup = len(scheduler.prk_timesteps)  # Runge-Kutta warm-up: four calls per step
+        return scheduler.counter > warmup or scheduler.counter % 4 == 0
+    return True
+
+
+def iter_steps(
+    model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    scheduler: Any,
+    noise: torch.Tensor,
+    num_steps: int,
+    generators: list[torch.Generator] | None = None,
+    step_kwargs: dict[str, Any] | None = None,
+    log_every: int = 10,
+) -> Iterator[StepState]:
+    """Sample from ``noise`` (unit variance) with ``num_steps`` steps, yielding after every model call.
+
+    ``model(x, t)`` returns the predicted noise; wrap a UNet in ``CountingModel`` to count calls. Time spent
+    by the consumer between yields is not counted in ``elapsed_s``.
+    """
+    device = noise.device
+    scheduler.set_timesteps(num_steps, device=device)  # fresh timesteps and internal state for this run
+    x = noise * scheduler.init_noise_sigma  # read after set_timesteps: it depends on the sigmas
+    kwargs = dict(step_kwargs or {})
+    if generators is not None and "generator" in inspect.signature(scheduler.step).parameters:
+        kwargs["generator"] = generators  # one generator per sample, as for the initial noise
+    timesteps = scheduler.timesteps
+    step, elapsed = 0, 0.0
+    for i, t in enumerate(timesteps):
+        start = time.perf_counter()
+        # 1. the model predicts the noise in the scaled input (Euler-family: x / sqrt(sigma^2 + 1))
+        eps = model(scheduler.scale_model_input(x, t), t)
+        # 2. the scheduler moves x towards t_prev
+        out = scheduler.step(eps, t, x, **kwargs)
+        x0 = predicted_x0(scheduler, out, x, eps, t)
+        sigma = noise_level(scheduler, t)
+        x = out.prev_sample
+        synchronize(device)
+        call_s = time.perf_counter() - start
+        elapsed += call_s
+
+        last = i == len(timesteps) - 1
+        full = completed_full_step(scheduler) or last
+        step += int(full)
+        for name, value in (("sample x", x), ("predicted x0", x0)):
+            if not torch.isfinite(value).all():
+                raise NonFiniteError(step if full else step + 1, i + 1, name)
+        yield StepState(
+            nfe=i + 1,
+            step=step,
+            num_steps=num_steps,
+            timestep=float(t),
+            sigma=sigma,
+            x=x,
+            x0=x0,
+            full_step=full,
+            snapshot=last or (full and step % log_every == 0),
+            last=last,
+            elapsed_s=elapsed,
+            call_s=call_s,
+        )
+
+
+def sample(states: Iterable[StepState], callback: Callable[[StepState], None] | None = None) -> StepState:
+    """Run a loop, ``sample(iter_steps(model, scheduler, noise, steps, ...))``, to its end, handing every state to
+    ``callback``; returns the last state."""
+    state = None
+    for state in states:
+        if callback is not None:
+            callback(state)
+    if state is None:
+        raise ValueError("the scheduler produced no timesteps")
+    return state

@@ -1,0 +1,113 @@
+"""Models by name: Hub and local diffusers folders, the exact digits denoiser, and a tiny random UNet.
+
+Every model is called like ``UNet2DModel``: ``model(sample, timestep).sample`` predicts the noise, and
+``model.config`` has ``sample_size`` and ``in_channels``. Each comes with the scheduler config it was trained with.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import DiffusionPipeline, UNet2DModel
+
+from diffexp.config import WEIGHTS_DIR, ModelConfig, ModelSource
+from diffexp.errors import DiffexpError
+from diffexp.sampling.ideal import DDPM_SCHEDULER_CONFIG, DigitsIdealDenoiser
+
+OFFLINE_MODELS = "model=digits-unet (the default), model=digits-ideal, model=tiny, or model=local model.path=DIR"
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    scheduler_config: dict[str, Any]
+    name: str
+    id: str | None = None
+    revision: str | None = None
+    load_s: float = 0.0
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        cfg = self.model.config
+        size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
+        return (cfg.in_channels, size, size)
+
+
+def load_pretrained(source: str, revision: str | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """A diffusers pipeline folder or Hub id -> (unet, scheduler config). Training and sampling both use this."""
+    try:
+        pipe = DiffusionPipeline.from_pretrained(source, revision=revision)
+    except Exception as err:  # the Hub client raises many types; all mean "could not load"
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DiffexpError(
+            f"Could not load the diffusers model '{source}'{f' at revision {revision}' if revision else ''}: "
+            f"{reason[:300]}. If it is a Hub id, this machine may be offline (HF_HUB_OFFLINE is "
+            f"{'set' if _offline() else 'not set'}) or the id may be wrong; if it is a folder, it must hold "
+            f"model_index.json with unet/ and scheduler/, as DDPMPipeline.save_pretrained writes. "
+            f"Offline you can use {OFFLINE_MODELS}."
+        ) from None
+    unet = getattr(pipe, "unet", None)
+    scheduler = getattr(pipe, "scheduler", None)
+    if unet is None or scheduler is None:
+        raise DiffexpError(f"The diffusers model '{source}' has no unet and scheduler, which diffexp needs.")
+    return unet, dict(scheduler.config)
+
+
+def tiny_unet(sample_size: int = 16) -> UNet2DModel:
+    """A small random-weight UNet2DModel (fixed init seed), for tests and smoke runs."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return UNet2DModel(
+            sample_size=sample_size,
+            in_channels=3,
+            out_channels=3,
+            layers_per_block=1,
+            block_out_channels=(16, 32),
+            down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+            up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+            norm_num_groups=8,
+        )
+
+
+def load_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Build or load the model that ``cfg`` names, in eval mode on ``device`` and in ``dtype``."""
+    start = time.perf_counter()
+    source = ModelSource(cfg.source)
+    if source == ModelSource.ideal:
+        model: torch.nn.Module = DigitsIdealDenoiser(sample_size=cfg.sample_size or 32, std=cfg.std)
+        scheduler_config = dict(DDPM_SCHEDULER_CONFIG)
+        ident = None
+    elif source == ModelSource.random:
+        model, scheduler_config, ident = tiny_unet(cfg.sample_size or 16), dict(DDPM_SCHEDULER_CONFIG), None
+    elif source == ModelSource.hub:
+        if not cfg.id:
+            raise DiffexpError("model=hub needs model.id=<a Hub id>, e.g. model.id=google/ddpm-cifar10-32.")
+        model, scheduler_config = load_pretrained(cfg.id, cfg.revision)
+        ident = cfg.id
+    elif source == ModelSource.package:
+        path = WEIGHTS_DIR / str(cfg.path)
+        if not cfg.path or not (path / "model_index.json").is_file():
+            shipped = sorted(p.name for p in WEIGHTS_DIR.glob("*/model_index.json"))
+            raise DiffexpError(f"No model '{cfg.path}' ships with diffexp; shipped: {', '.join(shipped) or 'none'}.")
+        model, scheduler_config = load_pretrained(str(path))
+        ident = f"diffexp/weights/{cfg.path}"
+    else:
+        if not cfg.path:
+            raise DiffexpError("model=local needs model.path=DIR, a folder saved by DDPMPipeline.save_pretrained.")
+        path = Path(cfg.path).expanduser()
+        if not path.is_dir():
+            raise DiffexpError(f"model.path={cfg.path} is not a folder. {OFFLINE_MODELS} work offline.")
+        model, scheduler_config = load_pretrained(str(path))
+        ident = str(path.resolve())
+    model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return LoadedModel(model, scheduler_config, cfg.name, ident, cfg.revision, time.perf_counter() - start)
+
+
+def _offline() -> bool:
+    import os
+
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")

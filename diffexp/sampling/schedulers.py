@@ -1,0 +1,181 @@
+"""Build a diffusers scheduler for a model, refusing options it would silently ignore.
+
+A scheduler is always a diffusers class built with ``from_config(model_scheduler_config, **options)``, so the
+betas are the ones the model was trained with. Which class a name means, and what it declares (stochastic,
+theoretical order), comes from its file in ``configs/scheduler/`` (``diffexp.catalog``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import math
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from diffusers import DDPMScheduler
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
+from diffexp.catalog import DECLARED, MODEL_KEYS, option_signatures, resolve_class, scheduler_files, scheduler_label
+from diffexp.errors import DiffexpError
+
+
+@dataclass
+class BuiltScheduler:
+    """A scheduler ready for the loop, with everything needed to record what was actually used."""
+
+    name: str
+    scheduler: SchedulerMixin
+    step_kwargs: dict[str, Any]
+    options: dict[str, Any]  # what the user set (non-null), config and step options together
+    stochastic: bool  # declared by its file: it injects fresh noise, so its samples are no ODE solution
+    theory_order: int | None  # declared by its file: the global order of accuracy of its ODE solver
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return scheduler_label(self.options | {"name": self.name, "diffusers_class": self.class_name})
+
+    @property
+    def class_name(self) -> str:
+        return type(self.scheduler).__name__
+
+    def effective_config(self) -> dict[str, Any]:
+        """Class, every setting in force (config and step arguments) and a short hash of them."""
+        params = inspect.signature(type(self.scheduler).__init__).parameters
+        settings = {k: _plain(v) for k, v in self.scheduler.config.items() if k in params}
+        record = {"class": self.class_name, "config": settings, "step_kwargs": _plain(self.step_kwargs)}
+        digest = hashlib.sha1(json.dumps(record, sort_keys=True).encode()).hexdigest()[:8]
+        return {**record, "hash": digest}
+
+
+def scheduler_spec(name: str, options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Name, declarations and options of scheduler ``name``: ``options`` with the declarations of its file for
+    them (a composed config's node already has them; a spec from elsewhere, e.g. the reference's, gets them)."""
+    options = {k: v for k, v in (options or {}).items() if k != "name"}
+    known = scheduler_files().get(name)
+    if known is None or all(k in options for k in DECLARED[1:]):
+        return {"name": name, **options}
+    declared = {k: v for k, v in known.spec(options).items() if k in DECLARED}
+    return {**declared, **options, "name": name}
+
+
+def split_options(name: str, options: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Check every option against the class and split them into config options and step arguments.
+
+    ``None`` means "not set": the model's scheduler config, then the class default, decide.
+    """
+    cls = resolve_class(name, options.get("diffusers_class"))
+    init, step = option_signatures(cls)
+    config, step_kwargs = {}, {}
+    for key, value in options.items():
+        if key in DECLARED or value is None:
+            continue
+        param = init.get(key) or step.get(key)
+        if param is None or key in MODEL_KEYS:
+            accepted = ", ".join(sorted(k for k in {**init, **step} if k not in MODEL_KEYS))
+            raise DiffexpError(
+                f"Scheduler '{name}' ({cls.__name__}) has no option '{key}'. diffusers would ignore it "
+                f"silently, so diffexp refuses it. Options it accepts: {accepted}."
+            )
+        if not _matches(value, param.annotation):
+            raise DiffexpError(
+                f"Scheduler option {name}.{key}={value!r} has the wrong type or value; "
+                f"{cls.__name__} expects {_describe(param.annotation)}."
+            )
+        (config if key in init else step_kwargs)[key] = value
+    return config, step_kwargs
+
+
+def build_scheduler(
+    name: str,
+    model_scheduler_config: Mapping[str, Any],
+    options: Mapping[str, Any] | None = None,
+    seed: int = 0,
+) -> BuiltScheduler:
+    """Build scheduler ``name`` from the model's scheduler config, with the user's options on top."""
+    options = scheduler_spec(name, options)
+    cls = resolve_class(name, options.get("diffusers_class"))
+    config, step_kwargs = split_options(name, options)
+    init, _ = option_signatures(cls)
+    if "noise_sampler_seed" in init and config.get("noise_sampler_seed") is None:
+        config["noise_sampler_seed"] = seed  # DPMSolverSDE draws its noise from a Brownian tree seeded here
+    try:
+        scheduler = cls.from_config(dict(model_scheduler_config), **config)
+    except (ValueError, NotImplementedError, TypeError) as err:
+        raise DiffexpError(f"diffusers refused scheduler '{name}' ({cls.__name__}) with these options: {err}") from None
+
+    # the betas must be the ones the model was trained with (from_config drops keys left at defaults)
+    expected = DDPMScheduler.from_config(dict(model_scheduler_config)).alphas_cumprod
+    if not torch.allclose(scheduler.alphas_cumprod, expected, rtol=1e-5, atol=1e-7):
+        raise DiffexpError(
+            f"Scheduler '{name}' does not reproduce the model's noise schedule (alphas_cumprod differ). "
+            "Set the model's beta_start, beta_end and beta_schedule in its scheduler config."
+        )
+    warnings = []
+    inherited = [
+        k for k in ("clip_sample", "thresholding") if scheduler.config.get(k) and k in init and k not in config
+    ]
+    if inherited:
+        warnings.append(
+            f"{cls.__name__} inherits {', '.join(inherited)}=True from the model's scheduler config: x0 is clipped, "
+            f"so it follows a different ODE from unclipped schedulers (set scheduler.{inherited[0]}=false to compare)."
+        )
+    set_options = {k: v for k, v in options.items() if k not in DECLARED and v is not None}
+    stochastic, order = options.get("stochastic"), options.get("theory_order")
+    if not isinstance(stochastic, bool):
+        raise DiffexpError(
+            f"Scheduler '{name}' declares no 'stochastic: true|false' in its file; every scheduler file must say "
+            "whether the scheduler injects fresh noise (see configs/scheduler/ddim.yaml)."
+        )
+    return BuiltScheduler(name, scheduler, step_kwargs, set_options, stochastic, order, warnings)
+
+
+def _plain(value: Any) -> Any:
+    """JSON-ready copy: tuples and tensors as lists, non-finite floats as strings."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+def _matches(value: Any, annotation: Any) -> bool:
+    """A light check of an option value against the class's annotation; unknown annotations pass."""
+    if annotation is inspect.Parameter.empty or annotation is Any:
+        return True
+    origin = typing.get_origin(annotation)
+    if origin is typing.Literal:
+        return value in typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is str:
+        return isinstance(value, str)
+    if origin in (list, tuple) or annotation in (list, tuple):
+        return isinstance(value, (list, tuple))
+    return True
+
+
+def _describe(annotation: Any) -> str:
+    if typing.get_origin(annotation) is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(annotation))
+    return getattr(annotation, "__name__", str(annotation))

@@ -1,0 +1,64 @@
+"""Training data: the scikit-learn digits or a folder of images, in [-1, 1]."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from diffexp.errors import DiffexpError
+from diffexp.sampling.ideal import digits_images
+from diffexp.training.config import DatasetConfig
+
+
+class ImageFolderData(torch.utils.data.Dataset):
+    """Every image under a folder (recursively), resized and centre-cropped, in [-1, 1]."""
+
+    def __init__(self, root: Path, sample_size: int, channels: int) -> None:
+        from torchvision import transforms
+        from torchvision.datasets.folder import IMG_EXTENSIONS
+
+        self.files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS)
+        if not self.files:
+            raise DiffexpError(f"dataset.path={root} holds no images ({', '.join(IMG_EXTENSIONS)}).")
+        self.mode = "L" if channels == 1 else "RGB"
+        self.transform = transforms.Compose(
+            [
+                transforms.Resize(sample_size),
+                transforms.CenterCrop(sample_size),
+                transforms.ToTensor(),
+                transforms.Normalize([0.5] * channels, [0.5] * channels),
+            ]
+        )
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        from PIL import Image
+
+        with Image.open(self.files[i]) as im:
+            return self.transform(im.convert(self.mode))
+
+
+def load_dataset(cfg: DatasetConfig | DictConfig) -> torch.utils.data.Dataset:
+    if cfg.name == "digits":
+        if cfg.channels != 1:
+            raise DiffexpError("dataset=digits has one channel; leave dataset.channels at 1.")
+        return torch.utils.data.TensorDataset(digits_images(cfg.sample_size))
+    if cfg.name == "folder":
+        if not cfg.path:
+            raise DiffexpError("dataset=folder needs dataset.path=DIR, a folder of images.")
+        root = Path(cfg.path).expanduser()
+        if not root.is_dir():
+            raise DiffexpError(f"dataset.path={cfg.path} is not a folder.")
+        if cfg.channels not in (1, 3):
+            raise DiffexpError(f"dataset.channels={cfg.channels}: use 1 (greyscale) or 3 (RGB).")
+        return ImageFolderData(root, cfg.sample_size, cfg.channels)
+    raise DiffexpError(f"Unknown dataset '{cfg.name}'. Use dataset=digits or dataset=folder dataset.path=DIR.")
+
+
+def batch_of(data: torch.utils.data.Dataset, index: torch.Tensor) -> torch.Tensor:
+    items = [data[i] for i in index.tolist()]
+    return torch.stack([x[0] if isinstance(x, tuple) else x for x in items])

@@ -1,0 +1,110 @@
+"""Train a UNet2DModel as ``configs/train.yaml`` says: ``train(cfg, out_dir)``.
+
+The output folder holds ``checkpoints/step-NNNNNN/`` (a DDPMPipeline folder with the EMA weights, which
+``model=local`` samples, plus ``training_state.pt``), ``model/`` (the final EMA pipeline), ``train.jsonl``,
+``samples/`` and ``status.json``. A run started again in the same folder resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from diffexp.errors import DiffexpError
+from diffexp.folders import RunStatus, end_status, now, write_json, write_status
+from diffexp.sampling.device import device_name, resolve_device
+from diffexp.training.config import check_config
+from diffexp.training.loggers import JsonlLogger, TrainLogger, TrainRun
+from diffexp.training.trainer import checkpoints, new_trainer, resume_trainer
+
+log = logging.getLogger("diffexp")
+
+
+def train(cfg: DictConfig, out_dir: Path, loggers: Sequence[TrainLogger] = ()) -> dict[str, Any]:
+    """Train as ``cfg`` says into ``out_dir`` (resuming from its last checkpoint); returns the summary."""
+    out_dir = Path(out_dir)
+    check_config(cfg)
+    device = resolve_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    last = checkpoints(out_dir)[-1:] if cfg.resume else []
+    trainer = resume_trainer(cfg, device, last[0]) if last else new_trainer(cfg, device)
+    if last:
+        log.info("resuming from %s (step %d)", last[0], trainer.step)
+    (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    status = write_status(out_dir, RunStatus.running, started=now(), step=trainer.step)
+    everyone: list[TrainLogger] = [JsonlLogger(out_dir), *loggers]
+    if cfg.get("logger") is not None:
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+        everyone.append(TrainRun(cfg.logger, out_dir, cfg.name, resolved | {"resumed_at_step": trainer.step}))
+    start_step, start = trainer.step, time.perf_counter()
+    error: BaseException | None = None
+    bar = tqdm(total=cfg.steps, initial=trainer.step, desc=cfg.name, unit="step", disable=not cfg.progress)
+    try:
+        running = []
+        while trainer.step < cfg.steps:
+            loss = trainer.train_step()
+            if not math.isfinite(loss):
+                raise DiffexpError(f"The loss became {loss} at step {trainer.step}; try a lower lr.")
+            running.append(loss)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+            step, done = trainer.step, trainer.step == cfg.steps
+            images = None
+            if cfg.sample_every and (step % cfg.sample_every == 0 or done):
+                images = {"samples": trainer.samples(cfg.sample_batch, cfg.sample_steps, cfg.sample_scheduler)}
+            if step % cfg.log_every == 0 or done or images:
+                metrics = {
+                    "loss": sum(running) / len(running),
+                    "lr": trainer.lr_scheduler.get_last_lr()[0],
+                    "ema_decay": trainer.ema.cur_decay_value or 0.0,
+                    "elapsed_s": time.perf_counter() - start,
+                }
+                running = []
+                for lg in everyone:
+                    lg.log(metrics, step, images)
+            if step % cfg.checkpoint_every == 0 or done:
+                trainer.save(out_dir / "checkpoints" / f"step-{step:06d}")
+                for old in checkpoints(out_dir)[: -cfg.keep_checkpoints]:
+                    shutil.rmtree(old)
+        bar.close()
+        model_dir = out_dir / "model"
+        shutil.rmtree(model_dir, ignore_errors=True)
+        trainer.pipeline().save_pretrained(model_dir)
+        elapsed = time.perf_counter() - start
+        summary = {
+            "status": RunStatus.finished.value,
+            "steps": trainer.step,
+            "steps_this_session": trainer.step - start_step,
+            "wall_s": elapsed,
+            "step_s": elapsed / max(trainer.step - start_step, 1),
+            "parameters": sum(p.numel() for p in trainer.unet.parameters()),
+            "device": str(device),
+            "device_name": device_name(device),
+            "threads": torch.get_num_threads(),
+            "model": str(model_dir),
+        }
+        write_json(out_dir / "summary.json", summary)
+        end_status(out_dir, status, None, step=trainer.step)
+        return summary
+    except BaseException as err:
+        error = err
+        end_status(out_dir, status, err, step=trainer.step)
+        raise
+    finally:
+        bar.close()
+        for lg in everyone:
+            try:
+                lg.close(error)
+            except Exception as close_err:
+                log.warning("logger %s failed to close: %s (%s)", type(lg).__name__, close_err, error)

@@ -1,0 +1,188 @@
+"""The trainer: the UNet, its EMA copy, the optimiser and the generator, one step at a time, and checkpoints.
+
+Objective (Ho et al. 2020, eq. 14): L = E_{x0, t, eps} |eps - eps_theta(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t)|^2,
+t ~ U{0..T-1}, optionally weighted by min-SNR-gamma.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel, compute_snr
+from omegaconf import DictConfig, OmegaConf
+
+from diffexp.errors import DiffexpError
+from diffexp.sampling import models
+from diffexp.sampling.loop import initial_noise, iter_steps, sample
+from diffexp.sampling.schedulers import build_scheduler
+from diffexp.training.config import TrainConfig
+from diffexp.training.data import batch_of, load_dataset
+
+STATE_FILE = "training_state.pt"
+
+
+def build_unet(cfg: TrainConfig | DictConfig) -> UNet2DModel:
+    options = OmegaConf.to_container(cfg.unet, resolve=True) if isinstance(cfg.unet, DictConfig) else dict(cfg.unet)
+    allowed = set(inspect.signature(UNet2DModel.__init__).parameters) - {"self", "sample_size"}
+    allowed -= {"in_channels", "out_channels"}
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise DiffexpError(
+            f"unet.{unknown[0]} is not a UNet2DModel option (sample_size and channels come from the dataset). "
+            f"Options: {', '.join(sorted(allowed))}."
+        )
+    ds = cfg.dataset
+    try:
+        return UNet2DModel(sample_size=ds.sample_size, in_channels=ds.channels, out_channels=ds.channels, **options)
+    except (ValueError, TypeError, AssertionError) as err:
+        raise DiffexpError(f"UNet2DModel refused the options {options}: {err}") from None
+
+
+def snr_weights(noise_scheduler: DDPMScheduler, t: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma weights for noise prediction (Hang et al. 2023, eq. 9 with eps = x0-loss / SNR):
+    w_t = min(SNR_t, gamma) / SNR_t, SNR_t = abar_t / (1 - abar_t)."""
+    snr = compute_snr(noise_scheduler, t)
+    return snr.clamp(max=gamma) / snr
+
+
+@dataclass
+class Trainer:
+    """Everything a step needs; ``unet`` holds the online weights, ``ema_unet`` the averaged ones."""
+
+    cfg: DictConfig
+    device: torch.device
+    data: torch.utils.data.Dataset
+    unet: UNet2DModel
+    ema_unet: UNet2DModel
+    ema: EMAModel
+    noise_scheduler: DDPMScheduler
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler
+    generator: torch.Generator  # draws batches, timesteps and noise (CPU, so a run repeats on any device)
+    step: int = 0
+
+    def loss(self, x0: torch.Tensor) -> torch.Tensor:
+        """The noise-prediction loss of one batch, with t and eps drawn from the trainer's generator."""
+        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (x0.shape[0],), generator=self.generator)
+        eps = torch.randn(x0.shape, generator=self.generator)
+        x0, t, eps = x0.to(self.device), t.to(self.device), eps.to(self.device)
+        xt = self.noise_scheduler.add_noise(x0, eps, t)
+        if self.cfg.snr_gamma is None:
+            return torch.nn.functional.mse_loss(self.unet(xt, t).sample, eps)
+        per_sample = torch.nn.functional.mse_loss(self.unet(xt, t).sample, eps, reduction="none").mean(dim=(1, 2, 3))
+        return (snr_weights(self.noise_scheduler, t, self.cfg.snr_gamma) * per_sample).mean()
+
+    def train_step(self) -> float:
+        """One optimiser step on a random batch; returns its loss."""
+        index = torch.randint(0, len(self.data), (self.cfg.batch_size,), generator=self.generator)
+        self.unet.train()
+        loss = self.loss(batch_of(self.data, index))
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.unet.parameters(), self.cfg.grad_clip)
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.ema.step(self.unet.parameters())
+        self.step += 1
+        return loss.item()
+
+    def ema_model(self) -> UNet2DModel:
+        self.ema.copy_to(self.ema_unet.parameters())
+        return self.ema_unet
+
+    @torch.no_grad()
+    def samples(self, n: int, steps: int, scheduler: str = "dpmsolver", seed: int = 0) -> torch.Tensor:
+        """``n`` samples of the EMA model, with diffexp's own loop and the fixed noise of seeds seed..seed+n-1."""
+        model = self.ema_model().eval()
+        built = build_scheduler(scheduler, dict(self.noise_scheduler.config), {}, seed=seed)
+        shape = (model.config.in_channels, model.config.sample_size, model.config.sample_size)
+        noise, generators = initial_noise(shape, seed, n, self.device)
+        final = sample(
+            iter_steps(lambda x, t: model(x, t).sample, built.scheduler, noise, steps, generators, built.step_kwargs)
+        )
+        return final.x.clamp(-1, 1).cpu()
+
+    def pipeline(self) -> DDPMPipeline:
+        return DDPMPipeline(unet=self.ema_model(), scheduler=self.noise_scheduler)
+
+    def save(self, folder: Path) -> Path:
+        """A checkpoint: the EMA pipeline (for sampling and resuming) and the training state, written atomically."""
+        tmp = folder.with_name(folder.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.pipeline().save_pretrained(tmp)
+        ema_state = {k: v for k, v in self.ema.state_dict().items() if k != "shadow_params"}  # = unet/ weights
+        state = {
+            "step": self.step,
+            "unet": self.unet.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict(),
+            "ema": ema_state,
+            "generator": self.generator.get_state(),
+        }
+        torch.save(state, tmp / STATE_FILE)
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+        return folder
+
+
+def _optimizer(cfg: DictConfig, unet: UNet2DModel) -> tuple[torch.optim.Optimizer, Any]:
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    try:
+        lr_scheduler = get_scheduler(
+            cfg.lr_schedule, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.steps
+        )
+    except ValueError as err:
+        raise DiffexpError(f"lr_schedule={cfg.lr_schedule}: {err}") from None
+    return optimizer, lr_scheduler
+
+
+def new_trainer(cfg: DictConfig, device: torch.device) -> Trainer:
+    """A trainer at step 0: a fresh UNet (initialised from ``seed``) and the configured noise schedule."""
+    torch.manual_seed(cfg.seed)
+    unet = build_unet(cfg).to(device)
+    ema_unet = copy.deepcopy(unet).requires_grad_(False)
+    return _assemble(cfg, device, unet, ema_unet, dict(OmegaConf.to_container(cfg.noise_schedule, resolve=True)))
+
+
+def resume_trainer(cfg: DictConfig, device: torch.device, checkpoint: Path) -> Trainer:
+    """The trainer as ``checkpoint`` saved it. Its pipeline loads through ``load_pretrained``, as sampling does."""
+    ema_unet, scheduler_config = models.load_pretrained(str(checkpoint))
+    ema_unet = ema_unet.to(device).requires_grad_(False)
+    state = torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=True)
+    unet = UNet2DModel.from_config(ema_unet.config).to(device)
+    unet.load_state_dict(state["unet"])
+    trainer = _assemble(cfg, device, unet, ema_unet, scheduler_config)
+    trainer.optimizer.load_state_dict(state["optimizer"])
+    trainer.lr_scheduler.load_state_dict(state["lr_scheduler"])
+    trainer.ema.load_state_dict(state["ema"])
+    trainer.generator.set_state(state["generator"])
+    trainer.step = state["step"]
+    return trainer
+
+
+def _assemble(
+    cfg: DictConfig, device: torch.device, unet: UNet2DModel, ema_unet: UNet2DModel, scheduler_config: dict[str, Any]
+) -> Trainer:
+    data = load_dataset(cfg.dataset)
+    noise_scheduler = DDPMScheduler.from_config(scheduler_config)
+    optimizer, lr_scheduler = _optimizer(cfg, unet)
+    ema = EMAModel(ema_unet.parameters(), decay=cfg.ema_decay, use_ema_warmup=True, foreach=True)
+    generator = torch.Generator("cpu").manual_seed(cfg.seed)
+    return Trainer(cfg, device, data, unet, ema_unet, ema, noise_scheduler, optimizer, lr_scheduler, generator)
+
+
+def checkpoints(out_dir: Path) -> list[Path]:
+    """Finished checkpoints, oldest first (a ``.tmp`` folder is a save that never finished)."""
+    folder = Path(out_dir) / "checkpoints"
+    found = [p for p in folder.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp")]
+    return sorted((p for p in found if (p / STATE_FILE).exists()), key=lambda p: p.name)
