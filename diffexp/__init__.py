@@ -23,7 +23,7 @@ _EXPORTS = {
     "compose": "diffexp.config",
     "prepare": "diffexp.sampling.experiment",
     "run": "diffexp.runner.run",
-    "CountingModel": "diffexp.sampling.loop",
+    "Denoiser": "diffexp.sampling.denoisers",
     "StepState": "diffexp.sampling.loop",
     "initial_noise": "diffexp.sampling.loop",
     "iter_steps": "diffexp.sampling.loop",

@@ -3,7 +3,8 @@
 A scheduler file holds its diffexp ``name``, three declarations and the options people compare:
 - ``diffusers_class``: the diffusers class it builds;
 - ``stochastic``: whether it injects fresh noise (an interpolation of its options where that depends on them);
-- ``theory_order``: the global order of accuracy that theory gives its ODE solver (null: none).
+- ``theory_order``: the global order of accuracy that theory gives its ODE solver (null: none);
+- ``prediction_types``: the model parameterisations it can take (epsilon, v_prediction, sample).
 
 Everything else in the file is an option of the class. Adding a scheduler is adding a file: the tables here are
 read from the files. Classes that cannot drive a DDPM-style UNet are refused, with the reason.
@@ -23,7 +24,8 @@ from omegaconf import OmegaConf
 from diffexp.config import config_dir
 from diffexp.errors import DiffexpError
 
-DECLARED = ("name", "diffusers_class", "stochastic", "theory_order")  # keys of a scheduler file that are no options
+# keys of a scheduler file that are no options
+DECLARED = ("name", "diffusers_class", "stochastic", "theory_order", "prediction_types")
 
 # diffusers schedulers that cannot drive such a model, and why
 REFUSED: dict[str, str] = {
@@ -181,13 +183,13 @@ def scheduler_label(spec: Mapping[str, Any]) -> str:
     return "-".join(parts)
 
 
-def run_label(spec: Mapping[str, Any], steps: int) -> str:
-    """What a run is: the scheduler label and the steps, e.g. ``dpmsolver-karras-20``."""
-    return f"{scheduler_label(spec)}-{steps}"
+def run_label(spec: Mapping[str, Any], steps: int, guidance_scale: float = 1.0) -> str:
+    """What a run is: the scheduler label, the steps and any guidance, e.g. ``dpmsolver-karras-20-cfg3``."""
+    return f"{scheduler_label(spec)}-{steps}" + (f"-cfg{guidance_scale:g}" if guidance_scale != 1 else "")
 
 
-def _run_label_resolver(scheduler: Any, steps: int) -> str:
-    return run_label(OmegaConf.to_container(scheduler, resolve=True), steps)  # type: ignore[arg-type]
+def _run_label_resolver(scheduler: Any, steps: int, guidance_scale: float = 1.0) -> str:
+    return run_label(OmegaConf.to_container(scheduler, resolve=True), steps, guidance_scale)  # type: ignore[arg-type]
 
 
 if not OmegaConf.has_resolver("run_label"):  # hydra.run.dir and hydra.sweep.subdir name runs with it

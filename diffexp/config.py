@@ -44,6 +44,11 @@ class ModelConfig:
     path: str | None = None  # local: a folder; package: a folder name under diffexp/weights
     sample_size: int | None = None
     std: float = 0.0  # digits-ideal: std of the Gaussian mixture around each training image
+    # class-conditional models: the number of classes and the null class that guidance's unconditional half uses
+    # (null: read from the UNet's num_class_embeds; no null class, no guidance)
+    num_classes: int | None = None
+    null_class: int | None = None
+    prediction_type: str | None = None  # digits-ideal and tiny: epsilon | v_prediction | sample (default epsilon)
 
 
 class WandbMode(str, Enum):
@@ -102,6 +107,7 @@ class MetricsConfig:
     fid: FidConfig = field(default_factory=FidConfig)
     landing: bool = False  # digits-ideal: where the samples land among the training images (cheap)
     hit_tol: float = 0.02  # a sample within this RMSE of a training image has landed on it
+    label_accuracy: bool = True  # runs with labels on 1-channel samples: the digits classifier reads each sample
     cache_dir: str = "outputs/cache"  # reference solutions and real-data statistics
 
 
@@ -117,6 +123,11 @@ class RunConfig:
     precision: Precision = Precision.fp32
     log_every: int = 10
     progress: bool = True
+    # class labels: null (unconditional), all (sample k gets class k mod C) or a list (sample k gets labels[k mod len])
+    labels: Any = None
+    guidance_scale: float = 1.0  # classifier-free guidance; 1 is none
+    guidance_rescale: float = 0.0  # Lin et al. 2023; 0 is none
+    guidance_interval: list[float] | None = None  # [sigma_lo, sigma_hi]: guidance only at these noise levels
     logger: LoggerConfig | None = None
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     # what watches the loop: name -> a _target_ node (a diffexp.runner.observers.Observer), built in order

@@ -80,7 +80,7 @@ def test_non_finite_values_stop_the_run_with_the_step() -> None:
 
 def test_observer_callbacks_do_not_change_the_maths() -> None:
     built = diffexp.build_scheduler("euler-ancestral", DDPM_SCHEDULER_CONFIG)
-    model = diffexp.CountingModel(DigitsIdealDenoiser())
+    model = diffexp.Denoiser(DigitsIdealDenoiser())
     seen: list[int] = []
     noise, gens = diffexp.initial_noise((1, 32, 32), 0, 2, torch.device("cpu"))
     with_callback = sample(iter_steps(model, built.scheduler, noise, 6, gens), lambda s: seen.append(s.nfe)).x

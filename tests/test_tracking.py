@@ -21,9 +21,18 @@ from diffexp.folders import read_status
 from diffexp.tracking.reader import OfflineRun
 from diffexp.tracking.session import resolve_mode
 
-SCALARS = {"index", "step", "num_steps", "nfe", "timestep", "sigma", "elapsed_s", "x0_change", "step_s"} | {
-    f"{v}_{s}" for v in ("x", "x0") for s in ("mean", "std", "min", "max")
-}
+SCALARS = {
+    "index",
+    "step",
+    "num_steps",
+    "nfe",
+    "net_evals",
+    "timestep",
+    "sigma",
+    "elapsed_s",
+    "x0_change",
+    "step_s",
+} | {f"{v}_{s}" for v in ("x", "x0") for s in ("mean", "std", "min", "max")}
 
 
 def offline(*overrides: str) -> DictConfig:
@@ -72,9 +81,9 @@ def test_offline_run_logs_history_images_config_and_summary(run_dir: Path) -> No
             assert Image.open(media(run_dir, row[key])).size == Image.open(run_dir / "grids" / name).size
     assert sum("x" in row for row in wb.history) == sum("x0" in row for row in wb.history) == len(records) == 3
 
-    # charts can use the sampling step (the default) or the NFE as x-axis
+    # charts can use the sampling step (the default), the NFE or the network evaluations as x-axis
     defined = {m.name or m.glob_name: m.step_metric for m in wb.metrics}
-    assert defined == {"step": "", "nfe": "", "*": "step"}
+    assert defined == {"step": "", "nfe": "", "net_evals": "", "*": "step"}
 
     # the config: resolved, the scheduler in force with its hash, the model, the machine and versions
     assert wb.config["steps"] == 12 and wb.config["scheduler"]["use_karras_sigmas"] is True

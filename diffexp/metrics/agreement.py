@@ -71,6 +71,7 @@ class ReferenceAgreement(Metric):
             Precision(ctx.cfg.precision).value,
             ctx.cache_dir,
             ctx.progress,
+            ctx.exp.model,
         )
 
     def snapshot(self, state: StepState) -> dict[str, Any]:

@@ -14,7 +14,7 @@ import json
 import logging
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,8 @@ from safetensors.torch import load_file, save_file
 
 from diffexp.catalog import option_signatures, resolve_class
 from diffexp.errors import DiffexpError
-from diffexp.sampling.loop import CountingModel, StepState, iter_steps, sample
+from diffexp.sampling.denoisers import Denoiser
+from diffexp.sampling.loop import StepState, iter_steps, sample
 from diffexp.sampling.models import LoadedModel
 from diffexp.sampling.schedulers import BuiltScheduler, build_scheduler
 
@@ -74,6 +75,7 @@ def reference_key(
     device: torch.device,
     built: BuiltScheduler,
     steps: int,
+    model: Denoiser | None = None,
 ) -> tuple[str, dict[str, Any]]:
     """The cache key and what it was made of."""
     model_config = {k: v for k, v in dict(getattr(loaded.model, "config", {})).items() if not k.startswith("_")}
@@ -96,6 +98,8 @@ def reference_key(
         "solver": built.effective_config(),
         "steps": steps,
     }
+    if model is not None and (model.labels is not None or model.guidance.enabled):  # the conditioned ODE
+        parts["condition"] = {"labels": model.labels.tolist(), "null": model.null_label, **asdict(model.guidance)}
     text = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha1(text.encode()).hexdigest()[:20], json.loads(text)
 
@@ -122,6 +126,7 @@ def solve_reference(
     precision: str,
     cache_dir: Path,
     progress: bool = False,
+    model: Denoiser | None = None,
 ) -> Reference:
     """Load the reference for this model, noise (from ``seed``) and solver, or solve and cache it.
 
@@ -130,7 +135,8 @@ def solve_reference(
     if steps <= 0:
         raise DiffexpError(f"metrics.reference.steps={steps} is not allowed: it must be a positive integer.")
     built = build_reference_scheduler(spec, loaded.scheduler_config)
-    key, parts = reference_key(loaded, seed, len(noise), precision, noise.device, built, steps)
+    model = model or Denoiser(loaded.model, loaded.prediction_type)  # a run's: with its labels and guidance
+    key, parts = reference_key(loaded, seed, len(noise), precision, noise.device, built, steps, model)
     path = Path(cache_dir) / "reference" / f"{key}.safetensors"
     solver = {"scheduler": built.name, "steps": steps, "options": built.options}
     if path.exists():
@@ -143,7 +149,6 @@ def solve_reference(
             log.warning("reference cache %s is unreadable (%s); solving again", path, err)
 
     log.info("solving the reference: %s, %d steps (cached as %s)", built.name, steps, path)
-    model = CountingModel(loaded.model)
     bar = None
     if progress:
         from tqdm.auto import tqdm

@@ -11,13 +11,14 @@ from diffexp.config import MetricsConfig
 from diffexp.metrics.agreement import ReferenceAgreement
 from diffexp.metrics.base import Context, Metric, quality_keys
 from diffexp.metrics.fid import FidKid
+from diffexp.metrics.labels import LabelAccuracy
 from diffexp.metrics.landing import Landing
 from diffexp.metrics.scheduler_flags import SchedulerFlags
 from diffexp.sampling.experiment import Experiment
 from diffexp.sampling.loop import StepState
 
 # in the order they are prepared: the reference (which landing uses) before the others
-METRICS: tuple[type[Metric], ...] = (SchedulerFlags, ReferenceAgreement, Landing, FidKid)
+METRICS: tuple[type[Metric], ...] = (SchedulerFlags, ReferenceAgreement, Landing, FidKid, LabelAccuracy)
 QUALITY = quality_keys(METRICS)  # final keys with a direction: the report's quality axes
 
 

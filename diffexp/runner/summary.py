@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import platform
+from dataclasses import asdict
 from typing import Any
 
 import diffusers
@@ -21,6 +22,7 @@ def snapshot_record(state: StepState, previous: StepState | None, index: int) ->
         "step": state.step,
         "num_steps": state.num_steps,
         "nfe": state.nfe,
+        "net_evals": state.net_evals,
         "timestep": state.timestep,
         "sigma": state.sigma,
         "elapsed_s": state.elapsed_s,
@@ -60,6 +62,7 @@ def run_summary(exp: Experiment, final: StepState, env: dict[str, Any]) -> dict[
         "label": exp.label,
         "steps": cfg.steps,
         "nfe": final.nfe,
+        "net_evals": final.net_evals,  # network evaluations per sample: a guided call counts two
         "wall_s": final.elapsed_s,
         "images_per_s": cfg.batch_size / final.elapsed_s,
         "load_s": exp.loaded.load_s,
@@ -71,6 +74,9 @@ def run_summary(exp: Experiment, final: StepState, env: dict[str, Any]) -> dict[
         "scheduler": exp.built.effective_config(),
         "scheduler_name": exp.built.name,
         "scheduler_options": exp.built.options,
+        "prediction_type": exp.loaded.prediction_type,
+        "labels": exp.labels,
+        "guidance": asdict(exp.model.guidance),
         "warnings": exp.built.warnings,
         **env,
     }

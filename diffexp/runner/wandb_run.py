@@ -45,6 +45,7 @@ class WandbRun(Observer):
         assert self.run is not None
         self.run.define_metric("step")
         self.run.define_metric("nfe")
+        self.run.define_metric("net_evals")
         self.run.define_metric("*", step_metric="step")
 
     def snapshot(self, state: StepState, record: dict[str, Any]) -> None:

@@ -54,10 +54,18 @@ def _exact(device: torch.device) -> torch.dtype:
 
 
 class DigitsIdealDenoiser(ModelMixin, ConfigMixin):
-    """Called like UNet2DModel: ``model(sample, timestep).sample`` is the exact noise prediction."""
+    """Called like UNet2DModel: ``model(sample, timestep).sample`` is the exact prediction of the noise, of
+    v = alpha_t eps - sigma_t x0, or of x0 itself, as ``prediction_type`` says."""
 
     @register_to_config
-    def __init__(self, sample_size: int = 32, std: float = 0.0, in_channels: int = 1, out_channels: int = 1) -> None:
+    def __init__(
+        self,
+        sample_size: int = 32,
+        std: float = 0.0,
+        prediction_type: str = "epsilon",
+        in_channels: int = 1,
+        out_channels: int = 1,
+    ) -> None:
         super().__init__()
         # plain tensors, not buffers: `.to(dtype)` for the precision setting must not round the exact data
         self.images = digits_images(sample_size).flatten(1)
@@ -89,6 +97,11 @@ class DigitsIdealDenoiser(ModelMixin, ConfigMixin):
         sigma = self.sigma(t).to(sample.device, _exact(sample.device))
         a = (1 + sigma**2).rsqrt()[:, None, None, None]  # alpha_t of the VP process x_t = a (x0 + sigma n)
         x = sample.to(_exact(sample.device)) / a
-        eps = (x - self.denoise(x, sigma)) / sigma[:, None, None, None]
-        eps = eps.to(sample.dtype)
-        return UNet2DOutput(sample=eps) if return_dict else (eps,)
+        x0 = self.denoise(x, sigma)
+        eps = (x - x0) / sigma[:, None, None, None]
+        if self.config.prediction_type == "v_prediction":  # VP: alpha_t = a, sigma_t = a sigma
+            out = a * eps - a * sigma[:, None, None, None] * x0
+        else:
+            out = x0 if self.config.prediction_type == "sample" else eps
+        out = out.to(sample.dtype)
+        return UNet2DOutput(sample=out) if return_dict else (out,)

@@ -18,6 +18,7 @@ from diffusers import PNDMScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
 from diffexp.errors import NonFiniteError
+from diffexp.sampling.denoisers import x0_from_output
 from diffexp.sampling.device import synchronize
 from diffexp.sampling.noise import log_sigmas, sigma_at
 
@@ -27,6 +28,7 @@ class StepState:
     """What the loop knows after one model call; x and x0 are the loop's own tensors, never to be modified."""
 
     nfe: int  # model calls so far
+    net_evals: int  # network evaluations per sample so far: a guided call counts two
     step: int  # full steps completed (a second-order step counts once)
     num_steps: int
     timestep: float  # the timestep the model was called at
@@ -38,22 +40,6 @@ class StepState:
     last: bool
     elapsed_s: float  # sampling time so far, device synchronised, callbacks excluded
     call_s: float  # time of this call
-
-
-class CountingModel(torch.nn.Module):
-    """Counts model calls (NFE) and casts to the model's precision; the loop itself stays in float32."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        super().__init__()
-        self.model = model
-        self.calls = 0
-        self.dtype = getattr(model, "dtype", None) or next((p.dtype for p in model.parameters()), torch.float32)
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        self.calls += 1
-        out = self.model(x.to(self.dtype), t)
-        out = out.sample if hasattr(out, "sample") else out
-        return out.float()
 
 
 def initial_noise(
@@ -68,20 +54,24 @@ def initial_noise(
     return noise.to(device), generators
 
 
-def predicted_x0(scheduler: Any, out: Any, x: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """x0 as the scheduler sees it: its own ``pred_original_sample``, else derived in its parameterisation."""
+def predicted_x0(
+    scheduler: Any, out: Any, x: torch.Tensor, output: torch.Tensor, t: torch.Tensor, prediction_type: str
+) -> torch.Tensor:
+    """x0 as the scheduler sees it: its own ``pred_original_sample``, else derived from the model output in the
+    scheduler's own variables, for the model's prediction type."""
     x0 = getattr(out, "pred_original_sample", None)
     if x0 is not None:
         return x0
     if hasattr(scheduler, "_sigma_to_alpha_sigma_t"):
         # DPM-Solver, DEIS, UniPC, SA-Solver: VP space, alpha_t = 1/sqrt(1+sigma^2); step_index has advanced
         alpha_t, sigma_t = scheduler._sigma_to_alpha_sigma_t(scheduler.sigmas[scheduler.step_index - 1])
-        return (x - sigma_t.to(x.device) * eps) / alpha_t.to(x.device)
-    if isinstance(scheduler, PNDMScheduler):
-        # integer timesteps: x0 = (x - sqrt(1 - abar_t) eps) / sqrt(abar_t)
-        abar = scheduler.alphas_cumprod[int(t)].to(x.device)
-        return (x - (1 - abar).sqrt() * eps) / abar.sqrt()
-    raise NotImplementedError(f"no x0 rule for {type(scheduler).__name__}")
+    elif isinstance(scheduler, PNDMScheduler):
+        # integer timesteps: alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t)
+        abar = scheduler.alphas_cumprod[int(t)]
+        alpha_t, sigma_t = abar.sqrt(), (1 - abar).sqrt()
+    else:
+        raise NotImplementedError(f"no x0 rule for {type(scheduler).__name__}")
+    return x0_from_output(output, x, alpha_t.to(x.device), sigma_t.to(x.device), prediction_type)
 
 
 def noise_level(scheduler: Any, t: torch.Tensor) -> float:
@@ -112,8 +102,9 @@ def iter_steps(
 ) -> Iterator[StepState]:
     """Sample from ``noise`` (unit variance) with ``num_steps`` steps, yielding after every model call.
 
-    ``model(x, t)`` returns the predicted noise; wrap a UNet in ``CountingModel`` to count calls. Time spent
-    by the consumer between yields is not counted in ``elapsed_s``.
+    ``model(x, t)`` returns the model's output in its ``prediction_type`` (epsilon, v or sample; default
+    epsilon): a ``Denoiser`` binds a network's condition and guidance, and counts calls and network evaluations.
+    Time spent by the consumer between yields is not counted in ``elapsed_s``.
     """
     device = noise.device
     scheduler.set_timesteps(num_steps, device=device)  # fresh timesteps and internal state for this run
@@ -122,14 +113,15 @@ def iter_steps(
     if generators is not None and "generator" in inspect.signature(scheduler.step).parameters:
         kwargs["generator"] = generators  # one generator per sample, as for the initial noise
     timesteps = scheduler.timesteps
+    prediction_type = getattr(model, "prediction_type", "epsilon")
     step, elapsed = 0, 0.0
     for i, t in enumerate(timesteps):
         start = time.perf_counter()
-        # 1. the model predicts the noise in the scaled input (Euler-family: x / sqrt(sigma^2 + 1))
-        eps = model(scheduler.scale_model_input(x, t), t)
+        # 1. the model predicts noise, v or x0 from the scaled input (Euler-family: x / sqrt(sigma^2 + 1))
+        output = model(scheduler.scale_model_input(x, t), t)
         # 2. the scheduler moves x towards t_prev
-        out = scheduler.step(eps, t, x, **kwargs)
-        x0 = predicted_x0(scheduler, out, x, eps, t)
+        out = scheduler.step(output, t, x, **kwargs)
+        x0 = predicted_x0(scheduler, out, x, output, t, prediction_type)
         sigma = noise_level(scheduler, t)
         x = out.prev_sample
         synchronize(device)
@@ -144,6 +136,7 @@ def iter_steps(
                 raise NonFiniteError(step if full else step + 1, i + 1, name)
         yield StepState(
             nfe=i + 1,
+            net_evals=getattr(model, "net_evals", i + 1),
             step=step,
             num_steps=num_steps,
             timestep=float(t),

@@ -1,7 +1,9 @@
 """Models by name: Hub and local diffusers folders, the exact digits denoiser, and a tiny random UNet.
 
-Every model is called like ``UNet2DModel``: ``model(sample, timestep).sample`` predicts the noise, and
-``model.config`` has ``sample_size`` and ``in_channels``. Each comes with the scheduler config it was trained with.
+Every model is called like ``UNet2DModel``: ``model(sample, timestep[, class_labels]).sample`` predicts the noise,
+v or the clean sample (its scheduler config's ``prediction_type``), and ``model.config`` has ``sample_size`` and
+``in_channels``. Each comes with the scheduler config it was trained with. A class-conditional UNet
+(``num_class_embeds``) has ``num_classes`` classes and, if trained with label dropout, a null class for guidance.
 """
 
 from __future__ import annotations
@@ -29,6 +31,12 @@ class LoadedModel:
     id: str | None = None
     revision: str | None = None
     load_s: float = 0.0
+    num_classes: int | None = None  # class-conditional: labels 0 .. num_classes - 1
+    null_class: int | None = None  # the label of the unconditional half of guidance
+
+    @property
+    def prediction_type(self) -> str:
+        return str(self.scheduler_config.get("prediction_type") or "epsilon")
 
     @property
     def sample_shape(self) -> tuple[int, int, int]:
@@ -57,11 +65,13 @@ def load_pretrained(source: str, revision: str | None = None) -> tuple[torch.nn.
     return unet, dict(scheduler.config)
 
 
-def tiny_unet(sample_size: int = 16) -> UNet2DModel:
-    """A small random-weight UNet2DModel (fixed init seed), for tests and smoke runs."""
+def tiny_unet(sample_size: int = 16, num_classes: int | None = None) -> UNet2DModel:
+    """A small random-weight UNet2DModel (fixed init seed), for tests and smoke runs; with ``num_classes``
+    class-conditional, with one more embedding for the null class."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         return UNet2DModel(
+            num_class_embeds=None if num_classes is None else num_classes + 1,
             sample_size=sample_size,
             in_channels=3,
             out_channels=3,
@@ -77,12 +87,13 @@ def load_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype = torc
     """Build or load the model that ``cfg`` names, in eval mode on ``device`` and in ``dtype``."""
     start = time.perf_counter()
     source = ModelSource(cfg.source)
+    built_here = {"prediction_type": cfg.prediction_type or "epsilon"}
     if source == ModelSource.ideal:
-        model: torch.nn.Module = DigitsIdealDenoiser(sample_size=cfg.sample_size or 32, std=cfg.std)
-        scheduler_config = dict(DDPM_SCHEDULER_CONFIG)
-        ident = None
+        model: torch.nn.Module = DigitsIdealDenoiser(cfg.sample_size or 32, cfg.std, **built_here)
+        scheduler_config, ident = DDPM_SCHEDULER_CONFIG | built_here, None
     elif source == ModelSource.random:
-        model, scheduler_config, ident = tiny_unet(cfg.sample_size or 16), dict(DDPM_SCHEDULER_CONFIG), None
+        model = tiny_unet(cfg.sample_size or 16, cfg.num_classes)
+        scheduler_config, ident = DDPM_SCHEDULER_CONFIG | built_here, None
     elif source == ModelSource.hub:
         if not cfg.id:
             raise DiffexpError("model=hub needs model.id=<a Hub id>, e.g. model.id=google/ddpm-cifar10-32.")
@@ -103,8 +114,35 @@ def load_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype = torc
             raise DiffexpError(f"model.path={cfg.path} is not a folder. {OFFLINE_MODELS} work offline.")
         model, scheduler_config = load_pretrained(str(path))
         ident = str(path.resolve())
+    if cfg.prediction_type and source not in (ModelSource.ideal, ModelSource.random):
+        raise DiffexpError(
+            f"model.prediction_type={cfg.prediction_type} applies only to digits-ideal and tiny; a trained model's "
+            "prediction type is the one in its scheduler config."
+        )
     model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
-    return LoadedModel(model, scheduler_config, cfg.name, ident, cfg.revision, time.perf_counter() - start)
+    num_classes, null_class = classes(model, cfg)
+    loaded = LoadedModel(model, scheduler_config, cfg.name, ident, cfg.revision, time.perf_counter() - start)
+    loaded.num_classes, loaded.null_class = num_classes, null_class
+    return loaded
+
+
+def classes(model: torch.nn.Module, cfg: ModelConfig) -> tuple[int | None, int | None]:
+    """(num_classes, null_class) of a class-conditional UNet: the config's, else its ``num_class_embeds`` (no null
+    class: guidance needs ``model.null_class``); (None, None) for an unconditional model."""
+    embeds = getattr(getattr(model, "config", None), "num_class_embeds", None)
+    if embeds is None:
+        if cfg.num_classes is not None:
+            raise DiffexpError(f"model.num_classes={cfg.num_classes}, but {cfg.name} is not class-conditional.")
+        return None, None
+    if cfg.source == ModelSource.random and cfg.num_classes is not None:
+        return cfg.num_classes, cfg.num_classes  # tiny_unet: the extra embedding is the null class
+    num_classes = cfg.num_classes or embeds
+    if not 0 < num_classes <= embeds or (cfg.null_class is not None and not 0 <= cfg.null_class < embeds):
+        raise DiffexpError(
+            f"model.num_classes={cfg.num_classes} / model.null_class={cfg.null_class} do not fit a UNet with "
+            f"{embeds} class embeddings."
+        )
+    return num_classes, cfg.null_class
 
 
 def _offline() -> bool:

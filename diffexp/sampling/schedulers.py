@@ -103,6 +103,18 @@ def build_scheduler(
     cls = resolve_class(name, options.get("diffusers_class"))
     config, step_kwargs = split_options(name, options)
     init, _ = option_signatures(cls)
+    model_prediction = str(model_scheduler_config.get("prediction_type") or "epsilon")
+    takes = options.get("prediction_types") or ["epsilon"]
+    if model_prediction not in takes:
+        raise DiffexpError(
+            f"Scheduler '{name}' ({cls.__name__}) cannot sample a model that predicts {model_prediction}: diffusers "
+            f"implements only {', '.join(takes)} for it. Choose another scheduler."
+        )
+    if config.get("prediction_type", model_prediction) != model_prediction:
+        raise DiffexpError(
+            f"scheduler.prediction_type={config['prediction_type']} contradicts the model, which predicts "
+            f"{model_prediction}; leave scheduler.prediction_type unset (it comes from the model's scheduler config)."
+        )
     if "noise_sampler_seed" in init and config.get("noise_sampler_seed") is None:
         config["noise_sampler_seed"] = seed  # DPMSolverSDE draws its noise from a Brownian tree seeded here
     try:

@@ -1,0 +1,41 @@
+"""Does a sample show its requested class? The shipped digits classifier reads each sample of a labelled run.
+
+``label_accuracy`` is the fraction of samples the classifier assigns to their requested label; ``classes_produced``
+how many distinct classes it reads. Only for 1-channel samples (the classifier's digits), with ``labels`` set.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from diffexp.metrics.base import Context, Key, Metric
+from diffexp.metrics.features import feature_name, load_digits_features
+from diffexp.sampling.loop import StepState
+
+
+class LabelAccuracy(Metric):
+    """``metrics.label_accuracy`` on a run with class labels: agreement of the digits classifier with them."""
+
+    keys = (Key("label_accuracy", "higher"), Key("classes_produced"), Key("label_classifier"))
+
+    @classmethod
+    def enabled(cls, ctx: Context) -> bool:
+        explicit = ctx.exp.labels is not None and ctx.exp.labels != [ctx.exp.loaded.null_class] * len(ctx.exp.labels)
+        return bool(ctx.mcfg.get("label_accuracy", True)) and explicit and ctx.exp.loaded.sample_shape[0] == 1
+
+    def __init__(self, ctx: Context) -> None:
+        super().__init__(ctx)
+        self.net, metadata = load_digits_features()
+        self.name = feature_name(metadata)
+
+    def final(self, final: StepState) -> dict[str, Any]:
+        with torch.no_grad():
+            read = self.net.classify(final.x.float().cpu()).argmax(dim=1)
+        wanted = torch.tensor(self.ctx.exp.labels)
+        return {
+            "label_accuracy": (read == wanted).double().mean().item(),
+            "classes_produced": int(read.unique().numel()),
+            "label_classifier": self.name,
+        }
