@@ -3,7 +3,7 @@ PYTHON ?= python3
 ARGS ?=
 STAMP := .make/installed
 
-.PHONY: install run test test-all lint train-digits
+.PHONY: install run test test-all lint train-digits train-digits-cond
 
 install: $(STAMP)
 
@@ -16,6 +16,9 @@ run: install
 
 train-digits: install  # retrains the shipped digits-unet into outputs/train/digits-unet/model (see its model card)
 	$(PYTHON) scripts/train.py $(ARGS)
+
+train-digits-cond: install  # the class-conditional digits-cond (label dropout for guidance) into outputs/train/digits-cond/model
+	$(PYTHON) scripts/train.py --config-name train-digits-cond $(ARGS)
 
 test: install
 	$(PYTHON) -m ruff check .

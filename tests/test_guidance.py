@@ -13,6 +13,7 @@ from conftest import compose, run_cli
 from diffusers import DDIMScheduler, EulerAncestralDiscreteScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
+import diffexp
 from diffexp.errors import DiffexpError
 from diffexp.sampling.experiment import prepare
 from diffexp.sampling.ideal import DDPM_SCHEDULER_CONFIG
@@ -123,3 +124,11 @@ def test_the_run_records_labels_guidance_and_prediction_type(tmp_path: Path) -> 
     assert metrics["labels"] == [0, 1, 2] and metrics["guidance"]["scale"] == 2.5
     assert metrics["prediction_type"] == "epsilon" and metrics["net_evals"] == 12
     assert [json.loads(line)["net_evals"] for line in (run / "steps.jsonl").read_text().splitlines()][-1] == 12
+
+
+def test_digits_cond_draws_the_requested_classes_under_guidance(tmp_path: Path) -> None:
+    cfg = compose("model=digits-cond", "labels=all", "guidance_scale=3", "scheduler=dpmsolver", "steps=20",
+                  "batch_size=20", "metrics.cache_dir=" + str(tmp_path))  # fmt: skip
+    metrics = diffexp.run(cfg, tmp_path / "run")
+    assert metrics["labels"] == [k % 10 for k in range(20)] and metrics["net_evals"] == 40
+    assert metrics["label_accuracy"] >= 0.85 and metrics["classes_produced"] == 10

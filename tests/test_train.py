@@ -15,8 +15,10 @@ from safetensors.torch import load_file
 import diffexp
 from diffexp.errors import DiffexpError
 from diffexp.sampling import models
+from diffexp.training.data import batch_of
 from diffexp.training.loop import train
-from diffexp.training.trainer import checkpoints, new_trainer, resume_trainer, snr_weights
+from diffexp.training.objective import drop_labels, snr_weights
+from diffexp.training.trainer import checkpoints, new_trainer, resume_trainer
 
 # a UNet small enough to train a few steps in a second on a CPU
 TINY = [
@@ -80,6 +82,91 @@ def test_snr_gamma_weights_the_per_sample_loss(gamma: str) -> None:
     weights = torch.ones(32) if gamma == "null" else snr_weights(trainer.noise_scheduler, t, 5.0)
     torch.testing.assert_close(loss, (weights * err).mean())
     assert gamma == "null" or (weights.min() < 0.5 and loss < err.mean())  # low-noise samples weigh less
+
+
+def test_label_dropout_replaces_about_p_of_the_labels_by_the_null_class() -> None:
+    labels = torch.arange(20000) % 10
+    dropped = drop_labels(labels, 0.1, 10, torch.Generator().manual_seed(0))
+    null = dropped == 10
+    assert 0.09 < null.float().mean() < 0.11
+    assert torch.equal(dropped[~null], labels[~null])  # the others keep their label
+    assert torch.equal(drop_labels(labels, 0.0, 10, torch.Generator()), labels)
+
+
+def test_class_conditional_loss_passes_the_dropped_labels_to_the_unet(monkeypatch: pytest.MonkeyPatch) -> None:
+    trainer = new_trainer(train_cfg("num_classes=10", "label_dropout=0.5"), torch.device("cpu"))
+    assert trainer.unet.config.num_class_embeds == 11
+    seen: list[torch.Tensor] = []
+    forward = trainer.unet.forward
+
+    def recording(x, t, class_labels=None, **kwargs):
+        seen.append(class_labels)
+        return forward(x, t, class_labels=class_labels, **kwargs)
+
+    monkeypatch.setattr(trainer.unet, "forward", recording)
+    images, labels = batch_of(trainer.data, torch.arange(0, 1797, 7))
+    assert labels is not None and torch.equal(labels, diffexp.sampling.ideal.digits_labels()[::7])
+    with torch.no_grad():
+        trainer.loss(images, labels)
+    null = seen[0] == 10
+    assert 0.3 < null.float().mean() < 0.7 and torch.equal(seen[0][~null], labels[~null])
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+@pytest.mark.parametrize("gamma", ["null", "5"])
+def test_loss_target_follows_the_prediction_type(prediction_type: str, gamma: str) -> None:
+    trainer = new_trainer(train_cfg(f"prediction_type={prediction_type}", f"snr_gamma={gamma}"), torch.device("cpu"))
+    assert trainer.noise_scheduler.config.prediction_type == prediction_type
+    batch = diffexp.sampling.ideal.digits_images(16)[:32]
+    trainer.generator.manual_seed(3)
+    with torch.no_grad():
+        loss = trainer.loss(batch)
+        trainer.generator.manual_seed(3)  # the same t and noise, by hand
+        t = torch.randint(0, 1000, (32,), generator=trainer.generator)
+        eps = torch.randn(batch.shape, generator=trainer.generator)
+        abar = trainer.noise_scheduler.alphas_cumprod[t][:, None, None, None]
+        xt = abar.sqrt() * batch + (1 - abar).sqrt() * eps
+        target = {"epsilon": eps, "v_prediction": abar.sqrt() * eps - (1 - abar).sqrt() * batch, "sample": batch}
+        err = (trainer.unet(xt, t).sample - target[prediction_type]).pow(2).mean((1, 2, 3))
+    snr = abar.flatten() / (1 - abar.flatten())
+    clipped = snr.clamp(max=5.0)
+    weights = {"epsilon": clipped / snr, "v_prediction": clipped / (snr + 1), "sample": clipped}[prediction_type]
+    if gamma == "null":
+        weights = torch.ones(32)
+    else:
+        torch.testing.assert_close(snr_weights(trainer.noise_scheduler, t, 5.0, prediction_type), weights)
+    torch.testing.assert_close(loss, (weights * err).mean(), rtol=1e-4, atol=1e-6)
+
+
+def test_class_conditional_run_saves_its_classes_and_prediction_type_and_resumes(tmp_path: Path) -> None:
+    cond = ("num_classes=10", "label_dropout=0.1", "prediction_type=v_prediction", "lr_schedule=constant",
+            "checkpoint_every=2", "keep_checkpoints=5")  # fmt: skip
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    train(train_cfg("steps=4", *cond, "sample_every=4", "sample_batch=12", "sample_steps=2"), straight)
+    train(train_cfg("steps=2", *cond), split)
+    summary = train(train_cfg("steps=4", *cond), split)  # resumes from step 2
+    assert summary["steps"] == 4 and summary["steps_this_session"] == 2
+    records = [json.loads(line) for line in (straight / "train.jsonl").read_text().splitlines()]
+    assert Path(records[-1]["samples"]).is_file()  # the guided-free sample grid, labels k mod 10
+
+    unet, scheduler_config = models.load_pretrained(str(split / "model"))
+    assert unet.config.num_class_embeds == 11 and scheduler_config["prediction_type"] == "v_prediction"
+    saved = json.loads((split / "model/scheduler/scheduler_config.json").read_text())
+    assert saved["prediction_type"] == "v_prediction"
+    ema_a = load_file(straight / "model/unet/diffusion_pytorch_model.safetensors")
+    ema_b = load_file(split / "model/unet/diffusion_pytorch_model.safetensors")
+    assert ema_a.keys() == ema_b.keys() and all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
+    assert "class_embedding.weight" in ema_a and ema_a["class_embedding.weight"].shape[0] == 11
+
+    # a resumed trainer is class-conditional again, and samples with class labels
+    trainer = resume_trainer(train_cfg("steps=4", *cond), torch.device("cpu"), split / "checkpoints/step-000004")
+    assert trainer.step == 4 and trainer.num_classes == 10 and trainer.prediction_type == "v_prediction"
+    x = trainer.samples(3, 2)
+    assert x.shape == (3, 1, 16, 16) and torch.isfinite(x).all()
+    with pytest.raises(DiffexpError, match="num_class_embeds"):
+        resume_trainer(train_cfg("steps=4"), torch.device("cpu"), split / "checkpoints/step-000004")
+    with pytest.raises(DiffexpError, match="prediction_type"):
+        resume_trainer(train_cfg("steps=4", "num_classes=10"), torch.device("cpu"), split / "checkpoints/step-000004")
 
 
 def test_checkpoint_loads_as_model_local_and_resumes_exactly(tmp_path: Path) -> None:
@@ -182,6 +269,13 @@ def test_folder_dataset_trains(tmp_path: Path) -> None:
         (["steps=0"], "steps=0"),
         (["snr_gamma=0"], "snr_gamma=0"),
         (["lr_schedule=wobbly"], "lr_schedule=wobbly"),
+        (["prediction_type=x0"], "prediction_type=x0"),
+        (["num_classes=10", "label_dropout=1.0"], "label_dropout=1.0"),
+        (["num_classes=10", "label_dropout=-0.1"], "label_dropout=-0.1"),
+        (["label_dropout=0.1"], "needs class-conditional"),
+        (["num_classes=0"], "num_classes=0"),
+        (["+unet.num_class_embeds=11"], "num_classes"),
+        (["num_classes=10", "dataset=folder", "dataset.path=."], "no class labels"),
     ],
 )
 def test_bad_training_config_is_a_clear_error(tmp_path: Path, overrides: list[str], message: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -10,6 +11,7 @@ from omegaconf import MISSING, DictConfig
 
 from diffexp.config import LoggerConfig
 from diffexp.errors import DiffexpError
+from diffexp.sampling.denoisers import PREDICTION_TYPES
 from diffexp.sampling.ideal import DDPM_SCHEDULER_CONFIG
 
 
@@ -37,6 +39,10 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     snr_gamma: float | None = None  # min-SNR-gamma loss weights (Hang et al. 2023); null: plain MSE
+    prediction_type: str = "epsilon"  # what the UNet predicts: epsilon | v_prediction | sample
+    # class conditioning: null = unconditional; C = labels 0..C-1 plus the null class id C (num_class_embeds = C + 1)
+    num_classes: int | None = None
+    label_dropout: float = 0.0  # probability that a training label becomes the null class id (for guidance)
     ema_decay: float = 0.999
     seed: int = 0
     device: str = "auto"
@@ -70,3 +76,30 @@ def check_config(cfg: TrainConfig | DictConfig) -> None:
         raise DiffexpError(f"ema_decay={cfg.ema_decay} must be in [0, 1).")
     if cfg.snr_gamma is not None and cfg.snr_gamma <= 0:
         raise DiffexpError(f"snr_gamma={cfg.snr_gamma} must be positive (or null for plain MSE).")
+    if cfg.get("prediction_type", "epsilon") not in PREDICTION_TYPES:
+        raise DiffexpError(f"prediction_type={cfg.prediction_type}: use one of {', '.join(PREDICTION_TYPES)}.")
+    num_classes, dropout = cfg.get("num_classes"), cfg.get("label_dropout", 0.0)
+    if num_classes is not None and num_classes < 1:
+        raise DiffexpError(f"num_classes={num_classes} must be a positive integer (or null: unconditional).")
+    if not 0 <= dropout < 1:
+        raise DiffexpError(f"label_dropout={dropout} must be in [0, 1).")
+    if dropout > 0 and num_classes is None:
+        raise DiffexpError(f"label_dropout={dropout} needs class-conditional training: set num_classes.")
+
+
+def check_resumable(
+    cfg: TrainConfig | DictConfig, checkpoint: Path, num_class_embeds: int | None, scheduler_config: dict[str, Any]
+) -> None:
+    """A checkpoint resumes only the same kind of model: its classes and prediction type."""
+    want_embeds = cfg.num_classes + 1 if cfg.get("num_classes") else None
+    if num_class_embeds != want_embeds:
+        raise DiffexpError(
+            f"{checkpoint} has num_class_embeds={num_class_embeds}, but num_classes={cfg.get('num_classes')} needs "
+            f"{want_embeds}: train into a new output folder (name=...) or resume=false."
+        )
+    saved = scheduler_config.get("prediction_type", "epsilon")
+    if saved != cfg.get("prediction_type", "epsilon"):
+        raise DiffexpError(
+            f"{checkpoint} was trained with prediction_type={saved}, not {cfg.prediction_type}: "
+            "train into a new output folder (name=...) or resume=false."
+        )

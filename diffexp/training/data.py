@@ -8,7 +8,7 @@ import torch
 from omegaconf import DictConfig
 
 from diffexp.errors import DiffexpError
-from diffexp.sampling.ideal import digits_images
+from diffexp.sampling.ideal import digits_images, digits_labels
 from diffexp.training.config import DatasetConfig
 
 
@@ -42,12 +42,20 @@ class ImageFolderData(torch.utils.data.Dataset):
             return self.transform(im.convert(self.mode))
 
 
-def load_dataset(cfg: DatasetConfig | DictConfig) -> torch.utils.data.Dataset:
+def load_dataset(cfg: DatasetConfig | DictConfig, labels: bool = False) -> torch.utils.data.Dataset:
+    """The training images; with ``labels`` (class-conditional training) items are (image, label) pairs."""
     if cfg.name == "digits":
         if cfg.channels != 1:
             raise DiffexpError("dataset=digits has one channel; leave dataset.channels at 1.")
+        if labels:
+            return torch.utils.data.TensorDataset(digits_images(cfg.sample_size), digits_labels())
         return torch.utils.data.TensorDataset(digits_images(cfg.sample_size))
     if cfg.name == "folder":
+        if labels:
+            raise DiffexpError(
+                "dataset=folder has no class labels: class-conditional training (num_classes) needs dataset=digits. "
+                "Leave num_classes=null for a folder of images."
+            )
         if not cfg.path:
             raise DiffexpError("dataset=folder needs dataset.path=DIR, a folder of images.")
         root = Path(cfg.path).expanduser()
@@ -59,6 +67,10 @@ def load_dataset(cfg: DatasetConfig | DictConfig) -> torch.utils.data.Dataset:
     raise DiffexpError(f"Unknown dataset '{cfg.name}'. Use dataset=digits or dataset=folder dataset.path=DIR.")
 
 
-def batch_of(data: torch.utils.data.Dataset, index: torch.Tensor) -> torch.Tensor:
+def batch_of(data: torch.utils.data.Dataset, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(images, labels) of the items at ``index``; labels is None for a dataset without them."""
     items = [data[i] for i in index.tolist()]
-    return torch.stack([x[0] if isinstance(x, tuple) else x for x in items])
+    images = torch.stack([x[0] if isinstance(x, tuple) else x for x in items])
+    if items and isinstance(items[0], tuple) and len(items[0]) > 1:
+        return images, torch.stack([torch.as_tensor(x[1]) for x in items]).long()
+    return images, None

@@ -1,7 +1,7 @@
 """The trainer: the UNet, its EMA copy, the optimiser and the generator, one step at a time, and checkpoints.
 
-Objective (Ho et al. 2020, eq. 14): L = E_{x0, t, eps} |eps - eps_theta(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t)|^2,
-t ~ U{0..T-1}, optionally weighted by min-SNR-gamma.
+The objective is diffexp.training.objective. A class-conditional UNet (``num_classes: C``) gets C + 1 class
+embeddings: ids 0..C-1 are the classes and id C, the last, is the null class that label dropout trains.
 """
 
 from __future__ import annotations
@@ -17,15 +17,17 @@ from typing import Any
 import torch
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from diffusers.optimization import get_scheduler
-from diffusers.training_utils import EMAModel, compute_snr
+from diffusers.training_utils import EMAModel
 from omegaconf import DictConfig, OmegaConf
 
 from diffexp.errors import DiffexpError
 from diffexp.sampling import models
+from diffexp.sampling.denoisers import Denoiser
 from diffexp.sampling.loop import initial_noise, iter_steps, sample
 from diffexp.sampling.schedulers import build_scheduler
-from diffexp.training.config import TrainConfig
+from diffexp.training.config import TrainConfig, check_resumable
 from diffexp.training.data import batch_of, load_dataset
+from diffexp.training.objective import drop_labels, loss_target, snr_weights
 
 STATE_FILE = "training_state.pt"
 
@@ -33,25 +35,20 @@ STATE_FILE = "training_state.pt"
 def build_unet(cfg: TrainConfig | DictConfig) -> UNet2DModel:
     options = OmegaConf.to_container(cfg.unet, resolve=True) if isinstance(cfg.unet, DictConfig) else dict(cfg.unet)
     allowed = set(inspect.signature(UNet2DModel.__init__).parameters) - {"self", "sample_size"}
-    allowed -= {"in_channels", "out_channels"}
+    allowed -= {"in_channels", "out_channels", "num_class_embeds"}
     unknown = sorted(set(options) - allowed)
     if unknown:
         raise DiffexpError(
-            f"unet.{unknown[0]} is not a UNet2DModel option (sample_size and channels come from the dataset). "
-            f"Options: {', '.join(sorted(allowed))}."
+            f"unet.{unknown[0]} is not a UNet2DModel option (sample_size and channels come from the dataset, "
+            f"num_class_embeds from num_classes). Options: {', '.join(sorted(allowed))}."
         )
+    if cfg.get("num_classes"):
+        options["num_class_embeds"] = cfg.num_classes + 1  # the classes and the null class (id num_classes)
     ds = cfg.dataset
     try:
         return UNet2DModel(sample_size=ds.sample_size, in_channels=ds.channels, out_channels=ds.channels, **options)
     except (ValueError, TypeError, AssertionError) as err:
         raise DiffexpError(f"UNet2DModel refused the options {options}: {err}") from None
-
-
-def snr_weights(noise_scheduler: DDPMScheduler, t: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Min-SNR-gamma weights for noise prediction (Hang et al. 2023, eq. 9 with eps = x0-loss / SNR):
-    w_t = min(SNR_t, gamma) / SNR_t, SNR_t = abar_t / (1 - abar_t)."""
-    snr = compute_snr(noise_scheduler, t)
-    return snr.clamp(max=gamma) / snr
 
 
 @dataclass
@@ -70,22 +67,38 @@ class Trainer:
     generator: torch.Generator  # draws batches, timesteps and noise (CPU, so a run repeats on any device)
     step: int = 0
 
-    def loss(self, x0: torch.Tensor) -> torch.Tensor:
-        """The noise-prediction loss of one batch, with t and eps drawn from the trainer's generator."""
+    @property
+    def num_classes(self) -> int | None:
+        return self.cfg.get("num_classes")
+
+    @property
+    def prediction_type(self) -> str:
+        return self.noise_scheduler.config.prediction_type
+
+    def loss(self, x0: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """The loss of one batch, with t, eps and then the label dropout drawn from the trainer's generator."""
         t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (x0.shape[0],), generator=self.generator)
         eps = torch.randn(x0.shape, generator=self.generator)
+        kwargs = {}
+        if self.num_classes:
+            if labels is None:
+                raise DiffexpError("a class-conditional model (num_classes) needs labels with every batch.")
+            labels = drop_labels(labels, self.cfg.get("label_dropout", 0.0), self.num_classes, self.generator)
+            kwargs["class_labels"] = labels.to(self.device)
         x0, t, eps = x0.to(self.device), t.to(self.device), eps.to(self.device)
         xt = self.noise_scheduler.add_noise(x0, eps, t)
+        target = loss_target(self.noise_scheduler, x0, eps, t, self.prediction_type)
+        out = self.unet(xt, t, **kwargs).sample
         if self.cfg.snr_gamma is None:
-            return torch.nn.functional.mse_loss(self.unet(xt, t).sample, eps)
-        per_sample = torch.nn.functional.mse_loss(self.unet(xt, t).sample, eps, reduction="none").mean(dim=(1, 2, 3))
-        return (snr_weights(self.noise_scheduler, t, self.cfg.snr_gamma) * per_sample).mean()
+            return torch.nn.functional.mse_loss(out, target)
+        per_sample = torch.nn.functional.mse_loss(out, target, reduction="none").mean(dim=(1, 2, 3))
+        return (snr_weights(self.noise_scheduler, t, self.cfg.snr_gamma, self.prediction_type) * per_sample).mean()
 
     def train_step(self) -> float:
         """One optimiser step on a random batch; returns its loss."""
         index = torch.randint(0, len(self.data), (self.cfg.batch_size,), generator=self.generator)
         self.unet.train()
-        loss = self.loss(batch_of(self.data, index))
+        loss = self.loss(*batch_of(self.data, index))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.cfg.grad_clip > 0:
@@ -102,14 +115,15 @@ class Trainer:
 
     @torch.no_grad()
     def samples(self, n: int, steps: int, scheduler: str = "dpmsolver", seed: int = 0) -> torch.Tensor:
-        """``n`` samples of the EMA model, with diffexp's own loop and the fixed noise of seeds seed..seed+n-1."""
+        """``n`` samples of the EMA model, with diffexp's own loop and the fixed noise of seeds seed..seed+n-1;
+        a class-conditional model draws sample k with label k mod num_classes, unguided."""
         model = self.ema_model().eval()
         built = build_scheduler(scheduler, dict(self.noise_scheduler.config), {}, seed=seed)
         shape = (model.config.in_channels, model.config.sample_size, model.config.sample_size)
         noise, generators = initial_noise(shape, seed, n, self.device)
-        final = sample(
-            iter_steps(lambda x, t: model(x, t).sample, built.scheduler, noise, steps, generators, built.step_kwargs)
-        )
+        labels = (torch.arange(n) % self.num_classes).to(self.device) if self.num_classes else None
+        denoiser = Denoiser(model, self.prediction_type, labels)
+        final = sample(iter_steps(denoiser, built.scheduler, noise, steps, generators, built.step_kwargs))
         return final.x.clamp(-1, 1).cpu()
 
     def pipeline(self) -> DDPMPipeline:
@@ -151,13 +165,16 @@ def new_trainer(cfg: DictConfig, device: torch.device) -> Trainer:
     torch.manual_seed(cfg.seed)
     unet = build_unet(cfg).to(device)
     ema_unet = copy.deepcopy(unet).requires_grad_(False)
-    return _assemble(cfg, device, unet, ema_unet, dict(OmegaConf.to_container(cfg.noise_schedule, resolve=True)))
+    scheduler_config = dict(OmegaConf.to_container(cfg.noise_schedule, resolve=True))
+    scheduler_config["prediction_type"] = cfg.get("prediction_type", "epsilon")  # saved with the model
+    return _assemble(cfg, device, unet, ema_unet, scheduler_config)
 
 
 def resume_trainer(cfg: DictConfig, device: torch.device, checkpoint: Path) -> Trainer:
     """The trainer as ``checkpoint`` saved it. Its pipeline loads through ``load_pretrained``, as sampling does."""
     ema_unet, scheduler_config = models.load_pretrained(str(checkpoint))
     ema_unet = ema_unet.to(device).requires_grad_(False)
+    check_resumable(cfg, checkpoint, ema_unet.config.get("num_class_embeds"), scheduler_config)
     state = torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=True)
     unet = UNet2DModel.from_config(ema_unet.config).to(device)
     unet.load_state_dict(state["unet"])
@@ -173,7 +190,7 @@ def resume_trainer(cfg: DictConfig, device: torch.device, checkpoint: Path) -> T
 def _assemble(
     cfg: DictConfig, device: torch.device, unet: UNet2DModel, ema_unet: UNet2DModel, scheduler_config: dict[str, Any]
 ) -> Trainer:
-    data = load_dataset(cfg.dataset)
+    data = load_dataset(cfg.dataset, labels=bool(cfg.get("num_classes")))
     noise_scheduler = DDPMScheduler.from_config(scheduler_config)
     optimizer, lr_scheduler = _optimizer(cfg, unet)
     ema = EMAModel(ema_unet.parameters(), decay=cfg.ema_decay, use_ema_warmup=True, foreach=True)
