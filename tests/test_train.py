@@ -13,6 +13,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import diffexp
+from diffexp.config import WEIGHTS_DIR
 from diffexp.errors import DiffexpError
 from diffexp.sampling import models
 from diffexp.training.data import batch_of
@@ -246,6 +247,18 @@ def test_shipped_weights_are_small_safetensors_with_a_card() -> None:
     for key, value in diffexp.sampling.ideal.DDPM_SCHEDULER_CONFIG.items():
         if key != "_class_name":
             assert config[key] == value, key  # the noise schedule of digits-ideal
+
+
+def test_shipped_digits_cond_is_class_conditional_with_a_null_class() -> None:
+    folder = WEIGHTS_DIR / "digits-cond"
+    assert (folder / "unet/diffusion_pytorch_model.safetensors").stat().st_size <= 10 * 2**20
+    assert (folder / "README.md").is_file()
+    unet, scheduler_config = models.load_pretrained(str(folder))
+    assert unet.config.num_class_embeds == 11 and scheduler_config["prediction_type"] == "epsilon"
+    x, t = torch.zeros(2, 1, 32, 32), torch.tensor([500, 500])
+    with torch.no_grad():
+        out = unet(x, t, class_labels=torch.tensor([3, 10])).sample  # a digit and the null class
+    assert out.shape == x.shape and torch.isfinite(out).all() and not torch.equal(out[0], out[1])
 
 
 def test_folder_dataset_trains(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""The report's picture figures: the samples grid (schedulers x steps) and the x0 trajectory strips."""
+"""The report's picture figures: the samples grid (schedulers x steps, per guidance scale) and the x0 trajectories."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ from typing import Any
 import numpy as np
 import torch
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 
-from diffexp.report.jobs import Job, layout
+from diffexp.report.jobs import Job, facet_title, facets, layout, series_order
 from diffexp.sampling.images import grid, to_uint8
 
 SAMPLES_PER_CELL = 4
@@ -25,12 +26,15 @@ def fmt_time(s: float | None) -> str:
     return f"{s * 1000:.0f} ms" if s < 1 else f"{s:.2f} s"
 
 
-def caption(job: Job, quality: Sequence[str]) -> str:
-    """Under a cell: NFE, sampling time and the first quality metric."""
+def caption(job: Job, quality: Sequence[str], k: int = SAMPLES_PER_CELL) -> str:
+    """Under a cell: NFE, sampling time, the first quality metric and the classes of the ``k`` samples shown."""
     text = f"NFE {job.metrics.get('nfe', '?')} · {fmt_time(job.value('wall_s'))}"
     first = job.value(quality[0]) if quality else None
     if first is not None:
         text += f"\n{quality[0]} {first:.4g}"
+    labels = job.metrics.get("labels")
+    if labels:
+        text += "\nclasses " + " ".join(str(c) for c in labels[:k])
     return text
 
 
@@ -77,55 +81,74 @@ def _row_label(fig: Figure, text: str, right: float, middle: float, size: tuple[
     fig.text(right / W, middle / H, text, ha="right", va="center", fontsize=10, weight="bold")
 
 
+def _draw_cell(fig: Figure, job: Job | None, box: tuple[float, ...], img_w: float, k: int, text: str) -> None:
+    """One cell in ``box`` (left, bottom, width, height in inches; ``img_w`` wide images): ``k`` samples, captioned,
+    or the cell's status."""
+    W, H = fig.get_size_inches()
+    left, bottom, width, height = box
+    x = job.samples() if job is not None and job.finished else None
+    if x is None:
+        draw_cell_status(fig.add_axes((left / W, bottom / H, width / W, height / H)), job)
+        return
+    ax = fig.add_axes(((left + (width - img_w) / 2) / W, bottom / H, img_w / W, height / H))
+    image = _image(x[:k])
+    ax.imshow(image, cmap="gray" if image.ndim == 2 else None, vmin=0, vmax=255, interpolation="nearest")
+    ax.set_aspect("auto")
+    ax.set_axis_off()
+    ax.text(0.5, -0.06, text, transform=ax.transAxes, ha="center", va="top", fontsize=9)
+
+
 def grid_figure(jobs: Sequence[Job], quality: Sequence[str], title: str) -> Figure:
-    """Rows: schedulers; columns: steps; cells: the first samples of each run (same seeds), captioned."""
-    rows, cols, cells = layout(jobs)
+    """Rows: schedulers; columns: steps; cells: the first samples of each run (same seeds), captioned. Where the
+    guidance scale varies (the facet), the facets are stacked, each under its heading."""
+    groups = [(g, layout(group)) for g, group in facets(jobs)]
+    cols = sorted({j.steps for j in jobs})
     first = next((x for j in jobs if j.finished and (x := j.samples()) is not None), None)
     k = min(SAMPLES_PER_CELL, first.shape[0]) if first is not None else SAMPLES_PER_CELL
     shape = _image(first[:k]).shape if first is not None else (1, k)
     img_h = (1.0 if shape[0] <= 70 else 1.6) if shape[1] / shape[0] < 6 else 0.8  # inches; larger images larger
     img_w = img_h * shape[1] / shape[0]
     col_w = max(img_w, 1.9)  # room for the caption and for a failure's message
-    cap_h = 0.5 if quality else 0.36
-    label_w = 0.3 + 0.085 * max(len(r) for r in rows)
+    labelled = any(j.metrics.get("labels") for j in jobs)
+    cap_h = 0.22 + 0.14 * (1 + bool(quality) + labelled)  # caption lines: cost, quality, classes
+    label_w = 0.3 + 0.085 * max(len(r) for _, lay in groups for r in lay.rows)
     pitch_w, pitch_h = col_w + 0.25, img_h + cap_h + 0.12
-    head, pad = 0.95, 0.15
+    head, pad, band = 0.95, 0.15, (0.45 if len(groups) > 1 else 0.0)  # band: a facet's heading
     what = f"the first {k} samples" if k > 1 else "the first sample"
-    subtitle = f"each cell: {what} (the same seeds in every cell) · NFE · sampling time"
+    same = "the same seeds and classes" if labelled else "the same seeds"
+    subtitle = f"each cell: {what} ({same} in every cell) · NFE · sampling time" + (" · classes" if labelled else "")
     W = max(label_w + pitch_w * len(cols) + pad, 2 * pad + 0.075 * max(len(subtitle), 1.2 * len(title)))
-    H = head + pitch_h * len(rows) + pad
+    H = head + sum(pitch_h * len(lay.rows) + band for _, lay in groups) + pad
     fig = _headed_figure(W, H, title, subtitle)
     for c, steps in enumerate(cols):
         x = (label_w + c * pitch_w + col_w / 2) / W
         fig.text(x, 1 - 0.8 / H, f"{steps} steps", ha="center", va="center", fontsize=11, weight="bold")
-    for r, row in enumerate(rows):
-        y0 = H - head - (r + 1) * pitch_h + cap_h
-        _row_label(fig, row, label_w - 0.15, y0 + img_h / 2, (W, H))
-        for c, steps in enumerate(cols):
-            job = cells.get((row, steps))
-            x = job.samples() if job is not None and job.finished else None
-            left = label_w + c * pitch_w
-            if x is None:
-                draw_cell_status(fig.add_axes((left / W, y0 / H, col_w / W, img_h / H)), job)
-                continue
-            ax = fig.add_axes(((left + (col_w - img_w) / 2) / W, y0 / H, img_w / W, img_h / H))
-            image = _image(x[:k])
-            ax.imshow(image, cmap="gray" if image.ndim == 2 else None, vmin=0, vmax=255, interpolation="nearest")
-            ax.set_aspect("auto")
-            ax.set_axis_off()
-            ax.text(0.5, -0.06, caption(job, quality), transform=ax.transAxes, ha="center", va="top", fontsize=9)
+    top = H - head
+    for g, (rows, _, cells) in groups:
+        if band:
+            fig.add_artist(Line2D([pad / W, 1 - pad / W], [(top - 0.06) / H] * 2, color="#bdbdbd", linewidth=1))
+            fig.text(pad / W, (top - band / 2) / H, facet_title(g), fontsize=11, weight="bold", va="center")
+            top -= band
+        for r, row in enumerate(rows):
+            y0 = top - (r + 1) * pitch_h + cap_h
+            _row_label(fig, row, label_w - 0.15, y0 + img_h / 2, (W, H))
+            for c, steps in enumerate(cols):
+                job = cells.get((row, steps))
+                text = caption(job, quality, k) if job is not None else ""
+                _draw_cell(fig, job, (label_w + c * pitch_w, y0, col_w, img_h), img_w, k, text)
+        top -= pitch_h * len(rows)
     return fig
 
 
-def _trajectory_job(jobs: Sequence[Job], row: str) -> Job | None:
-    """The longest finished run of a row that saved its trajectory."""
-    done = [j for j in jobs if j.row == row and j.finished and j.folder and (j.folder / TRAJECTORY_FILE).exists()]
+def _trajectory_job(jobs: Sequence[Job], series: str) -> Job | None:
+    """The longest finished run of a series (row, and facet if any) that saved its trajectory."""
+    done = [j for j in jobs if j.series == series and j.finished and j.folder and (j.folder / TRAJECTORY_FILE).exists()]
     return max(done, key=lambda j: j.steps) if done else None
 
 
 def trajectory_figure(jobs: Sequence[Job]) -> Figure | None:
     """Per scheduler, x0 (the predicted clean image) of the first sample at each snapshot of one N-step run."""
-    picked = [(row, j) for row in layout(jobs).rows if (j := _trajectory_job(jobs, row)) is not None]
+    picked = [(row, j) for row in series_order(jobs) if (j := _trajectory_job(jobs, row)) is not None]
     if not picked:
         return None
     strips = []
@@ -138,11 +161,11 @@ def trajectory_figure(jobs: Sequence[Job]) -> Figure | None:
     size, label_w, head = 0.95, 0.3 + 0.085 * max(len(r) for r, *_ in strips), 0.75
     frames = max(len(s) for *_, s in strips)
     pitch_w, pitch_h = size + 0.2, size + 0.45
-    W, H = label_w + pitch_w * frames + 0.2, head + pitch_h * len(strips) + 0.1
-    fig = _headed_figure(
-        W, H, "x0 along one run of each scheduler",
-        "the predicted clean image of the first sample at snapshots of its longest run (step k of N)",
-    )  # fmt: skip
+    title = "x0 along one run of each scheduler"
+    subtitle = "the predicted clean image of the first sample at snapshots of its longest run (step k of N)"
+    W = max(label_w + pitch_w * frames + 0.2, 0.3 + 0.075 * len(subtitle))  # room for the heading
+    H = head + pitch_h * len(strips) + 0.1
+    fig = _headed_figure(W, H, title, subtitle)
     for r, (row, job, x0, steps) in enumerate(strips):
         y0 = H - head - (r + 1) * pitch_h + 0.1
         _row_label(fig, row, label_w - 0.15, y0 + size / 2, (W, H))

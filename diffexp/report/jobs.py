@@ -1,7 +1,8 @@
 """The jobs of a sweep as the report sees them: one ``Job`` per job folder or planned job, each with its row label.
 
 A row is the scheduler label plus every other setting that varies across the sweep; the columns of the grid are
-step counts, so (row, steps) names a cell.
+step counts, so (row, steps) names a cell. A guidance scale that varies is a third axis, the facet: one grid per
+value, and it is left out of the row label (``Job.series`` names row and facet together, for lines and strips).
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from diffexp.folders import (
     read_status_record,
 )
 
+FACET = "guidance_scale"  # the config key that becomes the third axis of the report where it varies
+
 
 @dataclass
 class Job:
@@ -41,7 +44,8 @@ class Job:
     config: dict[str, Any]
     metrics: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
-    row: str = ""  # the scheduler label, plus the settings that vary across the sweep
+    row: str = ""  # the scheduler label, plus the settings that vary across the sweep (except the facet)
+    facet: float | None = None  # the guidance scale where it varies across the sweep, else None
 
     @property
     def scheduler(self) -> str:
@@ -50,6 +54,17 @@ class Job:
     @property
     def steps(self) -> int:
         return int(self.config["steps"])
+
+    @property
+    def guidance(self) -> float:
+        """The classifier-free guidance scale (1: none; sweeps from before guidance have none)."""
+        g = self.config.get("guidance_scale")
+        return 1.0 if g is None else float(g)
+
+    @property
+    def series(self) -> str:
+        """The row, with the guidance scale where it is a facet: one line of a chart, one trajectory strip."""
+        return self.row if self.facet is None else f"{self.row}, guidance {self.facet:g}"
 
     @property
     def finished(self) -> bool:
@@ -128,19 +143,44 @@ def _flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def label_rows(jobs: Sequence[Job]) -> None:
-    """Row = scheduler label (its non-default options) plus any other setting that varies across the sweep."""
+    """Row = scheduler label (its non-default options) plus any other setting that varies across the sweep;
+    a guidance scale that varies is the facet instead."""
     flats = [
         {k: v for k, v in _flat(j.config).items() if not k.startswith("scheduler.") and k not in ("steps", "progress")}
         for j in jobs
     ]
     keys = sorted({k for f in flats for k in f})
-    varying = [k for k in keys if len({json.dumps(f.get(k), default=str) for f in flats}) > 1]
+    varying = [k for k in keys if len({json.dumps(f.get(k), default=str) for f in flats}) > 1 and k != FACET]
+    faceted = len({j.guidance for j in jobs}) > 1  # a run without the key (an older one) counts as scale 1
     for job, flat in zip(jobs, flats, strict=True):
-        extra = [f"{k}={flat.get(k)}" for k in varying]
-        job.row = " ".join([scheduler_label(job.config["scheduler"]), *extra])
+        job.row = " ".join([scheduler_label(job.config["scheduler"]), *(f"{k}={flat.get(k)}" for k in varying)])
+        job.facet = job.guidance if faceted else None
 
 
 _label_rows = label_rows  # the name tests/test_report.py imports
+
+
+def facets(jobs: Sequence[Job]) -> list[tuple[float | None, list[Job]]]:
+    """The jobs of each guidance scale, ascending, where it varies; else one group, facet None."""
+    values = sorted({j.facet for j in jobs if j.facet is not None})
+    if not values:
+        return [(None, list(jobs))]
+    return [(g, [j for j in jobs if j.facet == g]) for g in values]
+
+
+def facet_title(g: float) -> str:
+    """A guidance facet's heading, in the grid and on the page."""
+    return f"guidance scale {g:g}"
+
+
+def series_order(jobs: Sequence[Job]) -> list[str]:
+    """Every series (row, and facet if any) in grid order: facet by facet, rows in job order."""
+    return list(dict.fromkeys(j.series for _, group in facets(jobs) for j in group))
+
+
+def guided(jobs: Sequence[Job]) -> bool:
+    """Does a finished run count network evaluations apart from NFE (a guided call evaluates the network twice)?"""
+    return any(j.value("net_evals") not in (None, j.value("nfe")) for j in jobs if j.finished)
 
 
 def options_text(scheduler: Mapping[str, Any]) -> str:

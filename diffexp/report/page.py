@@ -106,9 +106,11 @@ def render_page(
     images: Mapping[str, Path],
     title: str,
     searched: Sequence[str],
+    facets: Sequence[tuple[str, str]] = (),
 ) -> str:
-    """The page: ``images`` maps grid, cost, each quality key and (optionally) trajectories to PNG files;
-    ``searched`` are the quality keys looked for, named when the runs hold none."""
+    """The page: ``images`` maps grid, cost, each quality key and (optionally) trajectories, guidance-<key> and
+    the facets' grids to PNG files; ``searched`` are the quality keys looked for, named when the runs hold none;
+    ``facets`` are (heading, image name) of the grid per guidance scale, shown instead of the grid."""
     template = environment().get_template(PAGE_TEMPLATE)
     return template.render(
         title=title,
@@ -121,4 +123,6 @@ def render_page(
         searched=list(searched),
         table=html_table(columns, rows),
         failed=[j for j in jobs if not j.finished],
+        facets=list(facets),
+        net_evals="net_evals" in columns,
     )

@@ -1,4 +1,5 @@
-"""The report's charts: each quality metric against cost with its Pareto front, and sampling time against NFE."""
+"""The report's charts: each quality metric against cost with its Pareto front, sampling time against NFE, and
+(where the guidance scale varies) each quality metric against the guidance scale."""
 
 from __future__ import annotations
 
@@ -10,12 +11,19 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
-from diffexp.report.jobs import Job, layout
+from diffexp.report.jobs import Job, facets, guided, layout, series_order
 
 if TYPE_CHECKING:
     from diffexp.metrics.base import Better
 
 COSTS: dict[str, str] = {"nfe": "NFE (model calls)", "wall_s": "sampling time (s)"}  # metrics.json key -> axis
+DASHES, MARKERS = ("-", "--", ":", "-."), ("o", "s", "^", "D", "v")  # per guidance facet
+NET_EVALS = {"net_evals": "net evals (network evaluations per sample)"}  # the third cost of guided runs
+
+
+def cost_axes(jobs: Sequence[Job]) -> dict[str, str]:
+    """The costs to plot quality against: NFE and time, and net evals where guided runs count them apart."""
+    return {**COSTS, **NET_EVALS} if guided(jobs) else dict(COSTS)
 
 
 def pareto_front(x: Sequence[float], y: Sequence[float], better: Better) -> list[int]:
@@ -55,13 +63,27 @@ def _points(jobs: Sequence[Job], x: str, y: str) -> list[tuple[float, float]]:
     return sorted(p for p in values if None not in p)  # type: ignore[misc]
 
 
+def _series_styles(jobs: Sequence[Job]) -> dict[str, dict[str, Any]]:
+    """The line of each series in grid order: its row's colour, and a dash and marker per guidance facet."""
+    rows, scales = layout(jobs).rows, [g for g, _ in facets(jobs)]
+    palette = colors(len(rows))
+    by_series = {j.series: j for j in jobs}
+    return {
+        name: {
+            "color": palette[rows.index(by_series[name].row)],
+            "linestyle": DASHES[scales.index(by_series[name].facet) % len(DASHES)],
+            "marker": MARKERS[scales.index(by_series[name].facet) % len(MARKERS)],
+        }
+        for name in series_order(jobs)
+    }
+
+
 def _line_per_row(ax: Any, jobs: Sequence[Job], x: str, y: str, **style: Any) -> None:
-    """One line per row through its finished runs' (x, y) values."""
-    rows = layout(jobs).rows
-    for row, color in zip(rows, colors(len(rows)), strict=True):
-        pts = _points([j for j in jobs if j.row == row], x, y)
+    """One line per series (row, and guidance scale where it varies) through its finished runs' (x, y) values."""
+    for name, look in _series_styles(jobs).items():
+        pts = _points([j for j in jobs if j.series == name], x, y)
         if pts:
-            ax.plot(*zip(*pts, strict=True), "o-", color=color, label=row, markersize=5, **style)
+            ax.plot(*zip(*pts, strict=True), label=name, markersize=5, **look, **style)
 
 
 def _legend(ax: Any) -> None:
@@ -69,10 +91,12 @@ def _legend(ax: Any) -> None:
 
 
 def quality_figure(jobs: Sequence[Job], key: str, better: Better) -> Figure:
-    """``key`` against NFE and against wall time, one line per scheduler, the Pareto front dashed."""
-    fig = Figure(figsize=(12, 4.6), dpi=110, layout="constrained")
-    axes = fig.subplots(1, 2)
-    for ax, (cost, cost_label) in zip(axes, COSTS.items(), strict=True):
+    """``key`` against NFE, wall time (and net evals of guided runs), one line per scheduler, the Pareto front
+    dashed."""
+    costs = cost_axes(jobs)
+    fig = Figure(figsize=(12 + 4.5 * (len(costs) - 2), 4.6), dpi=110, layout="constrained")
+    axes = fig.subplots(1, len(costs))
+    for ax, (cost, cost_label) in zip(axes, costs.items(), strict=True):
         _line_per_row(ax, jobs, cost, key, linewidth=1.5)
         pts = _points(jobs, cost, key)
         if pts:
@@ -86,7 +110,7 @@ def quality_figure(jobs: Sequence[Job], key: str, better: Better) -> Figure:
         ax.set_ylabel(f"{key} ({better} is better)")
         ax.grid(True, alpha=0.3, which="both")
         ax.set_title(f"{key} vs {cost_label.split(' (')[0]}", fontsize=11)
-    _legend(axes[1])
+    _legend(axes[-1])
     fig.suptitle(f"{key}: {better} is better; the dashed line is the Pareto front (no run is cheaper and better)")
     return fig
 
@@ -104,4 +128,43 @@ def cost_figure(jobs: Sequence[Job]) -> Figure:
     ax.grid(True, alpha=0.3, which="both")
     ax.set_title("cost: sampling time against model calls")
     _legend(ax)
+    return fig
+
+
+def _by_scale(jobs: Sequence[Job], key: str) -> list[tuple[float, float]]:
+    """(guidance scale, ``key``) of the finished runs that hold ``key``, sorted by scale."""
+    return sorted((j.guidance, v) for j in jobs if j.finished and (v := j.value(key)) is not None)
+
+
+def guidance_figure(jobs: Sequence[Job], key: str, better: Better) -> Figure:
+    """``key`` against the guidance scale: one panel per step count, one line per row (scheduler with options),
+    the best run of each panel ringed."""
+    rows, steps, _ = layout(jobs)
+    ncols = min(len(steps), 4)
+    nrows = math.ceil(len(steps) / ncols)
+    fig = Figure(figsize=(2.5 + 3.6 * ncols, 0.7 + 3.3 * nrows), dpi=110, layout="constrained")
+    axes = fig.subplots(nrows, ncols, sharey=True, squeeze=False).ravel()
+    legend: dict[str, Any] = {}  # label -> handle, over every panel
+    for ax, k in zip(axes, steps, strict=False):
+        panel = [j for j in jobs if j.steps == k]
+        for row, color in zip(rows, colors(len(rows)), strict=True):
+            if pts := _by_scale([j for j in panel if j.row == row], key):
+                (legend[row],) = ax.plot(*zip(*pts, strict=True), "o-", color=color, markersize=5, linewidth=1.5)
+        if pts := _by_scale(panel, key):
+            best = (min if better == "lower" else max)(pts, key=lambda p: p[1])
+            (legend["best at this step count"],) = ax.plot(
+                *best, "o", markersize=12, markerfacecolor="none", markeredgecolor="black"
+            )
+        ax.set_xticks(sorted({j.guidance for j in jobs}))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.set_xlabel("guidance scale")
+        ax.grid(True, alpha=0.3)
+        ax.set_title(f"{k} steps", fontsize=11)
+    for ax in axes[len(steps) :]:
+        ax.set_axis_off()
+    for ax in axes[::ncols]:
+        ax.set_ylabel(f"{key} ({better} is better)")
+    order = [r for r in rows if r in legend] + [n for n in legend if n not in rows]
+    fig.legend([legend[n] for n in order], order, loc="outside right center", fontsize=9, frameon=False)
+    fig.suptitle(f"{key} against the guidance scale, per step count ({better} is better)")
     return fig

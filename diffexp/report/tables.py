@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from diffexp.report.jobs import Job, layout, options_text
+from diffexp.report.jobs import Job, facets, guided, layout, options_text
 
 MEASURES = ("nfe", "wall_s", "images_per_s", "peak_mem_mb")  # metrics.json keys every finished run holds
 HIDDEN = ("folder", "samples")  # columns for programs (W&B, report.json), not for readers
@@ -18,7 +18,9 @@ HEADERS = {
     "scheduler": "scheduler",
     "options": "options",
     "steps": "steps",
+    "guidance_scale": "guidance scale",
     "nfe": "NFE",
+    "net_evals": "net evals",
     "wall_s": "time (s)",
     "images_per_s": "images/s",
     "peak_mem_mb": "memory (MB)",
@@ -27,12 +29,22 @@ HEADERS = {
 }
 
 
+def measures(jobs: Sequence[Job]) -> list[str]:
+    """MEASURES, with net evals after NFE where guided runs count them apart."""
+    return [*MEASURES[:1], "net_evals", *MEASURES[1:]] if guided(jobs) else list(MEASURES)
+
+
 def table_rows(jobs: Sequence[Job], quality: Sequence[str], sweep_dir: Path) -> tuple[list[str], list[dict[str, Any]]]:
-    """The columns, and one row per job in grid order; ``samples`` is the run's samples.png relative to
-    ``sweep_dir``, or None for a run that did not finish."""
-    columns = ["scheduler", "options", "steps", *MEASURES, *quality, "status", "error", *HIDDEN]
+    """The columns, and one row per job in grid order (facet by facet); ``samples`` is the run's samples.png
+    relative to ``sweep_dir``, or None for a run that did not finish."""
+    scale = ["guidance_scale"] if any(j.guidance != 1.0 for j in jobs) else []  # guided or varying
+    measured = measures(jobs)
+    columns = ["scheduler", "options", "steps", *scale, *measured, *quality, "status", "error", *HIDDEN]
     rows_order, steps_order, _ = layout(jobs)
-    ordered = sorted(jobs, key=lambda j: (rows_order.index(j.row), steps_order.index(j.steps), j.num))
+    facet_order = [g for g, _ in facets(jobs)]
+    ordered = sorted(
+        jobs, key=lambda j: (facet_order.index(j.facet), rows_order.index(j.row), steps_order.index(j.steps), j.num)
+    )
     rows = []
     for j in ordered:
         samples = j.folder / "samples.png" if j.folder and j.finished else None
@@ -41,7 +53,8 @@ def table_rows(jobs: Sequence[Job], quality: Sequence[str], sweep_dir: Path) -> 
                 "scheduler": j.row,
                 "options": options_text(j.config["scheduler"]),
                 "steps": j.steps,
-                **{k: j.metrics.get(k) for k in (*MEASURES, *quality)},
+                **({"guidance_scale": j.guidance} if scale else {}),
+                **{k: j.metrics.get(k) for k in (*measured, *quality)},
                 "status": j.status,
                 "error": j.error or "",
                 "folder": j.folder.name if j.folder else "",

@@ -1,10 +1,14 @@
 """The comparison report of a sweep, written into the sweep folder: python scripts/compare.py SWEEP_DIR
 
 - ``report/grid.png``: rows are schedulers (with options), columns are step counts, each cell the first samples
-  of that run (same seeds everywhere), captioned with NFE and sampling time; failed cells are marked.
+  of that run (same seeds everywhere), captioned with NFE, sampling time and (if labelled) the samples' classes;
+  failed cells are marked. Where the guidance scale varies it is a facet: ``report/grid-cfg<g>.png`` per scale,
+  and grid.png stacks them all.
 - ``report/trajectories.png``: per scheduler, x0 at each snapshot of its longest run ("step k of N").
-- ``report/<metric>.png|svg``: each quality metric against NFE and against wall time, one line per scheduler, with
-  the Pareto front; ``report/cost.png|svg``: wall time against NFE.
+- ``report/<metric>.png|svg``: each quality metric against NFE, wall time (and net evals, where guided runs count
+  them apart), one line per scheduler, with the Pareto front; ``report/cost.png|svg``: wall time against NFE.
+- ``report/guidance-<metric>.png|svg`` (guidance scale varies): each quality metric against the guidance scale,
+  a panel per step count, a line per scheduler.
 - ``report/table.csv``, ``report/table.md``, ``report/report.json``: one row per job.
 - ``report.html``: all of the above in one offline page (images embedded as data URIs).
 
@@ -24,10 +28,10 @@ from matplotlib.figure import Figure
 from diffexp.folders import write_json
 from diffexp.metrics.base import Better
 from diffexp.metrics.suite import QUALITY
-from diffexp.report.grid import grid_figure, trajectory_figure
-from diffexp.report.jobs import Job, load_jobs
+from diffexp.report.grid import caption, grid_figure, trajectory_figure
+from diffexp.report.jobs import Job, facet_title, facets, load_jobs
 from diffexp.report.page import render_page, summary
-from diffexp.report.plots import cost_figure, quality_figure
+from diffexp.report.plots import cost_figure, guidance_figure, quality_figure
 from diffexp.report.tables import table_rows, write_csv, write_markdown
 
 REPORT_DIR = "report"  # in the sweep folder: the figures and tables
@@ -67,11 +71,23 @@ def _save(fig: Figure, path: Path, svg: bool = False) -> Path:
     return path
 
 
+def facet_name(g: float) -> str:
+    """The name (and file stem) of a guidance facet's grid."""
+    return f"grid-cfg{g:g}"
+
+
 def _figures(jobs: list[Job], quality: Mapping[str, Better], title: str, out: Path) -> dict[str, Path]:
-    """Every figure as a PNG in ``out``, by name: grid, each quality key, cost and (if saved) trajectories."""
+    """Every figure as a PNG in ``out``, by name: grid (and one per guidance facet), each quality key (and it
+    against guidance), cost and (if saved) trajectories."""
     images = {"grid": _save(grid_figure(jobs, list(quality), title), out / "grid.png")}
+    groups = [(g, group) for g, group in facets(jobs) if g is not None]
+    for g, group in groups:
+        figure = grid_figure(group, list(quality), f"{title} · {facet_title(g)}")
+        images[facet_name(g)] = _save(figure, out / f"{facet_name(g)}.png")
     for key, better in quality.items():
         images[key] = _save(quality_figure(jobs, key, better), out / f"{key}.png", svg=True)
+        if groups:
+            images[f"guidance-{key}"] = _save(guidance_figure(jobs, key, better), out / f"guidance-{key}.png", True)
     images["cost"] = _save(cost_figure(jobs), out / "cost.png", svg=True)
     strips = trajectory_figure(jobs)
     if strips is not None:
@@ -87,6 +103,7 @@ def write_report(sweep_dir: Path, quality: Mapping[str, Better] = QUALITY) -> Re
     out = sweep_dir / REPORT_DIR
     out.mkdir(exist_ok=True)
     title = f"Scheduler comparison: {summary(jobs)['model']}"
+    scales = [g for g, _ in facets(jobs) if g is not None]  # the guidance facets, if the scale varies
     images = _figures(jobs, present, title, out)
     columns, rows = table_rows(jobs, list(present), sweep_dir)
     files = {**images, "csv": write_csv(out / "table.csv", columns, rows)}
@@ -94,9 +111,10 @@ def write_report(sweep_dir: Path, quality: Mapping[str, Better] = QUALITY) -> Re
     report = Report(sweep_dir, jobs, present, columns, rows, files)
     page = render_page(
         sweep_dir=sweep_dir, jobs=jobs, quality=present, columns=columns, rows=rows, images=images, title=title,
-        searched=list(quality),
+        searched=list(quality), facets=[(facet_title(g), facet_name(g)) for g in scales],
     )  # fmt: skip
     files["html"] = sweep_dir / HTML_FILE
     files["html"].write_text(page)
-    write_json(out / "report.json", {"quality": present, "columns": columns, "rows": rows})
+    captions = {j.folder.name: caption(j, list(present)) for j in jobs if j.folder and j.finished}  # the grid's
+    write_json(out / "report.json", {"quality": present, "columns": columns, "rows": rows, "captions": captions})
     return report
