@@ -116,12 +116,12 @@ def not_started(sweep_dir: Path, seen: set[int]) -> list[Job]:
     return jobs
 
 
-def _flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+def flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """A nested config as dotted keys."""
     out: dict[str, Any] = {}
     for k, v in d.items():
         if isinstance(v, Mapping):
-            out |= _flat(v, f"{prefix}{k}.")
+            out |= flat(v, f"{prefix}{k}.")
         else:
             out[f"{prefix}{k}"] = v
     return out
@@ -130,13 +130,13 @@ def _flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 def label_rows(jobs: Sequence[Job]) -> None:
     """Row = scheduler label (its non-default options) plus any other setting that varies across the sweep."""
     flats = [
-        {k: v for k, v in _flat(j.config).items() if not k.startswith("scheduler.") and k not in ("steps", "progress")}
+        {k: v for k, v in flat(j.config).items() if not k.startswith("scheduler.") and k not in ("steps", "progress")}
         for j in jobs
     ]
     keys = sorted({k for f in flats for k in f})
     varying = [k for k in keys if len({json.dumps(f.get(k), default=str) for f in flats}) > 1]
-    for job, flat in zip(jobs, flats, strict=True):
-        extra = [f"{k}={flat.get(k)}" for k in varying]
+    for job, settings in zip(jobs, flats, strict=True):
+        extra = [f"{k}={settings.get(k)}" for k in varying]
         job.row = " ".join([scheduler_label(job.config["scheduler"]), *extra])
 
 
