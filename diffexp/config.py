@@ -70,6 +70,7 @@ class LoggerConfig:
     mode: WandbMode | None = None  # unset: WANDB_MODE decides, else offline when no API key is configured
     init_timeout: float = 30.0  # seconds before W&B setup gives up and the run goes on without it
     finish_timeout: float = 120.0  # seconds to wait for uploads at the end; the rest stays for `wandb sync`
+    dashboard: bool = False  # a sweep saves its W&B workspace and report when it ends online (scripts/dashboard.py)
 
 
 class FidFeatures(str, Enum):

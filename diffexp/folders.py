@@ -17,6 +17,7 @@ from typing import Any
 STATUS_FILE = "status.json"
 METRICS_FILE = "metrics.json"
 SWEEP_FILE = "sweep.json"  # the planned jobs, written when a sweep starts
+DASHBOARD_FILE = "dashboard.json"  # a sweep's W&B workspace and report specification (scripts/dashboard.py)
 
 
 class RunStatus(str, Enum):

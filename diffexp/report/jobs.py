@@ -131,12 +131,12 @@ def not_started(sweep_dir: Path, seen: set[int]) -> list[Job]:
     return jobs
 
 
-def _flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+def flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """A nested config as dotted keys."""
     out: dict[str, Any] = {}
     for k, v in d.items():
         if isinstance(v, Mapping):
-            out |= _flat(v, f"{prefix}{k}.")
+            out |= flat(v, f"{prefix}{k}.")
         else:
             out[f"{prefix}{k}"] = v
     return out
@@ -146,14 +146,14 @@ def label_rows(jobs: Sequence[Job]) -> None:
     """Row = scheduler label (its non-default options) plus any other setting that varies across the sweep;
     a guidance scale that varies is the facet instead."""
     flats = [
-        {k: v for k, v in _flat(j.config).items() if not k.startswith("scheduler.") and k not in ("steps", "progress")}
+        {k: v for k, v in flat(j.config).items() if not k.startswith("scheduler.") and k not in ("steps", "progress")}
         for j in jobs
     ]
     keys = sorted({k for f in flats for k in f})
     varying = [k for k in keys if len({json.dumps(f.get(k), default=str) for f in flats}) > 1 and k != FACET]
     faceted = len({j.guidance for j in jobs}) > 1  # a run without the key (an older one) counts as scale 1
-    for job, flat in zip(jobs, flats, strict=True):
-        job.row = " ".join([scheduler_label(job.config["scheduler"]), *(f"{k}={flat.get(k)}" for k in varying)])
+    for job, settings in zip(jobs, flats, strict=True):
+        job.row = " ".join([scheduler_label(job.config["scheduler"]), *(f"{k}={settings.get(k)}" for k in varying)])
         job.facet = job.guidance if faceted else None
 
 

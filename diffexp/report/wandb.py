@@ -15,9 +15,13 @@ if TYPE_CHECKING:
 log = logging.getLogger("diffexp")
 
 
-def log_report(logger_cfg: LoggerConfig | Any | None, report: Report, group: str | None) -> Run | None:
+def log_report(
+    logger_cfg: LoggerConfig | Any | None, report: Report, group: str | None, links: dict[str, str] | None = None
+) -> Run | None:
     """The comparison as a W&B run (``job_type=compare``) in the sweep's group: the table, with each run's final
-    samples in its row, and the report's figures. None when logging is off or W&B cannot start."""
+    samples in its row, and the report's figures; ``links`` (the saved dashboard's ``workspace`` and ``report``
+    URLs) go in its summary as ``dashboard_workspace`` and ``dashboard_report``. None when logging is off or W&B
+    cannot start."""
     run = start_run(
         logger_cfg,
         report.sweep_dir / REPORT_DIR,
@@ -39,7 +43,8 @@ def log_report(logger_cfg: LoggerConfig | Any | None, report: Report, group: str
         rows = [[cell(row, c) for c in report.columns] for row in report.rows]
         figures = {k: wandb.Image(str(p)) for k, p in report.files.items() if p.suffix == ".png"}
         run.log({"comparison": wandb.Table(columns=report.columns, data=rows), **figures})
-        run.summary.update({"jobs": len(report.jobs), "failed": len(report.failed)})
+        dashboard = {f"dashboard_{k}": url for k, url in (links or {}).items()}
+        run.summary.update({"jobs": len(report.jobs), "failed": len(report.failed), **dashboard})
     except Exception as err:
         error = err
         log.warning("W&B could not log the comparison (%s); the report folder is complete.", reason(err))

@@ -10,13 +10,35 @@ import diffusers
 import torch
 
 from diffexp.config import Precision
+from diffexp.metrics.base import Key
 from diffexp.sampling.device import device_name, peak_memory_mb
 from diffexp.sampling.experiment import Experiment
 from diffexp.sampling.loop import StepState
 
+STEP_AXES = ("step", "nfe", "net_evals")  # the x-axes of per-snapshot charts: sampling step and model calls
+
+# Every scalar of a snapshot's record (steps.jsonl, W&B history), in order; a direction marks a convergence curve.
+SNAPSHOT_KEYS: tuple[Key, ...] = (
+    *(Key(n, when="snapshot") for n in ("index", "step", "num_steps", "nfe", "net_evals", "timestep", "sigma")),
+    Key("elapsed_s", when="snapshot"),
+    *(Key(f"{v}_{stat}", when="snapshot") for v in ("x", "x0") for stat in ("mean", "std", "min", "max")),
+    Key("x0_change", "lower", "snapshot"),  # RMS change of x0 since the previous snapshot: lower is converged
+    Key("step_s", when="snapshot"),
+)
+
+# The cost in metrics.json (and the W&B summary): what quality is plotted against (``COST_AXES``), and the rest.
+COST_AXES: tuple[Key, ...] = (Key("nfe", "lower"), Key("wall_s", "lower"), Key("net_evals", "lower"))
+COST_KEYS: tuple[Key, ...] = (
+    Key("images_per_s", "higher"),
+    Key("peak_mem_mb", "lower"),
+    Key("load_s", "lower"),
+    Key("compile_s", "lower"),  # only from runs that compile the model
+    Key("decode_s", "lower"),  # only from runs that decode latents
+)
+
 
 def snapshot_record(state: StepState, previous: StepState | None, index: int) -> dict[str, Any]:
-    """The scalars of one snapshot, computed once for every observer."""
+    """The scalars of one snapshot (``SNAPSHOT_KEYS``, in that order), computed once for every observer."""
     record: dict[str, Any] = {
         "index": index,
         "step": state.step,
@@ -41,7 +63,7 @@ def snapshot_record(state: StepState, previous: StepState | None, index: int) ->
     else:
         record["x0_change"] = None
         record["step_s"] = state.elapsed_s / max(state.step, 1)
-    return record
+    return {k.name: record[k.name] for k in SNAPSHOT_KEYS}
 
 
 def environment(device: torch.device) -> dict[str, Any]:

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from diffexp.runner.observers import Observer, RunInfo
+from diffexp.runner.summary import STEP_AXES
 from diffexp.sampling.loop import StepState
 from diffexp.tracking.session import finish_run, image, reason, start_run
 
@@ -15,13 +16,15 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("diffexp")
 
+SCHEDULER_KEY = "scheduler_label"  # the config key that names a run's scheduler with its options: runs group by it
+
 
 def run_config(run: RunInfo) -> dict[str, Any]:
     """The resolved config plus what it resolved to: the scheduler in force, the model, the machine."""
     return {
         **run.config,
         "label": run.label,
-        "scheduler_label": run.scheduler.label,
+        SCHEDULER_KEY: run.scheduler.label,
         "effective_scheduler": run.scheduler.effective_config(),
         "loaded_model": {"name": run.model.name, "id": run.model.id, "revision": run.model.revision},
         "environment": run.environment,
@@ -43,10 +46,9 @@ class WandbRun(Observer):
     def _define_metrics(self) -> None:
         # charts plot against the sampling step by default; "nfe" or "elapsed_s" can be picked as the x-axis
         assert self.run is not None
-        self.run.define_metric("step")
-        self.run.define_metric("nfe")
-        self.run.define_metric("net_evals")
-        self.run.define_metric("*", step_metric="step")
+        for axis in STEP_AXES:
+            self.run.define_metric(axis)
+        self.run.define_metric("*", step_metric=STEP_AXES[0])
 
     def snapshot(self, state: StepState, record: dict[str, Any]) -> None:
         if self.run is not None:
