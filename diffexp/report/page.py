@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
-from diffexp.folders import RunStatus
+from diffexp.folders import DASHBOARD_FILE, RunStatus
 from diffexp.report.jobs import Job
 from diffexp.report.tables import HEADERS, format_value, shown_columns
 
@@ -125,4 +125,5 @@ def render_page(
         failed=[j for j in jobs if not j.finished],
         facets=list(facets),
         net_evals="net_evals" in columns,
+        dashboard=DASHBOARD_FILE if (Path(sweep_dir) / DASHBOARD_FILE).exists() else None,
     )

@@ -99,18 +99,21 @@ class SweepReport(Callback):
     """The comparison report (diffexp.report) in the sweep folder when a multirun ends."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from diffexp.report.dashboard import sweep_dashboard
         from diffexp.report.wandb import log_report
         from diffexp.report.write import write_report
         from diffexp.tracking.session import sweep_group
 
         sweep_dir = Path(config.hydra.sweep.dir)
+        links = sweep_dashboard(config.get("logger"), sweep_dir)  # logger.dashboard=true: dashboard.json, saved online
         try:
             report = write_report(sweep_dir)
         except DiffexpError as err:
             log.error("no comparison report: %s", err)
             return
         log.info("comparison report: %s", report.html)
-        log_report(config.get("logger"), report, sweep_group(config.hydra.runtime.choices.get("experiment"), sweep_dir))
+        group = sweep_group(config.hydra.runtime.choices.get("experiment"), sweep_dir)
+        log_report(config.get("logger"), report, group, links)
 
 
 def check_same_sweep(config: DictConfig, sweep_dir: Path) -> None:
