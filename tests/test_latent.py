@@ -139,7 +139,8 @@ def test_preview_latent_is_a_linear_map_without_decoder(sd: dict[str, Path]) -> 
 def test_cli_writes_decoded_grids_samples_and_latents(sd: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "run"
     args = ["model=local", f"model.path={sd['epsilon']}", "prompt=a cat", "guidance_scale=5", "scheduler=dpmsolver"]
-    result = run_cli([*args, "steps=8", "log_every=4", "logger=none", "progress=false", f"hydra.run.dir={out}"], tmp_path)
+    args += ["steps=8", "log_every=4", "logger=none", "progress=false", f"hydra.run.dir={out}"]
+    result = run_cli(args, tmp_path)
     assert result.returncode == 0, result.stderr
     for step in ("0004", "0008"):
         for part in ("x", "x0"):

@@ -28,6 +28,13 @@ SD_SCHEDULER = {  # Stable Diffusion 1.x's scheduler config: PLMS, leading spaci
     "timestep_spacing": "leading",
 }
 
+# a tiny CLIP text encoder over the tokenizer's 60 tokens, 12 positions
+TEXT_CONFIG = {"bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1, "hidden_size": 16, "intermediate_size": 24}
+TEXT_CONFIG |= {"num_attention_heads": 2, "num_hidden_layers": 2, "vocab_size": 64, "max_position_embeddings": 12}
+# a tiny DiT on 8x8x4 latents: patch 2, learned sigma (8 output channels), DiT's 1000 classes (+ the null class)
+DIT_CONFIG = {"num_attention_heads": 2, "attention_head_dim": 8, "in_channels": 4, "out_channels": 8, "num_layers": 2}
+DIT_CONFIG |= {"sample_size": 8, "patch_size": 2, "num_embeds_ada_norm": 1000}
+
 
 def tiny_vae(scaling_factor: float = 0.18215) -> AutoencoderKL:
     return AutoencoderKL(
@@ -73,19 +80,7 @@ def save_tiny_sd(folder: Path, prediction_type: str = "epsilon", scaling_factor:
             norm_num_groups=4,
         )
         vae = tiny_vae(scaling_factor)
-        text = CLIPTextModel(
-            CLIPTextConfig(
-                bos_token_id=0,
-                eos_token_id=1,
-                pad_token_id=1,
-                hidden_size=16,
-                intermediate_size=24,
-                num_attention_heads=2,
-                num_hidden_layers=2,
-                vocab_size=64,
-                max_position_embeddings=12,
-            )
-        )
+        text = CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG))
     tokenizer = tiny_tokenizer(folder / "_tokenizer_files")
     scheduler = PNDMScheduler(**SD_SCHEDULER, prediction_type=prediction_type)
     pipe = StableDiffusionPipeline(
@@ -106,16 +101,7 @@ def save_tiny_dit(folder: Path) -> Path:
     """A tiny DiTPipeline (16x16 pixels, 8x8 latents, learned sigma, 1000 classes + null) saved into ``folder``."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        transformer = DiTTransformer2DModel(
-            num_attention_heads=2,
-            attention_head_dim=8,
-            in_channels=4,
-            out_channels=8,
-            num_layers=2,
-            sample_size=8,
-            patch_size=2,
-            num_embeds_ada_norm=1000,
-        )
+        transformer = DiTTransformer2DModel(**DIT_CONFIG)
         vae = tiny_vae()
     scheduler = DDIMScheduler(beta_start=0.0001, beta_end=0.02, beta_schedule="linear", clip_sample=False)
     DiTPipeline(transformer=transformer, vae=vae, scheduler=scheduler).save_pretrained(folder)
