@@ -178,3 +178,13 @@ def test_bad_input_is_refused_clearly(sd: dict[str, Path], dit: Path, tmp_path: 
             diffexp.prepare(compose("model=local", f"model.path={broken}"))
     result = run_cli(["model=local", f"model.path={dit}", "prompt=a cat", "logger=none"], tmp_path)
     assert result.returncode != 0 and "class-conditional" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_report_captions_name_the_prompts() -> None:
+    from diffexp.report.grid import caption
+    from diffexp.report.jobs import Job
+
+    config = {"scheduler": {"name": "ddim"}, "steps": 8, "prompt": ["a cat", "a dog"]}
+    text = caption(Job(None, 0, "finished", config, {"nfe": 8, "wall_s": 0.5}), [])
+    assert text.endswith("a cat | a dog") and "NFE 8" in text
+    assert "|" not in caption(Job(None, 0, "finished", {**config, "prompt": None}, {"nfe": 8}), [])

@@ -26,11 +26,14 @@ def fmt_time(s: float | None) -> str:
 
 
 def caption(job: Job, quality: Sequence[str]) -> str:
-    """Under a cell: NFE, sampling time and the first quality metric."""
+    """Under a cell: NFE, sampling time, the first quality metric and a text model's prompts."""
     text = f"NFE {job.metrics.get('nfe', '?')} · {fmt_time(job.value('wall_s'))}"
     first = job.value(quality[0]) if quality else None
     if first is not None:
         text += f"\n{quality[0]} {first:.4g}"
+    prompt = job.config.get("prompt")  # a text model's: its samples' prompts, in order
+    if prompt:
+        text += "\n" + " | ".join([prompt] if isinstance(prompt, str) else prompt)
     return text
 
 
