@@ -188,3 +188,14 @@ def test_report_captions_name_the_prompts() -> None:
     text = caption(Job(None, 0, "finished", config, {"nfe": 8, "wall_s": 0.5}), [])
     assert text.endswith("a cat | a dog") and "NFE 8" in text
     assert "|" not in caption(Job(None, 0, "finished", {**config, "prompt": None}, {"nfe": 8}), [])
+
+
+def test_sweep_over_scheduler_and_guidance_gives_a_report(sd: dict[str, Path], tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    args = ["-m", "model=local", f"model.path={sd['epsilon']}", "prompt=[a cat,a dog]", "scheduler=ddim,dpmsolver"]
+    args += ["guidance_scale=1,4", "steps=3", "batch_size=2", "logger=none", "progress=false"]
+    result = run_cli([*args, f"hydra.sweep.dir={sweep}"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    jobs = sorted(sweep.glob("*/metrics.json"))
+    assert len(jobs) == 4 and (sweep / "report.html").is_file() and (sweep / "report" / "grid.png").is_file()
+    assert {json.loads(j.read_text())["net_evals"] for j in jobs} == {3, 6}

@@ -94,6 +94,8 @@ def save_tiny_sd(folder: Path, prediction_type: str = "epsilon", scaling_factor:
         requires_safety_checker=False,
     )
     pipe.save_pretrained(folder)
+    path = folder / "scheduler" / "scheduler_config.json"  # SD 1.x's config also carries clip_sample: false
+    path.write_text(json.dumps({**json.loads(path.read_text()), "clip_sample": False}, indent=2))
     return folder
 
 
