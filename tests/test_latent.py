@@ -184,10 +184,11 @@ def test_report_captions_name_the_prompts() -> None:
     from diffexp.report.grid import caption
     from diffexp.report.jobs import Job
 
-    config = {"scheduler": {"name": "ddim"}, "steps": 8, "prompt": ["a cat", "a dog"]}
-    text = caption(Job(None, 0, "finished", config, {"nfe": 8, "wall_s": 0.5}), [])
+    config = {"scheduler": {"name": "ddim"}, "steps": 8}
+    metrics = {"nfe": 8, "wall_s": 0.5, "latent": {"prompts": ["a cat", "a dog"]}}
+    text = caption(Job(None, 0, "finished", config, metrics), [])
     assert text.endswith("a cat | a dog") and "NFE 8" in text
-    assert "|" not in caption(Job(None, 0, "finished", {**config, "prompt": None}, {"nfe": 8}), [])
+    assert "|" not in caption(Job(None, 0, "finished", config, {"nfe": 8}), [])
 
 
 def test_sweep_over_scheduler_and_guidance_gives_a_report(sd: dict[str, Path], tmp_path: Path) -> None:

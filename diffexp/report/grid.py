@@ -31,9 +31,9 @@ def caption(job: Job, quality: Sequence[str]) -> str:
     first = job.value(quality[0]) if quality else None
     if first is not None:
         text += f"\n{quality[0]} {first:.4g}"
-    prompt = job.config.get("prompt")  # a text model's: its samples' prompts, in order
-    if prompt:
-        text += "\n" + " | ".join([prompt] if isinstance(prompt, str) else prompt)
+    prompts = (job.metrics.get("latent") or {}).get("prompts")  # a text model's, sample by sample
+    if prompts:
+        text += "\n" + " | ".join(prompts[:SAMPLES_PER_CELL])
     return text
 
 

@@ -75,12 +75,15 @@ def latent_record(exp: Experiment) -> dict[str, Any] | None:
 
 def run_summary(exp: Experiment, final: StepState, env: dict[str, Any], decode_s: float = 0.0) -> dict[str, Any]:
     """Cost, settings and versions of a finished run; the metrics add their values to it. ``wall_s`` is sampling
-    time; ``decode_s`` the VAE decodes (or previews) of a latent model's snapshots, apart from it."""
+    time; a latent model's ``decode_s`` is its snapshots' VAE decodes (or previews), apart from it."""
     cfg = exp.cfg
-    return {
+    decoding = {  # latent models only: decoding cost, as a share of sampling + decoding
         "decode_s": decode_s,
-        "decode_share": decode_s / (final.elapsed_s + decode_s) if decode_s else 0.0,  # of sampling + decoding
+        "decode_share": decode_s / (final.elapsed_s + decode_s) if decode_s else 0.0,
         "latent": latent_record(exp),
+    }
+    return {
+        **(decoding if exp.loaded.latent is not None else {}),
         "status": "finished",
         "label": exp.label,
         "steps": cfg.steps,
