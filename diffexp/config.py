@@ -51,6 +51,11 @@ class ModelConfig:
     prediction_type: str | None = None  # digits-ideal and tiny: epsilon | v_prediction | sample (default epsilon)
 
 
+class Preview(str, Enum):
+    vae = "vae"  # latent models: x and x0 decoded exactly through the VAE at every snapshot
+    latent = "latent"  # a fixed linear latent-to-RGB map, no decoder call (final samples are always decoded)
+
+
 class WandbMode(str, Enum):
     online = "online"
     offline = "offline"
@@ -129,6 +134,12 @@ class RunConfig:
     guidance_scale: float = 1.0  # classifier-free guidance; 1 is none
     guidance_rescale: float = 0.0  # Lin et al. 2023; 0 is none
     guidance_interval: list[float] | None = None  # [sigma_lo, sigma_hi]: guidance only at these noise levels
+    # text-to-image models: a string or a list (sample k gets prompt[k mod len]); null is the empty prompt
+    prompt: Any = None
+    negative_prompt: Any = None  # the unconditional half of guidance (null: the empty prompt), string or list
+    height: int | None = None  # latent models: the image size in pixels; null: the model's own
+    width: int | None = None
+    preview: Preview = Preview.vae  # latent models: how snapshot grids show x and x0 (vae | latent)
     logger: LoggerConfig | None = None
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     # what watches the loop: name -> a _target_ node (a diffexp.runner.observers.Observer), built in order

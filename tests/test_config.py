@@ -1,4 +1,5 @@
-"""The configs: every group composes, scheduler files hold diffusers' own defaults, the schema is strict."""
+"""The configs: every group composes, scheduler files override only what they mean to (the rest inherits the
+model's scheduler config), the schema is strict."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ def test_there_is_one_scheduler_file_per_usable_scheduler() -> None:
 
 
 @pytest.mark.parametrize("name", SCHEDULER_FILES)
-def test_scheduler_files_hold_diffusers_defaults(name: str) -> None:
+def test_scheduler_file_values_are_diffusers_defaults(name: str) -> None:
     spec = OmegaConf.to_container(compose(f"scheduler={name}").scheduler, resolve=True)
     assert spec["name"] == name
     options = options_of(spec)  # without the declarations (class, stochastic, theory_order)
@@ -33,6 +34,46 @@ def test_scheduler_files_hold_diffusers_defaults(name: str) -> None:
         if value is not None:  # null: the model's scheduler config decides
             default = param.default
             assert value == (list(default) if isinstance(default, tuple) else default), f"{name}.{key}"
+
+
+# what a scheduler file may set: step arguments (no model config has them) and what its declarations depend on
+EXPLICIT = {"eta", "use_clipped_model_output", "s_churn", "s_tmin", "s_tmax", "s_noise", "order"}
+DEFINING = {"solver_order", "algorithm_type", "disable_corrector"}
+
+
+@pytest.mark.parametrize("name", SCHEDULER_FILES)
+def test_scheduler_files_leave_model_options_unset(name: str) -> None:
+    options = options_of(OmegaConf.to_container(compose(f"scheduler={name}").scheduler, resolve=True))
+    _, step = option_signatures(resolve_class(name))
+    set_here = {k for k, v in options.items() if v is not None}
+    assert set_here <= EXPLICIT | DEFINING, f"{name} overrides the model's {set_here - EXPLICIT - DEFINING}"
+    assert {k for k in set_here if k not in step} <= DEFINING
+
+
+SD_LIKE = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+}
+
+
+@pytest.mark.parametrize("name", ["dpmsolver", "euler", "ddim", "pndm"])
+def test_unset_scheduler_options_inherit_the_model_config(name: str) -> None:
+    from diffexp.sampling.schedulers import build_scheduler
+
+    spec = OmegaConf.to_container(compose(f"scheduler={name}").scheduler, resolve=True)
+    built = build_scheduler(spec.pop("name"), {"_class_name": "PNDMScheduler", **SD_LIKE}, spec)
+    config = built.effective_config()["config"]
+    assert config["timestep_spacing"] == "leading" and config["steps_offset"] == 1  # recorded as in force
+    if name == "pndm":
+        assert config["skip_prk_steps"] is True
+    overridden = build_scheduler(name, SD_LIKE, {**spec, "timestep_spacing": "trailing"})
+    assert overridden.scheduler.config.timestep_spacing == "trailing"
 
 
 @pytest.mark.parametrize("name", MODEL_FILES)

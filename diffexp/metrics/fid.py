@@ -241,7 +241,7 @@ class FidKid(Metric):
 
     def final(self, final: StepState) -> dict[str, Any]:
         fcfg = self.ctx.mcfg.fid
-        n = fcfg.n or len(final.x)
+        n = fcfg.n or len(final.x_pixels)
         return fid_kid(
-            final.x[:n].float(), self.net, fcfg.real, self.ctx.cache_dir, fcfg.kid_subset_size, fcfg.kid_subsets
+            final.x_pixels[:n].float(), self.net, fcfg.real, self.ctx.cache_dir, fcfg.kid_subset_size, fcfg.kid_subsets
         )

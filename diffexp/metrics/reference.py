@@ -98,8 +98,13 @@ def reference_key(
         "solver": built.effective_config(),
         "steps": steps,
     }
-    if model is not None and (model.labels is not None or model.guidance.enabled):  # the conditioned ODE
-        parts["condition"] = {"labels": model.labels.tolist(), "null": model.null_label, **asdict(model.guidance)}
+    if model is not None and (model.labels is not None or model.guidance.enabled or model.cond):  # conditioned ODE
+        labels = None if model.labels is None else model.labels.tolist()
+        parts["condition"] = {"labels": labels, "null": model.null_label, **asdict(model.guidance)}
+        if "encoder_hidden_states" in model.cond:  # a text model: its prompts' and negative prompts' embeddings
+            halves = [model.cond, model.uncond or {}]
+            data = b"".join(h["encoder_hidden_states"].float().cpu().numpy().tobytes() for h in halves if h)
+            parts["condition"]["text"] = hashlib.sha1(data).hexdigest()
     text = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha1(text.encode()).hexdigest()[:20], json.loads(text)
 

@@ -27,7 +27,8 @@ def fmt_time(s: float | None) -> str:
 
 
 def caption(job: Job, quality: Sequence[str], k: int = SAMPLES_PER_CELL) -> str:
-    """Under a cell: NFE, sampling time, the first quality metric and the classes of the ``k`` samples shown."""
+    """Under a cell: NFE, sampling time, the first quality metric, and the classes or a text model's prompts of the
+    ``k`` samples shown."""
     text = f"NFE {job.metrics.get('nfe', '?')} · {fmt_time(job.value('wall_s'))}"
     first = job.value(quality[0]) if quality else None
     if first is not None:
@@ -35,6 +36,9 @@ def caption(job: Job, quality: Sequence[str], k: int = SAMPLES_PER_CELL) -> str:
     labels = job.metrics.get("labels")
     if labels:
         text += "\nclasses " + " ".join(str(c) for c in labels[:k])
+    prompts = (job.metrics.get("latent") or {}).get("prompts")  # a text model's, sample by sample
+    if prompts:
+        text += "\n" + " | ".join(prompts[:k])
     return text
 
 
@@ -110,7 +114,8 @@ def grid_figure(jobs: Sequence[Job], quality: Sequence[str], title: str) -> Figu
     img_w = img_h * shape[1] / shape[0]
     col_w = max(img_w, 1.9)  # room for the caption and for a failure's message
     labelled = any(j.metrics.get("labels") for j in jobs)
-    cap_h = 0.22 + 0.14 * (1 + bool(quality) + labelled)  # caption lines: cost, quality, classes
+    prompted = any((j.metrics.get("latent") or {}).get("prompts") for j in jobs)
+    cap_h = 0.22 + 0.14 * (1 + bool(quality) + labelled + prompted)  # caption lines: cost, quality, classes, prompts
     label_w = 0.3 + 0.085 * max(len(r) for _, lay in groups for r in lay.rows)
     pitch_w, pitch_h = col_w + 0.25, img_h + cap_h + 0.12
     head, pad, band = 0.95, 0.15, (0.45 if len(groups) > 1 else 0.0)  # band: a facet's heading

@@ -16,7 +16,8 @@ from diffexp.sampling.loop import StepState
 
 
 class RunFiles(Observer):
-    """Writes config.yaml, status.json, grids/, steps.jsonl, samples.{png,npy}, trajectory.npz, metrics.json."""
+    """Writes config.yaml, status.json, grids/, steps.jsonl, samples.{png,npy}, trajectory.npz, metrics.json;
+    a latent model's grids and samples are decoded images, latents.npy its final latents, trajectory.npz latents."""
 
     def __init__(self) -> None:
         self.snapshots: list[dict[str, Any]] = []
@@ -33,8 +34,8 @@ class RunFiles(Observer):
 
     def snapshot(self, state: StepState, record: dict[str, Any]) -> None:
         name = f"step{state.step:04d}"
-        save_grid(state.x, self.grids / f"{name}_x.png")
-        save_grid(state.x0, self.grids / f"{name}_x0.png")
+        save_grid(state.x_pixels, self.grids / f"{name}_x.png")  # a latent model's: decoded
+        save_grid(state.x0_pixels, self.grids / f"{name}_x0.png")
         with (self.dir / "steps.jsonl").open("a") as f:
             f.write(json.dumps(record) + "\n")
         self.snapshots.append(
@@ -49,8 +50,10 @@ class RunFiles(Observer):
         )
 
     def finish(self, final: StepState, metrics: dict[str, Any]) -> None:
-        save_grid(final.x, self.dir / "samples.png")
-        np.save(self.dir / "samples.npy", final.x.float().cpu().numpy().astype(np.float32))
+        save_grid(final.x_pixels, self.dir / "samples.png")
+        np.save(self.dir / "samples.npy", final.x_pixels.float().cpu().numpy().astype(np.float32))
+        if final.x_image is not None:  # a latent model: samples.npy holds the decoded images, these the latents
+            np.save(self.dir / "latents.npy", final.x.float().cpu().numpy().astype(np.float32))
         self._save_trajectory()
         write_json(self.dir / METRICS_FILE, metrics)
         end_status(self.dir, self.status, None)

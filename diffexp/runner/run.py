@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from diffexp.metrics.suite import RunMetrics
 from diffexp.runner.folder import RunFiles
 from diffexp.runner.observers import Observer, RunInfo
 from diffexp.runner.summary import environment, run_summary, snapshot_record
-from diffexp.sampling.device import reset_peak_memory
+from diffexp.sampling.device import reset_peak_memory, synchronize
 from diffexp.sampling.experiment import Experiment, prepare
 from diffexp.sampling.loop import StepState
 
@@ -62,21 +63,34 @@ def run_info(exp: Experiment, out_dir: Path) -> RunInfo:
     )
 
 
-def drive(exp: Experiment, measures: RunMetrics, observers: Sequence[Observer]) -> StepState:
-    """The loop, with every call and snapshot handed to the observers; returns the last state."""
+def decode(exp: Experiment, state: StepState) -> float:
+    """A latent model's x and x0 as images at a snapshot (the last one exactly, whatever the preview); the seconds
+    it took, kept apart from sampling time."""
+    if exp.loaded.latent is None:
+        return 0.0
+    start = time.perf_counter()
+    state.x_image = exp.to_pixels(state.x, exact=state.last)
+    state.x0_image = exp.to_pixels(state.x0, exact=state.last)
+    synchronize(exp.device)
+    return time.perf_counter() - start
+
+
+def drive(exp: Experiment, measures: RunMetrics, observers: Sequence[Observer]) -> tuple[StepState, float]:
+    """The loop, with every call and snapshot handed to the observers; returns the last state and decode time."""
     final = previous = None
-    snapshots = 0
+    snapshots, decode_s = 0, 0.0
     for state in exp.steps():
         for o in observers:
             o.call(state)
         if state.snapshot:
+            decode_s += decode(exp, state)
             record = snapshot_record(state, previous, snapshots) | measures.snapshot(state)
             for o in observers:
                 o.snapshot(state, record)
             previous, snapshots = state, snapshots + 1
         final = state
     assert final is not None
-    return final
+    return final, decode_s
 
 
 def run(cfg: DictConfig, out_dir: Path, observers: Sequence[Observer] = ()) -> dict[str, Any]:
@@ -96,8 +110,8 @@ def run(cfg: DictConfig, out_dir: Path, observers: Sequence[Observer] = ()) -> d
     try:
         for o in everyone:
             o.start(info)
-        final = drive(exp, measures, everyone)
-        metrics = run_summary(exp, final, info.environment) | measures.final(final)
+        final, decode_s = drive(exp, measures, everyone)
+        metrics = run_summary(exp, final, info.environment, decode_s) | measures.final(final)
         for o in everyone:
             o.finish(final, metrics)
         return metrics

@@ -12,7 +12,7 @@ import torch
 from diffexp.config import Precision
 from diffexp.metrics.base import Key
 from diffexp.sampling.device import device_name, peak_memory_mb
-from diffexp.sampling.experiment import Experiment
+from diffexp.sampling.experiment import Experiment, preview_mode
 from diffexp.sampling.loop import StepState
 
 STEP_AXES = ("step", "nfe", "net_evals")  # the x-axes of per-snapshot charts: sampling step and model calls
@@ -76,10 +76,36 @@ def environment(device: torch.device) -> dict[str, Any]:
     }
 
 
-def run_summary(exp: Experiment, final: StepState, env: dict[str, Any]) -> dict[str, Any]:
-    """Cost, settings and versions of a finished run; the metrics add their values to it."""
-    cfg = exp.cfg
+def latent_record(exp: Experiment) -> dict[str, Any] | None:
+    """A latent model's prompts, size, VAE and preview; None for a pixel model."""
+    latent = exp.loaded.latent
+    if latent is None:
+        return None
+    vae = latent.vae.config
     return {
+        "kind": latent.kind,
+        "prompts": exp.prompts,
+        "negative_prompt": exp.cfg.get("negative_prompt"),
+        "height": latent.size[0] * latent.scale,
+        "width": latent.size[1] * latent.scale,
+        "latent_shape": list(exp.loaded.sample_shape),
+        "vae": {"class": type(latent.vae).__name__, "scaling_factor": vae.scaling_factor},
+        "vae_shift_factor": getattr(vae, "shift_factor", None),
+        "preview": preview_mode(exp.cfg),
+    }
+
+
+def run_summary(exp: Experiment, final: StepState, env: dict[str, Any], decode_s: float = 0.0) -> dict[str, Any]:
+    """Cost, settings and versions of a finished run; the metrics add their values to it. ``wall_s`` is sampling
+    time; a latent model's ``decode_s`` is its snapshots' VAE decodes (or previews), apart from it."""
+    cfg = exp.cfg
+    decoding = {  # latent models only: decoding cost, as a share of sampling + decoding
+        "decode_s": decode_s,
+        "decode_share": decode_s / (final.elapsed_s + decode_s) if decode_s else 0.0,
+        "latent": latent_record(exp),
+    }
+    return {
+        **(decoding if exp.loaded.latent is not None else {}),
         "status": "finished",
         "label": exp.label,
         "steps": cfg.steps,

@@ -55,12 +55,16 @@ class WandbRun(Observer):
             scalars = {k: v for k, v in record.items() if v is not None}
             self._safely(
                 f"log step {state.step}",
-                lambda: self.run.log({**scalars, "x": image(state.x), "x0": image(state.x0)}, step=state.step),
+                lambda: self.run.log(
+                    {**scalars, "x": image(state.x_pixels), "x0": image(state.x0_pixels)}, step=state.step
+                ),
             )
 
     def finish(self, final: StepState, metrics: dict[str, Any]) -> None:
         if self.run is not None:
-            self._safely("write the summary", lambda: self.run.summary.update({**metrics, "samples": image(final.x)}))
+            self._safely(
+                "write the summary", lambda: self.run.summary.update({**metrics, "samples": image(final.x_pixels)})
+            )
 
     def close(self, error: BaseException | None) -> None:
         finish_run(self.run, error)

@@ -74,7 +74,14 @@ def sample_labels(labels: Any, num_classes: int, first: int, count: int) -> list
 
 
 class Denoiser(torch.nn.Module):
-    """A UNet-like model, ``model(x, t[, class_labels=...])``, with its condition and guidance bound.
+    """A network, ``model(x, t, **condition)``, with its condition and guidance bound.
+
+    The condition is keyword arguments per sample: ``class_labels`` (a class-conditional UNet or DiT) or
+    ``encoder_hidden_states`` (text embeddings of a UNet2DConditionModel); ``uncond`` holds those of guidance's
+    unconditional half (the null class, the negative prompt's embeddings). ``uncond_first``: the order of the
+    halves in the doubled batch, the pipeline's (SD: [negative, positive]; DiT: [class, null]). ``channels``: keep
+    the first channels of the output (a DiT that learns sigma: the eps half; its variance is dropped, as in
+    DiTPipeline). ``expand_t``: the timestep as one per sample (DiT's timestep embedding needs it).
 
     Casts the input to the model's precision and returns float32, so the loop stays in float32. ``calls``
     counts model calls (NFE); ``net_evals`` counts network evaluations per sample: 2 for a guided call.
@@ -88,6 +95,11 @@ class Denoiser(torch.nn.Module):
         null_label: int | None = None,
         guidance: Guidance = Guidance(),
         log_sigma: torch.Tensor | None = None,
+        cond: dict[str, torch.Tensor] | None = None,
+        uncond: dict[str, torch.Tensor] | None = None,
+        uncond_first: bool = True,
+        channels: int | None = None,
+        expand_t: bool = False,
     ) -> None:
         super().__init__()
         self.model = model
@@ -96,6 +108,11 @@ class Denoiser(torch.nn.Module):
         self.null_label = null_label
         self.guidance = guidance
         self.log_sigma = log_sigma  # the model's schedule, to place a timestep in the guidance interval
+        self.cond = dict(cond or ({} if labels is None else {"class_labels": labels}))
+        self.uncond = uncond
+        if uncond is None and labels is not None and null_label is not None:
+            self.uncond = {"class_labels": torch.full_like(labels, null_label)}
+        self.uncond_first, self.channels, self.expand_t = uncond_first, channels, expand_t
         self.calls = 0
         self.net_evals = 0
         self.dtype = getattr(model, "dtype", None) or next((p.dtype for p in model.parameters()), torch.float32)
@@ -103,11 +120,13 @@ class Denoiser(torch.nn.Module):
     def reset(self) -> None:
         self.calls = self.net_evals = 0
 
-    def network(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+    def network(self, x: torch.Tensor, t: torch.Tensor, condition: dict[str, torch.Tensor]) -> torch.Tensor:
         """One network evaluation of a batch, float32 out."""
-        kwargs = {} if labels is None else {"class_labels": labels}
-        out = self.model(x.to(self.dtype), t, **kwargs)
-        return (out.sample if hasattr(out, "sample") else out).float()
+        if self.expand_t:
+            t = t.reshape(-1).expand(x.shape[0])
+        out = self.model(x.to(self.dtype), t, **condition)
+        out = out.sample if hasattr(out, "sample") else out
+        return (out if self.channels is None else out[:, : self.channels]).float()
 
     def guided(self, t: torch.Tensor) -> bool:
         if not self.guidance.enabled:
@@ -120,12 +139,14 @@ class Denoiser(torch.nn.Module):
         self.calls += 1
         if not self.guided(t):
             self.net_evals += 1
-            return self.network(x, t, self.labels)
+            return self.network(x, t, self.cond)
         self.net_evals += 2
         # 1. the unconditional and conditional halves in one call, as the diffusers pipelines do
-        assert self.labels is not None and self.null_label is not None
-        null = torch.full_like(self.labels, self.null_label)
-        uncond, cond = self.network(torch.cat([x, x]), t, torch.cat([null, self.labels])).chunk(2)
+        assert self.uncond is not None
+        first, second = (self.uncond, self.cond) if self.uncond_first else (self.cond, self.uncond)
+        both = {k: torch.cat([first[k], second[k]]) for k in self.cond}
+        halves = self.network(torch.cat([x, x]), t, both).chunk(2)
+        uncond, cond = halves if self.uncond_first else halves[::-1]
         # 2. classifier-free guidance: out_uncond + s (out_cond - out_uncond)
         out = uncond + self.guidance.scale * (cond - uncond)
         # 3. optional rescale towards the std of the conditional output (Lin et al. 2023)

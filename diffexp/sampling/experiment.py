@@ -1,5 +1,5 @@
 """An experiment: the model, the condition, the scheduler and the initial noise that a config names, ready to
-sample. Sample k's noise and label depend only on k and the seed."""
+sample. Sample k's noise, label and prompt depend only on k and the seed."""
 
 from __future__ import annotations
 
@@ -32,6 +32,13 @@ class Experiment:
     noise: torch.Tensor
     generators: list[torch.Generator]
     labels: list[int] | None = None  # the class of each sample; None: unconditional
+    prompts: list[str] | None = None  # text models: the prompt of each sample
+
+    def to_pixels(self, x: torch.Tensor, exact: bool = False) -> torch.Tensor:
+        """x or x0 as an image in [-1, 1]; a latent model's through its VAE, or ``preview=latent``'s linear map
+        unless ``exact``."""
+        with torch.inference_mode():
+            return self.loaded.to_pixels(x, "vae" if exact else preview_mode(self.cfg))
 
     @property
     def label(self) -> str:
@@ -72,16 +79,68 @@ def prepare(cfg: DictConfig, model: LoadedModel | None = None) -> Experiment:
         built.scheduler.set_timesteps(cfg.steps, device=device)  # checks the step count before any output
     except (ValueError, IndexError) as err:
         raise DiffexpError(f"Scheduler '{name}' cannot run {cfg.steps} steps: {err}") from None
+    check_latent(cfg, loaded)
     noise, generators = initial_noise(loaded.sample_shape, cfg.seed, cfg.batch_size, device)
     labels = class_labels(cfg, loaded)
-    return Experiment(
-        cfg, device, dtype, loaded, built, denoiser(cfg, loaded, built, labels, device), noise, generators, labels
-    )
+    prompts = sample_prompts(cfg.get("prompt"), cfg.batch_size) if loaded.kind == "text" else None
+    model = denoiser(cfg, loaded, built, labels, device)
+    if prompts is not None:
+        negatives = sample_prompts(cfg.get("negative_prompt"), cfg.batch_size)
+        model.cond = {"encoder_hidden_states": encode(loaded, prompts, device)}
+        model.uncond = {"encoder_hidden_states": encode(loaded, negatives, device)}
+    return Experiment(cfg, device, dtype, loaded, built, model, noise, generators, labels, prompts)
+
+
+def check_latent(cfg: DictConfig, loaded: LoadedModel) -> None:
+    """Size, preview, prompts: what only some models take."""
+    if loaded.latent is None:
+        if cfg.get("height") is not None or cfg.get("width") is not None:
+            raise DiffexpError(
+                f"height / width apply to latent models (Stable Diffusion); {loaded.name} samples at its own size."
+            )
+    else:
+        loaded.latent.set_size(cfg.get("height"), cfg.get("width"))
+        if preview_mode(cfg) == "latent":
+            loaded.latent.preview_map()  # refuses a VAE without a known map before sampling
+    if loaded.kind != "text" and (cfg.get("prompt") is not None or cfg.get("negative_prompt") is not None):
+        what = "class-conditional (use labels=...)" if loaded.num_classes is not None else "unconditional"
+        raise DiffexpError(
+            f"prompt / negative_prompt was given, but {loaded.name} is {what}: only text-to-image models "
+            "(the StableDiffusionPipeline family) take prompts."
+        )
+
+
+def preview_mode(cfg: DictConfig) -> str:
+    """``preview``: vae (the exact decode) or latent (the linear map)."""
+    value = cfg.get("preview", "vae")
+    return str(getattr(value, "value", value))
+
+
+def sample_prompts(prompt: object, count: int) -> list[str]:
+    """Sample k's prompt: ``prompt[k mod len]`` (a string is a list of one; null is the empty prompt)."""
+    values = OmegaConf.to_container(prompt) if OmegaConf.is_config(prompt) else prompt
+    values = [""] if values is None else [values] if isinstance(values, str) else values
+    if not isinstance(values, list) or not values or not all(isinstance(v, str) for v in values):
+        raise DiffexpError(f"prompt={prompt} is not allowed: use a string or a list of strings.")
+    return [values[k % len(values)] for k in range(count)]
+
+
+def encode(loaded: LoadedModel, prompts: list[str], device: torch.device) -> torch.Tensor:
+    """Each sample's text embeddings; every distinct prompt is encoded once."""
+    assert loaded.latent is not None
+    distinct = list(dict.fromkeys(prompts))
+    with torch.inference_mode():
+        embeds = loaded.latent.encode(distinct, device)
+    return embeds[torch.tensor([distinct.index(p) for p in prompts], device=embeds.device)]
 
 
 def class_labels(cfg: DictConfig, loaded: LoadedModel) -> list[int] | None:
     """Sample k's class; for a class-conditional model without ``labels``, the null class (unconditional)."""
     labels = OmegaConf.to_container(cfg.labels) if OmegaConf.is_config(cfg.get("labels")) else cfg.get("labels")
+    if loaded.kind == "text" and labels is not None:
+        raise DiffexpError(
+            f"labels={labels} was given, but {loaded.name} is a text-to-image model: give prompt=... instead."
+        )
     if loaded.num_classes is None:
         if labels is not None:
             raise DiffexpError(
@@ -108,7 +167,7 @@ def denoiser(
         float(cfg.get("guidance_rescale", 0.0)),
         None if interval is None else list(interval),
     )
-    if guidance.enabled and (labels is None or loaded.null_class is None):
+    if guidance.enabled and loaded.kind != "text" and (labels is None or loaded.null_class is None):
         raise DiffexpError(
             f"guidance_scale={guidance.scale} needs a conditional model with a null class (or unconditional input) "
             f"for the unconditional half; {loaded.name} has "
@@ -121,4 +180,13 @@ def denoiser(
         loaded.null_class,
         guidance,
         log_sigmas(built.scheduler.alphas_cumprod),
+        **(dit_conventions(loaded.model) if loaded.kind == "class" else {}),
     )
+
+
+def dit_conventions(transformer: torch.nn.Module) -> dict[str, object]:
+    """DiTPipeline's: the halves as [class, null]; guidance and the loop on the eps half of a transformer that
+    learns sigma (its variance channels are dropped); one timestep per sample."""
+    cfg = transformer.config
+    learns_sigma = cfg.out_channels // 2 == cfg.in_channels
+    return {"uncond_first": False, "channels": cfg.in_channels if learns_sigma else None, "expand_t": True}

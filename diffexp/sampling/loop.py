@@ -40,6 +40,18 @@ class StepState:
     last: bool
     elapsed_s: float  # sampling time so far, device synchronised, callbacks excluded
     call_s: float  # time of this call
+    # x and x0 as images at a snapshot of a latent model (decoded or previewed; set by the runner, which times it)
+    x_image: torch.Tensor | None = None
+    x0_image: torch.Tensor | None = None
+
+    @property
+    def x_pixels(self) -> torch.Tensor:
+        """x as an image: x itself for a pixel model, its decoded latents for a latent model."""
+        return self.x if self.x_image is None else self.x_image
+
+    @property
+    def x0_pixels(self) -> torch.Tensor:
+        return self.x0 if self.x0_image is None else self.x0_image
 
 
 def initial_noise(

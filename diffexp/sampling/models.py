@@ -19,6 +19,7 @@ from diffusers import DiffusionPipeline, UNet2DModel
 from diffexp.config import WEIGHTS_DIR, ModelConfig, ModelSource
 from diffexp.errors import DiffexpError
 from diffexp.sampling.ideal import DDPM_SCHEDULER_CONFIG, DigitsIdealDenoiser
+from diffexp.sampling.latent import LATENT_PIPELINES, NOT_SUPPORTED, LatentModel, load_latent, pipeline_class
 
 OFFLINE_MODELS = "model=digits-unet (the default), model=digits-ideal, model=tiny, or model=local model.path=DIR"
 
@@ -33,6 +34,18 @@ class LoadedModel:
     load_s: float = 0.0
     num_classes: int | None = None  # class-conditional: labels 0 .. num_classes - 1
     null_class: int | None = None  # the label of the unconditional half of guidance
+    latent: LatentModel | None = None  # a latent model (SD, DiT): its pipeline, VAE and latent size
+
+    @property
+    def kind(self) -> str:
+        """pixel, text (prompts: Stable Diffusion) or class (labels: DiT); a class-conditional UNet is pixel."""
+        return "pixel" if self.latent is None else self.latent.kind
+
+    def to_pixels(self, x: torch.Tensor, preview: str = "vae") -> torch.Tensor:
+        """x or x0 as an image in [-1, 1]: itself for a pixel model, else decoded (or previewed) from latents."""
+        if self.latent is None:
+            return x
+        return self.latent.preview(x) if preview == "latent" else self.latent.decode(x)
 
     @property
     def prediction_type(self) -> str:
@@ -41,6 +54,8 @@ class LoadedModel:
     @property
     def sample_shape(self) -> tuple[int, int, int]:
         cfg = self.model.config
+        if self.latent is not None:
+            return (cfg.in_channels, *self.latent.size)
         size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
         return (cfg.in_channels, size, size)
 
@@ -97,6 +112,8 @@ def load_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype = torc
     elif source == ModelSource.hub:
         if not cfg.id:
             raise DiffexpError("model=hub needs model.id=<a Hub id>, e.g. model.id=google/ddpm-cifar10-32.")
+        if (latent := _latent(cfg.id, cfg, device, dtype, cfg.id)) is not None:
+            return latent
         model, scheduler_config = load_pretrained(cfg.id, cfg.revision)
         ident = cfg.id
     elif source == ModelSource.package:
@@ -112,6 +129,8 @@ def load_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype = torc
         path = Path(cfg.path).expanduser()
         if not path.is_dir():
             raise DiffexpError(f"model.path={cfg.path} is not a folder. {OFFLINE_MODELS} work offline.")
+        if (latent := _latent(str(path), cfg, device, dtype, str(path.resolve()))) is not None:
+            return latent
         model, scheduler_config = load_pretrained(str(path))
         ident = str(path.resolve())
     if cfg.prediction_type and source not in (ModelSource.ideal, ModelSource.random):
@@ -123,6 +142,29 @@ def load_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype = torc
     num_classes, null_class = classes(model, cfg)
     loaded = LoadedModel(model, scheduler_config, cfg.name, ident, cfg.revision, time.perf_counter() - start)
     loaded.num_classes, loaded.null_class = num_classes, null_class
+    return loaded
+
+
+def _latent(source: str, cfg: ModelConfig, device: torch.device, dtype: torch.dtype, ident: str) -> LoadedModel | None:
+    """A latent pipeline (SD, DiT) loaded with its own diffusers class; None for any other pipeline."""
+    class_name = pipeline_class(source, cfg.revision)
+    if class_name not in LATENT_PIPELINES and class_name not in NOT_SUPPORTED:
+        return None
+    start = time.perf_counter()
+    if cfg.prediction_type or cfg.num_classes is not None or cfg.null_class is not None:
+        raise DiffexpError(
+            "model.prediction_type, model.num_classes and model.null_class do not apply to a latent pipeline: they "
+            "come from its scheduler config and its denoiser."
+        )
+    pipe = load_latent(source, cfg.revision, str(class_name), device, dtype)
+    kind = LATENT_PIPELINES[str(class_name)]
+    denoiser = pipe.unet if kind == "text" else pipe.transformer
+    loaded = LoadedModel(denoiser, dict(pipe.scheduler.config), cfg.name, ident, cfg.revision)
+    loaded.latent = LatentModel(pipe, kind, (0, 0))
+    loaded.latent.set_size(None, None)
+    if kind == "class":  # DiTPipeline: classes 0 .. N-1, the null class N (its label dropout embedding)
+        loaded.num_classes = loaded.null_class = int(denoiser.config.num_embeds_ada_norm)
+    loaded.load_s = time.perf_counter() - start
     return loaded
 
 

@@ -134,9 +134,10 @@ def build_scheduler(
         k for k in ("clip_sample", "thresholding") if scheduler.config.get(k) and k in init and k not in config
     ]
     if inherited:
+        source = "from the model's scheduler config" if inherited[0] in model_scheduler_config else "by class default"
         warnings.append(
-            f"{cls.__name__} inherits {', '.join(inherited)}=True from the model's scheduler config: x0 is clipped, "
-            f"so it follows a different ODE from unclipped schedulers (set scheduler.{inherited[0]}=false to compare)."
+            f"{cls.__name__} inherits {', '.join(inherited)}=True {source}: x0 is clipped, so it follows a different "
+            f"ODE from unclipped schedulers (set scheduler.{inherited[0]}=false to compare)."
         )
     set_options = {k: v for k, v in options.items() if k not in DECLARED and v is not None}
     stochastic, order = options.get("stochastic"), options.get("theory_order")

@@ -80,7 +80,7 @@ def train(cfg: DictConfig, out_dir: Path, loggers: Sequence[TrainLogger] = ()) -
         bar.close()
         model_dir = out_dir / "model"
         shutil.rmtree(model_dir, ignore_errors=True)
-        trainer.pipeline().save_pretrained(model_dir)
+        trainer.save_pipeline(model_dir)
         elapsed = time.perf_counter() - start
         summary = {
             "status": RunStatus.finished.value,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -129,11 +130,20 @@ class Trainer:
     def pipeline(self) -> DDPMPipeline:
         return DDPMPipeline(unet=self.ema_model(), scheduler=self.noise_scheduler)
 
+    def save_pipeline(self, folder: Path) -> None:
+        """The EMA pipeline, less the scheduler options left at their defaults (timestep spacing, ...): a sampling
+        scheduler built from it then uses its own defaults, as with the google/ddpm-* configs."""
+        self.pipeline().save_pretrained(folder)
+        defaults = set(self.noise_scheduler.config.get("_use_default_values", []))
+        path = Path(folder) / "scheduler" / "scheduler_config.json"
+        config = {k: v for k, v in json.loads(path.read_text()).items() if k not in defaults}
+        path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
     def save(self, folder: Path) -> Path:
         """A checkpoint: the EMA pipeline (for sampling and resuming) and the training state, written atomically."""
         tmp = folder.with_name(folder.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        self.pipeline().save_pretrained(tmp)
+        self.save_pipeline(tmp)
         ema_state = {k: v for k, v in self.ema.state_dict().items() if k != "shadow_params"}  # = unet/ weights
         state = {
             "step": self.step,

@@ -1,0 +1,162 @@
+"""Latent diffusion models: the Stable Diffusion family (text, ``StableDiffusionPipeline``) and DiT (class labels,
+``DiTPipeline``), loaded with their own diffusers pipeline, whose class in ``model_index.json`` picks the adapter.
+
+The loop runs in latent space; ``to_pixels`` decodes x or x0 as the pipelines do,
+``vae.decode(latents / scaling_factor + shift_factor).sample``, or shows them through a fixed linear
+latent-to-RGB map (``preview=latent``) that calls no decoder. Prompts are encoded once per run with the pipeline's
+own ``encode_prompt``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from diffexp.errors import DiffexpError
+
+# the pipeline class of model_index.json -> what conditions it: text (prompts) or class labels
+LATENT_PIPELINES = {"StableDiffusionPipeline": "text", "DiTPipeline": "class"}
+# what diffexp leaves out, and why
+NOT_SUPPORTED = {
+    "StableDiffusionXLPipeline": "SDXL needs two text encoders and added time ids (size and crop conditioning), "
+    "which diffexp's text adapter does not build",
+}
+# linear latent-to-RGB maps (rows: latent channels) of the VAEs whose latent space is known: the SD 1.x/2.x VAE
+# (4 channels, scaling_factor 0.18215; DiT uses it too), as ComfyUI's and A1111's previews use it
+LATENT_RGB = {
+    (4, 0.18215): (
+        (0.3512, 0.2297, 0.3227),
+        (0.3250, 0.4974, 0.2350),
+        (-0.2829, 0.1762, 0.2721),
+        (-0.2120, -0.2616, -0.7177),
+    ),
+}
+KNOWN_PREVIEWS = "the SD 1.x/2.x VAE (4 latent channels, scaling_factor 0.18215, used by SD 1.x, SD 2.x and DiT)"
+
+
+def pipeline_class(source: str, revision: str | None = None) -> str | None:
+    """The pipeline class that ``model_index.json`` names; None when it cannot be read (the loader then says why)."""
+    from diffusers import DiffusionPipeline
+
+    try:
+        return str(DiffusionPipeline.load_config(source, revision=revision).get("_class_name"))
+    except Exception:  # the Hub client raises many types; the pipeline loader reports the failure
+        return None
+
+
+def check_text_parts(source: str) -> None:
+    """A local text-to-image folder must hold its text encoder and tokenizer."""
+    folder = Path(source)
+    if not folder.is_dir():
+        return
+    index = json.loads((folder / "model_index.json").read_text())
+    for part in ("text_encoder", "tokenizer"):
+        entry = index.get(part)
+        if not entry or entry[0] is None or not (folder / part).is_dir():
+            raise DiffexpError(
+                f"The Stable Diffusion folder '{source}' has no {part} ({part}/ and its model_index.json entry): "
+                "diffexp encodes prompts with the pipeline's own CLIP text encoder and tokenizer, so both must be "
+                "there, as StableDiffusionPipeline.save_pretrained writes them."
+            )
+
+
+@dataclass
+class LatentModel:
+    """The parts of a latent pipeline around its denoiser: the pipeline (prompt encoding), the VAE, the size."""
+
+    pipeline: Any
+    kind: str  # text | class
+    size: tuple[int, int]  # latent height and width of this run
+
+    @property
+    def vae(self) -> Any:
+        return self.pipeline.vae
+
+    @property
+    def scale(self) -> int:
+        """Pixels per latent (the pipelines' ``vae_scale_factor``)."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def default_hw(self) -> tuple[int, int]:
+        denoiser = self.pipeline.unet if self.kind == "text" else self.pipeline.transformer
+        size = denoiser.config.sample_size
+        h, w = (size, size) if isinstance(size, int) else tuple(size)
+        return h * self.scale, w * self.scale
+
+    def set_size(self, height: int | None, width: int | None) -> None:
+        """The latent size for ``height`` x ``width`` pixels (null: the model's own), or a clear refusal."""
+        default = self.default_hw
+        h, w = height or default[0], width or default[1]
+        if self.kind == "class" and (h, w) != default:
+            raise DiffexpError(
+                f"height={h} / width={w} is not allowed: DiT's position embeddings fix its size at "
+                f"{default[0]}x{default[1]} pixels (leave height and width unset)."
+            )
+        if h <= 0 or w <= 0 or h % self.scale or w % self.scale:
+            raise DiffexpError(
+                f"height={h} / width={w} is not allowed: the VAE downsamples by {self.scale}, so both must be positive "
+                f"multiples of {self.scale} (the model's own size is {default[0]}x{default[1]})."
+            )
+        self.size = (h // self.scale, w // self.scale)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> images in [-1, 1], float32: the pipelines' ``vae.decode(latents / scaling_factor)``."""
+        vae = self.vae
+        z = latents.to(vae.dtype) / vae.config.scaling_factor
+        shift = getattr(vae.config, "shift_factor", None)
+        if shift:
+            z = z + shift
+        return vae.decode(z).sample.float().clamp(-1, 1)
+
+    def preview_map(self) -> torch.Tensor:
+        """The linear latent-to-RGB map of this VAE, or a clear refusal naming the known ones."""
+        key = (int(self.vae.config.latent_channels), round(float(self.vae.config.scaling_factor), 5))
+        if key not in LATENT_RGB or getattr(self.vae.config, "shift_factor", None):
+            raise DiffexpError(
+                f"preview=latent has no latent-to-RGB map for this VAE ({key[0]} latent channels, scaling_factor "
+                f"{key[1]}); diffexp knows {KNOWN_PREVIEWS}. Use preview=vae (the exact decode)."
+            )
+        return torch.tensor(LATENT_RGB[key], dtype=torch.float32)
+
+    def preview(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> an RGB approximation in [-1, 1] without the decoder, upsampled to the image size."""
+        rgb = torch.einsum("nchw,cr->nrhw", latents.float(), self.preview_map().to(latents.device))
+        return F.interpolate(rgb, scale_factor=self.scale, mode="nearest").clamp(-1, 1)
+
+    def encode(self, prompts: list[str], device: torch.device) -> torch.Tensor:
+        """Text embeddings of ``prompts``, with the pipeline's own ``encode_prompt`` (tokenizer, CLIP encoder)."""
+        embeds, _ = self.pipeline.encode_prompt(prompts, device, 1, False)
+        return embeds
+
+
+def load_latent(source: str, revision: str | None, class_name: str, device: torch.device, dtype: torch.dtype) -> Any:
+    """The latent pipeline ``source`` holds, on ``device`` in ``dtype``; the safety checker is not loaded."""
+    import diffusers
+
+    if class_name in NOT_SUPPORTED:
+        raise DiffexpError(f"'{source}' is a {class_name}; diffexp leaves it out: {NOT_SUPPORTED[class_name]}.")
+    kind = LATENT_PIPELINES[class_name]
+    extra: dict[str, Any] = {}
+    if kind == "text":
+        check_text_parts(source)
+        extra = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+        import transformers  # noqa: F401  (a dependency only text models need; fail here, clearly, if missing)
+    try:
+        pipe = getattr(diffusers, class_name).from_pretrained(source, revision=revision, torch_dtype=dtype, **extra)
+    except Exception as err:  # the Hub client and the loaders raise many types; all mean "could not load"
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DiffexpError(f"Could not load the {class_name} '{source}': {reason[:300]}.") from None
+    if kind == "text" and (getattr(pipe, "text_encoder", None) is None or getattr(pipe, "tokenizer", None) is None):
+        raise DiffexpError(f"The {class_name} '{source}' has no text encoder or tokenizer, which prompts need.")
+    pipe.set_progress_bar_config(disable=True)
+    pipe.to(device)
+    for part in pipe.components.values():
+        if isinstance(part, torch.nn.Module):
+            part.eval().requires_grad_(False)
+    return pipe
