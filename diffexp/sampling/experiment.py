@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from diffexp.catalog import run_label
 from diffexp.config import check_config
 from diffexp.errors import DiffexpError
 from diffexp.sampling.denoisers import Denoiser, check_guidance, sample_labels
@@ -42,8 +43,7 @@ class Experiment:
 
     @property
     def label(self) -> str:
-        scale = self.cfg.get("guidance_scale", 1.0)
-        return f"{self.built.label}-{self.cfg.steps}" + (f"-cfg{scale:g}" if scale != 1 else "")
+        return run_label(self.built.spec, self.cfg.steps, self.cfg.get("guidance_scale", 1.0))
 
     @property
     def total_calls(self) -> int:

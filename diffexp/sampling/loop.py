@@ -86,11 +86,6 @@ def predicted_x0(
     return x0_from_output(output, x, alpha_t.to(x.device), sigma_t.to(x.device), prediction_type)
 
 
-def noise_level(scheduler: Any, t: torch.Tensor) -> float:
-    """Sigma of the timestep the model was called at, on the model's own schedule."""
-    return float(sigma_at(log_sigmas(scheduler.alphas_cumprod), t))
-
-
 def completed_full_step(scheduler: Any) -> bool:
     """Whether the call just made ended a full step (Heun, KDPM2, PNDM make several calls per step)."""
     if hasattr(scheduler, "state_in_first_order"):  # second order: the correction call ends the step
@@ -125,6 +120,8 @@ def iter_steps(
     if generators is not None and "generator" in inspect.signature(scheduler.step).parameters:
         kwargs["generator"] = generators  # one generator per sample, as for the initial noise
     timesteps = scheduler.timesteps
+    # the noise level of every timestep on the model's own schedule, once per run rather than once per call
+    sigmas = sigma_at(log_sigmas(scheduler.alphas_cumprod), timesteps).tolist()
     prediction_type = getattr(model, "prediction_type", "epsilon")
     step, elapsed = 0, 0.0
     for i, t in enumerate(timesteps):
@@ -134,7 +131,6 @@ def iter_steps(
         # 2. the scheduler moves x towards t_prev
         out = scheduler.step(output, t, x, **kwargs)
         x0 = predicted_x0(scheduler, out, x, output, t, prediction_type)
-        sigma = noise_level(scheduler, t)
         x = out.prev_sample
         synchronize(device)
         call_s = time.perf_counter() - start
@@ -152,7 +148,7 @@ def iter_steps(
             step=step,
             num_steps=num_steps,
             timestep=float(t),
-            sigma=sigma,
+            sigma=sigmas[i],
             x=x,
             x0=x0,
             full_step=full,

@@ -13,8 +13,11 @@ def log_sigmas(alphas_cumprod: torch.Tensor) -> torch.Tensor:
 
 def sigma_at(log_sigma: torch.Tensor, timestep: torch.Tensor | float) -> torch.Tensor:
     """Sigma at (possibly fractional) timesteps: log-sigma interpolated linearly, the inverse of diffusers'
-    ``_sigma_to_t``, which places Karras and KDPM2 timesteps between the integers."""
-    t = torch.as_tensor(timestep).detach().cpu().double().clamp(0, len(log_sigma) - 1)
+    ``_sigma_to_t``, which places Karras and KDPM2 timesteps between the integers. A non-finite timestep (some
+    schedulers produce NaN ones at few steps) has a NaN sigma; the loop reports the NaN sample it leads to."""
+    raw = torch.as_tensor(timestep).detach().cpu().double()
+    t = raw.nan_to_num(0.0).clamp(0, len(log_sigma) - 1)
     low = t.floor().long().clamp(max=len(log_sigma) - 2)
     frac = t - low
-    return ((1 - frac) * log_sigma[low] + frac * log_sigma[low + 1]).exp()
+    sigma = ((1 - frac) * log_sigma[low] + frac * log_sigma[low + 1]).exp()
+    return torch.where(raw.isfinite(), sigma, torch.nan)

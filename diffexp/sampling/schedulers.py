@@ -38,8 +38,13 @@ class BuiltScheduler:
     warnings: list[str] = field(default_factory=list)
 
     @property
+    def spec(self) -> dict[str, Any]:
+        """Name, class and the options set: what labels are made of."""
+        return self.options | {"name": self.name, "diffusers_class": self.class_name}
+
+    @property
     def label(self) -> str:
-        return scheduler_label(self.options | {"name": self.name, "diffusers_class": self.class_name})
+        return scheduler_label(self.spec)
 
     @property
     def class_name(self) -> str:
