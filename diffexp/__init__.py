@@ -16,6 +16,7 @@ from typing import Any
 
 _EXPORTS = {
     "DiffexpError": "diffexp.errors",
+    "load_samples": "diffexp.samples",
     "NonFiniteError": "diffexp.errors",
     "LoadedModel": "diffexp.sampling.models",
     "load_model": "diffexp.sampling.models",
@@ -36,7 +37,7 @@ __all__ = sorted(_EXPORTS)
 # The layers, bottom to top: a module imports only from its own layer or those below, also inside functions
 # (tests/test_architecture.py checks it, and that no import circle exists).
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("diffexp.errors", "diffexp.folders"),  # the error type; on-disk formats of run and sweep folders
+    ("diffexp.errors", "diffexp.folders", "diffexp.samples"),  # the error type; on-disk formats
     ("diffexp.config", "diffexp.catalog"),  # the schema and compose; what each scheduler file declares
     ("diffexp.sampling",),  # the loop, schedulers, models, noise, the experiment
     ("diffexp.metrics",),  # the Metric contract and each metric
