@@ -123,8 +123,12 @@ class RunConfig:
     # name + options of one diffusers scheduler; options are checked against its signature when built
     scheduler: dict[str, Any] = field(default_factory=dict)
     steps: int = 30
-    batch_size: int = 4
+    batch_size: int = 4  # samples per model call (a chunk)
+    num_samples: int | None = None  # samples per run, in chunks of batch_size; null: one chunk of batch_size
     seed: int = 0
+    resume: bool = True  # a run started again in its own folder continues from its finished chunks
+    overwrite: bool = False  # clear a folder that holds another run before starting this one
+    oom_retry: bool = False  # out of device memory: split the chunk in halves (same results) instead of failing
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     precision: Precision = Precision.fp32
     log_every: int = 10
@@ -199,8 +203,8 @@ def check_config(cfg: DictConfig) -> None:
             f"Unknown config key(s): {', '.join(unknown)}. The schema (diffexp/config.py) has no such key; "
             "check the spelling, or see configs/ for the keys each group takes."
         )
-    for key in ("steps", "batch_size", "log_every"):
-        if cfg[key] <= 0:
+    for key in ("steps", "batch_size", "log_every", "num_samples"):
+        if cfg.get(key) is not None and cfg[key] <= 0:
             raise DiffexpError(f"{key}={cfg[key]} is not allowed: {key} must be a positive integer.")
     if "name" not in cfg.scheduler:
         raise DiffexpError("The scheduler config has no 'name'; choose one with scheduler=<name>.")

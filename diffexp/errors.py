@@ -23,6 +23,12 @@ class NonFiniteError(DiffexpError):
         )
 
 
+class DeviceOutOfMemory(DiffexpError):
+    """A chunk did not fit in the device's memory."""
+
+    reason = "oom"
+
+
 def exit_with(err: DiffexpError, folder: object) -> NoReturn:
     """End a command-line run on a clear message: logged, printed as one paragraph, exit status 2."""
     logging.getLogger("diffexp").error("%s", err)

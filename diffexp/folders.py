@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -40,12 +43,23 @@ def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S")
 
 
+@contextmanager
+def atomic(path: Path) -> Iterator[Path]:
+    """Write to the yielded temporary path; it becomes ``path`` only once complete (a reader, a crash or a full
+    disk never leaves half a file under the final name). The name is unique per process and thread."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}-{threading.get_ident()}.tmp{path.suffix}")  # keeps the suffix
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def write_json(path: Path, data: Any) -> None:
     """Atomic write: a reader never sees half a file."""
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    with atomic(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
 
 
 def read_json(path: Path) -> dict[str, Any] | None:
@@ -77,6 +91,8 @@ def end_status(run_dir: Path, record: dict[str, Any], error: BaseException | Non
     else:
         kind = RunStatus.of_error(error).value
         record |= {"status": kind, "error": str(error) or type(error).__name__, "error_type": type(error).__name__}
+        if getattr(error, "reason", None):  # e.g. "oom"
+            record["reason"] = error.reason
         record |= fields
     write_json(Path(run_dir) / STATUS_FILE, record)
     return record

@@ -1,22 +1,111 @@
 """The on-disk format of a run's samples: ``samples.npy`` for a run of one chunk, chunk files for the rest.
 
-``load_samples(run_dir)`` returns every sample of a run as one float32 NCHW array in [-1, 1], in sample order.
+A run of ``num_samples`` samples in chunks of ``batch_size`` writes ``chunks/chunk-NNNNNN.npz`` per chunk, each
+written atomically by the rank that sampled it: the sample indices, the images (float32 NCHW in [-1, 1]), a latent
+model's latents, every metric's per-sample values and the chunk's cost. A finished chunk is never sampled again
+(resume), and the final metrics are reduced from the chunk files' values. ``load_samples(run_dir)`` returns every
+sample of a run as one float32 NCHW array in [-1, 1], sample k at index k.
 """
 
 from __future__ import annotations
 
+import json
+import re
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from diffexp.errors import DiffexpError
+from diffexp.folders import atomic
 
 SAMPLES_FILE = "samples.npy"
+LATENTS_FILE = "latents.npy"
+CHUNKS_DIR = "chunks"
+VALUE_PREFIX = "value:"
+_CHUNK_NAME = re.compile(r"chunk-(\d{6})\.npz")
 
 
-def load_samples(run_dir: Path | str) -> np.ndarray:
-    """All samples of a run, float32 NCHW in [-1, 1], sample k at index k."""
-    path = Path(run_dir) / SAMPLES_FILE
-    if not path.is_file():
-        raise DiffexpError(f"{run_dir} holds no samples ({SAMPLES_FILE} is missing): is it a finished run folder?")
-    return np.load(path).astype(np.float32, copy=False)
+def chunk_path(run_dir: Path, index: int) -> Path:
+    return Path(run_dir) / CHUNKS_DIR / f"chunk-{index:06d}.npz"
+
+
+@dataclass
+class ChunkFile:
+    """A finished chunk as stored: which samples, their per-sample metric values and the chunk's cost."""
+
+    index: int
+    samples: range
+    values: dict[str, np.ndarray]
+    cost: dict[str, Any]
+
+
+def write_chunk(
+    run_dir: Path,
+    index: int,
+    samples: range,
+    images: np.ndarray,
+    values: dict[str, np.ndarray],
+    cost: dict[str, Any],
+    latents: np.ndarray | None = None,
+) -> Path:
+    """Store one finished chunk, atomically: it exists complete or not at all."""
+    path = chunk_path(run_dir, index)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays = {
+        "index": np.arange(samples.start, samples.stop, dtype=np.int64),
+        "samples": np.asarray(images, dtype=np.float32),
+        "cost": np.array(json.dumps(cost)),
+        **{f"{VALUE_PREFIX}{k}": np.asarray(v) for k, v in values.items()},
+    }
+    if latents is not None:
+        arrays["latents"] = np.asarray(latents, dtype=np.float32)
+    with atomic(path) as tmp:
+        np.savez(tmp, **arrays)
+    return path
+
+
+def read_chunk(path: Path) -> ChunkFile:
+    """A chunk's indices, values and cost (not its images); a damaged file is a clear error."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            index = data["index"]
+            values = {k[len(VALUE_PREFIX) :]: data[k] for k in data.files if k.startswith(VALUE_PREFIX)}
+            cost = json.loads(str(data["cost"]))
+    except Exception as err:
+        raise DiffexpError(f"The chunk file {path} is unreadable ({err}); delete it and start the run again.") from None
+    number = _CHUNK_NAME.fullmatch(Path(path).name)
+    first = int(index[0]) if len(index) else 0
+    return ChunkFile(int(number.group(1)) if number else -1, range(first, first + len(index)), values, cost)
+
+
+def chunk_files(run_dir: Path) -> dict[int, Path]:
+    """The finished chunks of a run folder, by chunk number."""
+    folder = Path(run_dir) / CHUNKS_DIR
+    found = (_CHUNK_NAME.fullmatch(p.name) for p in folder.iterdir()) if folder.is_dir() else ()
+    return {int(m.group(1)): folder / m.group(0) for m in found if m}
+
+
+def load_samples(run_dir: Path | str, key: str = "samples") -> np.ndarray:
+    """All samples of a run, float32 NCHW in [-1, 1], sample k at index k (``key="latents"``: a latent model's
+    final latents). A chunked run must have every chunk: a gap is a clear error, never a silent shift."""
+    run_dir = Path(run_dir)
+    single = run_dir / (SAMPLES_FILE if key == "samples" else LATENTS_FILE)
+    if single.is_file():
+        return np.load(single).astype(np.float32, copy=False)
+    files = chunk_files(run_dir)
+    if not files:
+        raise DiffexpError(f"{run_dir} holds no samples ({single.name} and {CHUNKS_DIR}/ are missing).")
+    parts, expected = [], 0
+    for number in sorted(files):
+        with np.load(files[number], allow_pickle=False) as data:
+            index = data["index"]
+            if len(index) == 0 or int(index[0]) != expected:
+                raise DiffexpError(
+                    f"{run_dir} is missing samples {expected}..{int(index[0]) - 1 if len(index) else '?'} (a chunk "
+                    "is not finished yet): resume the run to complete it."
+                )
+            parts.append(data[key].astype(np.float32, copy=False))
+            expected = int(index[-1]) + 1
+    return np.concatenate(parts)

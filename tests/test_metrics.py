@@ -16,8 +16,8 @@ from safetensors.torch import load_file, save_file
 import diffexp
 from diffexp.errors import DiffexpError
 from diffexp.metrics.agreement import STOCHASTIC, psnr, rmse, ssim
-from diffexp.metrics.fid import feature_net, fid_kid
-from diffexp.metrics.landing import landing
+from diffexp.metrics.fid import feature_net, features, fid_kid
+from diffexp.metrics.landing import landing, nearest
 from diffexp.metrics.reference import solve_reference
 from diffexp.runner.observers import Observer
 from diffexp.runner.run import run
@@ -49,14 +49,18 @@ def test_a_known_offset_gives_the_known_psnr() -> None:
 def test_fid_of_a_set_against_itself_is_about_zero(tmp_path: Path) -> None:
     net = feature_net(compose().metrics.fid, torch.device("cpu"))
     digits = digits_images(32)
-    same = fid_kid(digits, net, "digits", tmp_path, kid_subset_size=100, kid_subsets=20)
+    same = fid_kid(features(net, digits), net, "digits", (1, 32, 32), tmp_path, kid_subset_size=100, kid_subsets=20)
     assert abs(same["fid"]) < 1e-2
     assert abs(same["kid_mean"]) < 0.1
     assert same["fid_n"] == len(digits) and same["fid_features"].startswith("digits-cnn@")
     # the real statistics were cached; a reload gives the same value, and noise is far from digits
     assert len(list((tmp_path / "fid").glob("*.safetensors"))) == 1
-    assert fid_kid(digits, net, "digits", tmp_path, 100, 20)["fid"] == pytest.approx(same["fid"], abs=1e-9)
-    noise = fid_kid(torch.randn(200, 1, 32, 32).clamp(-1, 1), net, "digits", tmp_path, 100, 20)
+    assert fid_kid(features(net, digits), net, "digits", (1, 32, 32), tmp_path, 100, 20)["fid"] == pytest.approx(
+        same["fid"], abs=1e-9
+    )
+    noise = fid_kid(
+        features(net, torch.randn(200, 1, 32, 32).clamp(-1, 1)), net, "digits", (1, 32, 32), tmp_path, 100, 20
+    )
     assert noise["fid"] > 100 * max(abs(same["fid"]), 1e-3) and noise["kid_mean"] > 0.5
 
 
@@ -180,7 +184,8 @@ def test_landing_figures_on_known_cases() -> None:
     x = images[:4].reshape(4, 1, 8, 8).clone()
     x[3] += 0.05  # near image 3, but not within the tolerance
     ref = images[[0, 1, 5, 3]].reshape(4, 1, 8, 8)
-    out = landing(x, images, labels, hit_tol=0.02, ref=ref)
+    dist, index = nearest(x, images)
+    out = landing(dist, index, labels, hit_tol=0.02, ref_index=nearest(ref, images)[1])
     assert out["hit_rate"] == 0.75 and out["nn_dist_max"] > 0.02
     assert out["basin_mismatch"] == 0.25  # sample 2 landed on image 2, the reference on image 5
     assert out["landed_classes"] == [1, 1, 1, 0, 0, 0, 0, 0, 0, 0]
@@ -239,7 +244,7 @@ def test_fid_and_kid_are_reported_with_their_sample_count(tmp_path: Path) -> Non
 @pytest.mark.parametrize(
     "overrides,message",
     [
-        (["metrics=fid", "metrics.fid.n=9"], "between 2 and batch_size"),
+        (["metrics=fid", "metrics.fid.n=9"], "between 2 and num_samples"),
         (["metrics=fid", "metrics.fid.real=/nonexistent"], "neither 'digits' nor a folder"),
         (["metrics=fid", "metrics.fid.features=inception", "metrics.fid.inception_weights=BAD"], "could not be"),
         (["metrics=reference", "metrics.reference.scheduler.name=ddpm"], "deterministic"),

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -14,8 +15,9 @@ from torchmetrics.functional.image import peak_signal_noise_ratio, structural_si
 from torchmetrics.functional.regression import mean_squared_error
 
 from diffexp.config import Precision
-from diffexp.metrics.base import Context, Key, Metric
-from diffexp.metrics.reference import solve_reference
+from diffexp.metrics.base import Context, Key, Metric, Values
+from diffexp.metrics.reference import Reference, solve_reference
+from diffexp.sampling.experiment import Experiment
 from diffexp.sampling.loop import StepState
 
 DATA_RANGE = 2.0  # samples live in [-1, 1]
@@ -32,19 +34,30 @@ def psnr(x: torch.Tensor, y: torch.Tensor) -> float:
     return peak_signal_noise_ratio(x.double(), y.double(), data_range=DATA_RANGE).item()
 
 
-def ssim(x: torch.Tensor, y: torch.Tensor) -> float:
-    """Mean SSIM (torchmetrics, Gaussian window) for the data range 2 of [-1, 1]."""
+def ssim(x: torch.Tensor, y: torch.Tensor, reduction: str = "elementwise_mean") -> Any:
+    """Mean SSIM (torchmetrics, Gaussian window) for the data range 2 of [-1, 1]; ``reduction="none"``: per sample."""
     side = min(x.shape[-2:])
     kernel = min(11, side if side % 2 else side - 1)  # the window must fit the image
-    return structural_similarity_index_measure(x.double(), y.double(), data_range=DATA_RANGE, kernel_size=kernel).item()
+    value = structural_similarity_index_measure(
+        x.double(), y.double(), data_range=DATA_RANGE, kernel_size=kernel, reduction=reduction
+    )
+    return value if reduction == "none" else value.item()
 
 
 def reference_agreement(x: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
     return {"ref_rmse": rmse(x, ref), "ref_psnr": psnr(x, ref), "ref_ssim": ssim(x, ref)}
 
 
+def agreement_from(sse: torch.Tensor, pixels: int, ssims: torch.Tensor) -> dict[str, float]:
+    """``reference_agreement`` from per-sample sums of squared differences (of ``pixels`` values each) and SSIMs:
+    the same figures over all samples, so chunks add up to one batch. PSNR is torchmetrics' 10 log10(2^2 / mse)."""
+    mse = sse.double().sum().item() / (pixels * len(sse))
+    psnr_db = math.inf if mse == 0 else 10 * math.log10(DATA_RANGE**2 / mse)
+    return {"ref_rmse": math.sqrt(mse), "ref_psnr": psnr_db, "ref_ssim": ssims.double().mean().item()}
+
+
 class ReferenceAgreement(Metric):
-    """Distance to the reference solution (``metrics.reference.enabled``)."""
+    """Distance to the reference solution (``metrics.reference.enabled``), from the same noise, chunk by chunk."""
 
     keys = (
         Key("ref_rmse", "lower"),
@@ -61,24 +74,36 @@ class ReferenceAgreement(Metric):
 
     def __init__(self, ctx: Context) -> None:
         super().__init__(ctx)
-        ref = ctx.mcfg.reference
-        ctx.reference = solve_reference(
+        self.first = ctx.reference = self.solve(ctx.exp)  # the first chunk's, before the clock: its snapshots use it
+
+    def solve(self, exp: Experiment) -> Reference:
+        """The reference of this chunk's samples, solved or read from the cache."""
+        ref, ctx = self.ctx.mcfg.reference, self.ctx
+        return solve_reference(
             OmegaConf.to_container(ref.scheduler, resolve=True),
             int(ref.steps),
-            ctx.exp.loaded,
-            ctx.exp.noise,
+            exp.loaded,
+            exp.noise,
             ctx.cfg.seed,
             Precision(ctx.cfg.precision).value,
             ctx.cache_dir,
             ctx.progress,
-            ctx.exp.model,
+            exp.model,
+            exp.samples.start,
         )
 
     def snapshot(self, state: StepState) -> dict[str, Any]:
-        return {"x0_ref_rmse": rmse(state.x0.float().cpu(), self.ctx.reference.x)}
+        return {"x0_ref_rmse": rmse(state.x0.float().cpu(), self.first.x)}
 
-    def final(self, final: StepState) -> dict[str, Any]:
-        out: dict[str, Any] = reference_agreement(final.x.float().cpu(), self.ctx.reference.x)
+    def measure(self, exp: Experiment, final: StepState) -> Values:
+        reference = self.first if exp.samples == self.ctx.exp.samples else self.solve(exp)
+        self.ctx.reference = reference  # for the metrics after this one (landing)
+        x, ref = final.x.float().cpu().double(), reference.x.double()
+        return {"sse": (x - ref).pow(2).flatten(1).sum(1), "ssim": ssim(x, ref, reduction="none")}
+
+    def final(self, values: Values) -> dict[str, Any]:
+        pixels = int(torch.tensor(self.ctx.exp.noise.shape[1:]).prod())
+        out: dict[str, Any] = agreement_from(values["sse"], pixels, values["ssim"])
         out["ref_kind"] = STOCHASTIC if self.ctx.exp.built.stochastic else "deterministic"
-        out["reference"] = self.ctx.reference.describe()
+        out["reference"] = self.first.describe()
         return out

@@ -1,8 +1,10 @@
 """The metric contract: what a metric computes, when, and which way is better.
 
 A metric is prepared before sampling starts (a reference solve, a feature network: never timed as sampling),
-adds values to every snapshot's record and to the final metrics, and declares the keys it writes with their
-direction. The report and W&B read the declarations, so a new metric appears there by itself.
+adds values to every snapshot's record (of the first chunk), measures per-sample values of every chunk, and
+reduces all samples' values, in sample order, to the final metrics. Per-sample values are what chunk files keep
+and what ranks gather, so chunking, resuming and sharding cannot change a result. A metric declares the keys it
+writes with their direction; the report and W&B read the declarations, so a new metric appears there by itself.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
+import torch
 from omegaconf import DictConfig
 
 from diffexp.config import MetricsConfig
@@ -20,6 +23,7 @@ from diffexp.sampling.experiment import Experiment
 from diffexp.sampling.loop import StepState
 
 Better = Literal["lower", "higher"]
+Values = dict[str, torch.Tensor]  # per-sample values: the first dimension runs over samples
 
 
 @dataclass(frozen=True)
@@ -56,12 +60,16 @@ class Metric(ABC):
         self.ctx = ctx
 
     def snapshot(self, state: StepState) -> dict[str, Any]:
-        """Values for this snapshot's record (``when="snapshot"`` keys)."""
+        """Values for this snapshot's record (``when="snapshot"`` keys), on the first chunk."""
+        return {}
+
+    def measure(self, exp: Experiment, final: StepState) -> Values:
+        """Per-sample values of one chunk (``exp`` is bound to its samples; ``final`` its last state)."""
         return {}
 
     @abstractmethod
-    def final(self, final: StepState) -> dict[str, Any]:
-        """Values for metrics.json and the W&B summary."""
+    def final(self, values: Values) -> dict[str, Any]:
+        """Values for metrics.json and the W&B summary, from every sample's ``measure`` in sample order."""
 
 
 def quality_keys(metrics: Sequence[type[Metric]]) -> dict[str, Better]:

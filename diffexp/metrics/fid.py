@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,8 +27,10 @@ from torchmetrics.image.kid import KernelInceptionDistance
 
 from diffexp.config import FidFeatures
 from diffexp.errors import DiffexpError
-from diffexp.metrics.base import Context, Key, Metric
+from diffexp.folders import atomic
+from diffexp.metrics.base import Context, Key, Metric, Values
 from diffexp.metrics.features import feature_name, load_digits_features
+from diffexp.sampling.experiment import Experiment
 from diffexp.sampling.loop import StepState
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
@@ -123,12 +124,28 @@ def _real_key(source: str, shape: tuple[int, int, int], features: str) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:20]
 
 
-def _metrics(net: FeatureNet, kid_subset_size: int, kid_subsets: int) -> tuple[FrechetInceptionDistance, Any]:
-    fid = FrechetInceptionDistance(feature=net.module, reset_real_features=False)
+class Precomputed(nn.Module):
+    """Features extracted chunk by chunk: torchmetrics' FID and KID take them as they are."""
+
+    def __init__(self, num_features: int) -> None:
+        super().__init__()
+        self.num_features = num_features
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features
+
+
+def _metrics(feature: nn.Module, kid_subset_size: int, kid_subsets: int) -> tuple[FrechetInceptionDistance, Any]:
+    # every figure is computed from gathered features in one process: no synchronisation across ranks
+    fid = FrechetInceptionDistance(feature=feature, reset_real_features=False, sync_on_compute=False)
     with warnings.catch_warnings():  # KID keeps every feature vector in memory by design; no need to say so
         warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
         kid = KernelInceptionDistance(
-            feature=net.module, subsets=kid_subsets, subset_size=kid_subset_size, reset_real_features=False
+            feature=feature,
+            subsets=kid_subsets,
+            subset_size=kid_subset_size,
+            reset_real_features=False,
+            sync_on_compute=False,
         )
     return fid, kid
 
@@ -143,7 +160,7 @@ def real_state(net: FeatureNet, source: str, shape: tuple[int, int, int], cache_
     path = Path(cache_dir) / "fid" / f"{_real_key(source, shape, net.name)}.safetensors"
     if path.exists():
         return load_file(str(path)), path
-    fid, kid = _metrics(net, 1, 1)
+    fid, kid = _metrics(net.module, 1, 1)
     fid, kid = fid.to(device), kid.to(device)
     with torch.inference_mode():
         for x in _batches(real_images(source, shape), device):
@@ -153,35 +170,42 @@ def real_state(net: FeatureNet, source: str, shape: tuple[int, int, int], cache_
     state["kid.real_features"] = torch.cat(kid.real_features)
     state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file(state, str(tmp), metadata={"real": source, "features": net.name})
-    os.replace(tmp, path)
+    with atomic(path) as tmp:
+        save_file(state, str(tmp), metadata={"real": source, "features": net.name})
     return state, path
 
 
+def features(net: FeatureNet, images: torch.Tensor) -> torch.Tensor:
+    """The feature vectors of images (N, C, H, W in [-1, 1]), float32 on the CPU."""
+    device = next(net.module.parameters()).device
+    with torch.inference_mode():
+        return torch.cat([net.module(x).float().cpu() for x in _batches(images, device)])
+
+
 def fid_kid(
-    samples: torch.Tensor,
+    fake: torch.Tensor,
     net: FeatureNet,
     source: str,
+    shape: tuple[int, int, int],
     cache_dir: Path,
     kid_subset_size: int = 100,
     kid_subsets: int = 100,
 ) -> dict[str, Any]:
-    """FID, KID (mean and std over subsets) of ``samples`` (N, C, H, W in [-1, 1]) against the real set."""
-    n = samples.shape[0]
+    """FID, KID (mean and std over subsets) of the samples' features ``fake`` (N, D) against the real set's."""
+    n = fake.shape[0]
     if n < 2:
-        raise DiffexpError(f"FID needs at least 2 samples; this run has {n}. Raise batch_size.")
+        raise DiffexpError(f"FID needs at least 2 samples; this run has {n}. Raise num_samples.")
     device = next(net.module.parameters()).device
-    state, _ = real_state(net, source, tuple(samples.shape[1:]), cache_dir, device)
+    state, _ = real_state(net, source, shape, cache_dir, device)
     n_real = int(state["fid.real_features_num_samples"])
     subset = min(kid_subset_size, n, n_real)
-    fid, kid = _metrics(net, subset, kid_subsets)
+    fid, kid = _metrics(Precomputed(fake.shape[1]), subset, kid_subsets)
     fid, kid = fid.to(device), kid.to(device)
     # start both metrics from the cached real states: merge_state adds them to the (empty) ones
     fid.merge_state(fid.metric_state | {k[4:]: v.to(device) for k, v in state.items() if k.startswith("fid.")})
     kid.merge_state(kid.metric_state | {"real_features": [state["kid.real_features"].to(device)]})
     with torch.inference_mode():
-        for x in _batches(samples, device):
+        for x in _batches(fake, device):
             fid.update(x, real=False)
             kid.update(x, real=False)
         value = fid.compute().item()
@@ -228,20 +252,36 @@ class FidKid(Metric):
 
     def __init__(self, ctx: Context) -> None:
         super().__init__(ctx)
-        fcfg, batch = ctx.mcfg.fid, ctx.cfg.batch_size
-        if fcfg.n is not None and not 2 <= fcfg.n <= batch:
+        fcfg, total = ctx.mcfg.fid, ctx.exp.num_samples
+        if fcfg.n is not None and not 2 <= fcfg.n <= total:
             raise DiffexpError(
-                f"metrics.fid.n={fcfg.n} is not allowed: FID uses the first n samples of the batch, so n must be "
-                f"between 2 and batch_size={batch}."
+                f"metrics.fid.n={fcfg.n} is not allowed: FID uses the first n samples of the run, so n must be "
+                f"between 2 and num_samples={total}."
             )
-        if fcfg.n is None and batch < 2:
-            raise DiffexpError("FID needs at least 2 samples; raise batch_size (FID at small n is biased).")
+        if fcfg.n is None and total < 2:
+            raise DiffexpError("FID needs at least 2 samples; raise num_samples (FID at small n is biased).")
         check_real(fcfg.real)
         self.net = feature_net(fcfg, ctx.exp.device)
 
-    def final(self, final: StepState) -> dict[str, Any]:
+    def measure(self, exp: Experiment, final: StepState) -> Values:
+        n = self.ctx.mcfg.fid.n or exp.num_samples
+        used = [i for i, k in enumerate(exp.samples) if k < n]  # FID's samples: the first n of the run
+        if not used:
+            return {}
+        self.shape = tuple(final.x_pixels.shape[1:])
+        return {"features": features(self.net, final.x_pixels[: len(used)].float())}
+
+    def final(self, values: Values) -> dict[str, Any]:
         fcfg = self.ctx.mcfg.fid
-        n = fcfg.n or len(final.x_pixels)
+        shape = getattr(self, "shape", None) or self.pixel_shape()
         return fid_kid(
-            final.x_pixels[:n].float(), self.net, fcfg.real, self.ctx.cache_dir, fcfg.kid_subset_size, fcfg.kid_subsets
+            values["features"], self.net, fcfg.real, shape, self.ctx.cache_dir, fcfg.kid_subset_size, fcfg.kid_subsets
         )
+
+    def pixel_shape(self) -> tuple[int, int, int]:
+        """The samples' image shape, for a process that sampled none of them itself (a resumed run)."""
+        loaded = self.ctx.exp.loaded
+        if loaded.latent is None:
+            return tuple(loaded.sample_shape)
+        height, width = (s * loaded.latent.scale for s in loaded.latent.size)
+        return (int(loaded.latent.vae.config.out_channels), height, width)

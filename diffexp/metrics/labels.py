@@ -10,8 +10,9 @@ from typing import Any
 
 import torch
 
-from diffexp.metrics.base import Context, Key, Metric
+from diffexp.metrics.base import Context, Key, Metric, Values
 from diffexp.metrics.features import feature_name, load_digits_features
+from diffexp.sampling.experiment import Experiment
 from diffexp.sampling.loop import StepState
 
 
@@ -30,12 +31,14 @@ class LabelAccuracy(Metric):
         self.net, metadata = load_digits_features()
         self.name = feature_name(metadata)
 
-    def final(self, final: StepState) -> dict[str, Any]:
-        with torch.no_grad():
-            read = self.net.classify(final.x.float().cpu()).argmax(dim=1)
-        wanted = torch.tensor(self.ctx.exp.labels)
+    def measure(self, exp: Experiment, final: StepState) -> Values:
+        read = self.net.classify(final.x_pixels.float().cpu()).argmax(dim=1)
+        return {"read": read, "wanted": torch.tensor(exp.labels)}
+
+    def final(self, values: Values) -> dict[str, Any]:
+        read = values["read"]
         return {
-            "label_accuracy": (read == wanted).double().mean().item(),
+            "label_accuracy": (read == values["wanted"]).double().mean().item(),
             "classes_produced": int(read.unique().numel()),
             "label_classifier": self.name,
         }

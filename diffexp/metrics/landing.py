@@ -8,7 +8,8 @@ from typing import Any
 
 import torch
 
-from diffexp.metrics.base import Context, Key, Metric
+from diffexp.metrics.base import Context, Key, Metric, Values
+from diffexp.sampling.experiment import Experiment
 from diffexp.sampling.ideal import DigitsIdealDenoiser, digits_labels
 from diffexp.sampling.loop import StepState
 
@@ -22,13 +23,14 @@ def nearest(x: torch.Tensor, images: torch.Tensor) -> tuple[torch.Tensor, torch.
 
 
 def landing(
-    x: torch.Tensor,
-    images: torch.Tensor,
+    dist: torch.Tensor,
+    index: torch.Tensor,
     labels: torch.Tensor,
     hit_tol: float,
-    ref: torch.Tensor | None = None,
+    ref_index: torch.Tensor | None = None,
 ) -> dict[str, Any]:
-    """Where the samples land among the training images (meaningful at std 0, where the data is the images).
+    """Where the samples land among the training images (meaningful at std 0, where the data is the images), from
+    each sample's RMSE to its nearest training image (``dist``), that image's ``index`` and the reference sample's.
 
     - nn_dist: mean over samples of the RMSE to the nearest training image
     - hit_rate: fraction of samples within ``hit_tol`` of a training image
@@ -37,7 +39,6 @@ def landing(
       landed samples and of the training set (0: same proportions, 1: disjoint); None if nothing landed.
       With n landed samples it is about 1.2 / sqrt(n) by chance alone (10 classes of about 10% each).
     """
-    dist, index = nearest(x, images)
     hits = dist <= hit_tol
     out: dict[str, Any] = {
         "nn_dist": dist.mean().item(),
@@ -48,8 +49,8 @@ def landing(
         "class_hist_distance": None,
         "landed_classes": None,
     }
-    if ref is not None:
-        out["basin_mismatch"] = (nearest(ref, images)[1] != index).double().mean().item()
+    if ref_index is not None:
+        out["basin_mismatch"] = (ref_index != index).double().mean().item()
     if hits.any():
         landed = torch.bincount(labels[index[hits]], minlength=10).double()
         train = torch.bincount(labels, minlength=10).double()
@@ -76,8 +77,15 @@ class Landing(Metric):
     def enabled(cls, ctx: Context) -> bool:
         return bool(ctx.mcfg.landing) and isinstance(ctx.exp.loaded.model, DigitsIdealDenoiser)
 
-    def final(self, final: StepState) -> dict[str, Any]:
+    def measure(self, exp: Experiment, final: StepState) -> Values:
+        images = self.ctx.exp.loaded.model.images
+        dist, index = nearest(final.x.float().cpu(), images)
+        values = {"dist": dist, "index": index}
+        if self.ctx.reference is not None:  # this chunk's, solved by ReferenceAgreement just before
+            values["ref_index"] = nearest(self.ctx.reference.x, images)[1]
+        return values
+
+    def final(self, values: Values) -> dict[str, Any]:
         ideal = self.ctx.exp.loaded.model
-        ref = self.ctx.reference.x if self.ctx.reference is not None else None
-        out = landing(final.x.float().cpu(), ideal.images, digits_labels(), self.ctx.mcfg.hit_tol, ref)
+        out = landing(values["dist"], values["index"], digits_labels(), self.ctx.mcfg.hit_tol, values.get("ref_index"))
         return out | {"ideal_std": float(ideal.config.std)}

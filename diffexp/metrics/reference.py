@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from diffexp.catalog import option_signatures, resolve_class
 from diffexp.errors import DiffexpError
+from diffexp.folders import atomic
 from diffexp.sampling.denoisers import Denoiser
 from diffexp.sampling.loop import StepState, iter_steps, sample
 from diffexp.sampling.models import LoadedModel
@@ -76,6 +76,7 @@ def reference_key(
     built: BuiltScheduler,
     steps: int,
     model: Denoiser | None = None,
+    first: int = 0,
 ) -> tuple[str, dict[str, Any]]:
     """The cache key and what it was made of."""
     model_config = {k: v for k, v in dict(getattr(loaded.model, "config", {})).items() if not k.startswith("_")}
@@ -98,6 +99,8 @@ def reference_key(
         "solver": built.effective_config(),
         "steps": steps,
     }
+    if first:  # a later chunk of the run: samples first .. first + batch_size - 1
+        parts["first"] = first
     if model is not None and (model.labels is not None or model.guidance.enabled or model.cond):  # conditioned ODE
         labels = None if model.labels is None else model.labels.tolist()
         parts["condition"] = {"labels": labels, "null": model.null_label, **asdict(model.guidance)}
@@ -132,8 +135,9 @@ def solve_reference(
     cache_dir: Path,
     progress: bool = False,
     model: Denoiser | None = None,
+    first: int = 0,
 ) -> Reference:
-    """Load the reference for this model, noise (from ``seed``) and solver, or solve and cache it.
+    """Load the reference for this model, noise (samples ``first ..`` of ``seed``) and solver, or solve and cache it.
 
     ``spec`` is the scheduler's name and options, as in the run config's ``scheduler``.
     """
@@ -141,7 +145,7 @@ def solve_reference(
         raise DiffexpError(f"metrics.reference.steps={steps} is not allowed: it must be a positive integer.")
     built = build_reference_scheduler(spec, loaded.scheduler_config)
     model = model or Denoiser(loaded.model, loaded.prediction_type)  # a run's: with its labels and guidance
-    key, parts = reference_key(loaded, seed, len(noise), precision, noise.device, built, steps, model)
+    key, parts = reference_key(loaded, seed, len(noise), precision, noise.device, built, steps, model, first)
     path = Path(cache_dir) / "reference" / f"{key}.safetensors"
     solver = {"scheduler": built.name, "steps": steps, "options": built.options}
     if path.exists():
@@ -173,7 +177,6 @@ def solve_reference(
             bar.close()
     x = final.x.float().cpu().contiguous()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file({"x": x, "nfe": torch.tensor(final.nfe)}, str(tmp), metadata={"key": json.dumps(parts)})
-    os.replace(tmp, path)
+    with atomic(path) as tmp:
+        save_file({"x": x, "nfe": torch.tensor(final.nfe)}, str(tmp), metadata={"key": json.dumps(parts)})
     return Reference(x, key, path, False, final.nfe, solver)

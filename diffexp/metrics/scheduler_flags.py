@@ -6,9 +6,8 @@ from __future__ import annotations
 from typing import Any
 
 from diffexp.catalog import option_signatures
-from diffexp.metrics.base import Context, Key, Metric
+from diffexp.metrics.base import Context, Key, Metric, Values
 from diffexp.metrics.reference import CLIPPING_OPTIONS
-from diffexp.sampling.loop import StepState
 from diffexp.sampling.schedulers import BuiltScheduler
 
 
@@ -27,5 +26,5 @@ class SchedulerFlags(Metric):
     def enabled(cls, ctx: Context) -> bool:
         return True
 
-    def final(self, final: StepState) -> dict[str, Any]:
+    def final(self, values: Values) -> dict[str, Any]:
         return {**clipping(self.ctx.exp.built), "stochastic": self.ctx.exp.built.stochastic}

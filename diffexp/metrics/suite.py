@@ -5,11 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from diffexp.config import MetricsConfig
 from diffexp.metrics.agreement import ReferenceAgreement
-from diffexp.metrics.base import Context, Metric, quality_keys
+from diffexp.metrics.base import Context, Metric, Values, quality_keys
 from diffexp.metrics.fid import FidKid
 from diffexp.metrics.labels import LabelAccuracy
 from diffexp.metrics.landing import Landing
@@ -23,7 +24,8 @@ QUALITY = quality_keys(METRICS)  # final keys with a direction: the report's qua
 
 
 class RunMetrics:
-    """The enabled metrics of one run; ``snapshot`` and ``final`` give what to add to the records."""
+    """The enabled metrics of one run: ``snapshot`` adds to the first chunk's records, ``measure`` gives a chunk's
+    per-sample values (named ``Metric.value``), ``final`` reduces every sample's values to the final metrics."""
 
     def __init__(self, cfg: DictConfig, exp: Experiment, progress: bool = False) -> None:
         mcfg = cfg.get("metrics") or OmegaConf.structured(MetricsConfig)
@@ -33,5 +35,14 @@ class RunMetrics:
     def snapshot(self, state: StepState) -> dict[str, Any]:
         return {k: v for m in self.metrics for k, v in m.snapshot(state).items()}
 
-    def final(self, final: StepState) -> dict[str, Any]:
-        return {k: v for m in self.metrics for k, v in m.final(final).items()}
+    def measure(self, exp: Experiment, final: StepState) -> Values:
+        with torch.inference_mode():
+            return {f"{type(m).__name__}.{k}": v.cpu() for m in self.metrics for k, v in m.measure(exp, final).items()}
+
+    def final(self, values: Values) -> dict[str, Any]:
+        """``values``: every sample's, in sample order (``measure``'s chunks concatenated)."""
+        out: dict[str, Any] = {}
+        for m in self.metrics:
+            prefix = f"{type(m).__name__}."
+            out |= m.final({k[len(prefix) :]: v for k, v in values.items() if k.startswith(prefix)})
+        return out

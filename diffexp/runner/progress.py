@@ -18,7 +18,8 @@ class ProgressBar(Observer):
         """A bar over the model calls, unless ``progress=false``."""
         if not run.cfg.get("progress", True):
             return
-        self.bar = tqdm(total=run.total_calls, desc=run.label, unit="call", dynamic_ncols=True)
+        chunks = f" ({run.todo} chunks)" if run.todo > 1 else ""
+        self.bar = tqdm(total=run.total_calls * run.todo, desc=run.label + chunks, unit="call", dynamic_ncols=True)
 
     def call(self, state: StepState) -> None:
         if self.bar is None:

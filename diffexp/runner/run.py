@@ -1,6 +1,6 @@
 """One run: prepare what the config names, build its observers, drive the loop and record the summary.
 
-``diffexp.prepare`` builds everything (also for notebooks); ``run`` samples and tells the observers.
+``diffexp.prepare`` builds everything (also for notebooks); ``run`` samples chunk by chunk and tells the observers.
 """
 
 from __future__ import annotations
@@ -8,23 +8,43 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from diffexp.errors import DiffexpError
 from diffexp.folders import mark_failed
 from diffexp.metrics.suite import RunMetrics
-from diffexp.runner.folder import RunFiles
+from diffexp.runner.chunks import sample_chunk
+from diffexp.runner.claim import Claim
+from diffexp.runner.claim import claim as claim_folder
+from diffexp.runner.distributed import World, broadcast, gather, shared_dir, world
+from diffexp.runner.folder import RunFiles, writing
 from diffexp.runner.observers import Observer, RunInfo
-from diffexp.runner.summary import environment, run_summary, snapshot_record
-from diffexp.sampling.device import reset_peak_memory, synchronize
+from diffexp.runner.summary import environment, run_summary
+from diffexp.samples import chunk_path, read_chunk, write_chunk
+from diffexp.sampling.device import reset_peak_memory
 from diffexp.sampling.experiment import Experiment, prepare
 from diffexp.sampling.loop import StepState
 
 log = logging.getLogger("diffexp")
+
+
+@dataclass
+class Chunk:
+    """What the metrics need of a finished chunk: its per-sample values and its cost."""
+
+    values: dict[str, Any]
+    cost: dict[str, Any]
+
+    @classmethod
+    def read(cls, path: Path) -> Chunk:
+        stored = read_chunk(path)
+        return cls(stored.values, stored.cost)
 
 
 def build_observers(cfg: DictConfig) -> list[Observer]:
@@ -48,7 +68,7 @@ def build_observers(cfg: DictConfig) -> list[Observer]:
     return built
 
 
-def run_info(exp: Experiment, out_dir: Path) -> RunInfo:
+def run_info(exp: Experiment, out_dir: Path, **chunking: Any) -> RunInfo:
     return RunInfo(
         cfg=exp.cfg,
         config=OmegaConf.to_container(exp.cfg, resolve=True),
@@ -60,61 +80,85 @@ def run_info(exp: Experiment, out_dir: Path) -> RunInfo:
         dtype=exp.dtype,
         total_calls=exp.total_calls,
         environment=environment(exp.device),
+        **chunking,
     )
 
 
-def decode(exp: Experiment, state: StepState) -> float:
-    """A latent model's x and x0 as images at a snapshot (the last one exactly, whatever the preview); the seconds
-    it took, kept apart from sampling time."""
-    if exp.loaded.latent is None:
-        return 0.0
-    start = time.perf_counter()
-    state.x_image = exp.to_pixels(state.x, exact=state.last)
-    state.x0_image = exp.to_pixels(state.x0, exact=state.last)
-    synchronize(exp.device)
-    return time.perf_counter() - start
-
-
-def drive(exp: Experiment, measures: RunMetrics, observers: Sequence[Observer]) -> tuple[StepState, float]:
-    """The loop, with every call and snapshot handed to the observers; returns the last state and decode time."""
-    final = previous = None
-    snapshots, decode_s = 0, 0.0
-    for state in exp.steps():
-        for o in observers:
-            o.call(state)
-        if state.snapshot:
-            decode_s += decode(exp, state)
-            record = snapshot_record(state, previous, snapshots) | measures.snapshot(state)
-            for o in observers:
-                o.snapshot(state, record)
-            previous, snapshots = state, snapshots + 1
-        final = state
-    assert final is not None
-    return final, decode_s
+def take(out_dir: Path, cfg: DictConfig, w: World) -> Claim:
+    """Rank 0 claims the folder (lock, resume, refusal) and tells the others what it found."""
+    claim, found = None, None
+    if w.main:
+        try:
+            claim = claim_folder(out_dir, cfg)
+            found = {"finished": sorted(claim.finished), "done": claim.done}
+        except DiffexpError as err:
+            found = {"error": err}
+    found = broadcast(found, w)
+    if "error" in found:
+        raise found["error"]
+    return claim or Claim(out_dir, finished={i: chunk_path(out_dir, i) for i in found["finished"]}, done=found["done"])
 
 
 def run(cfg: DictConfig, out_dir: Path, observers: Sequence[Observer] = ()) -> dict[str, Any]:
-    """Sample once as ``cfg`` says, writing the run folder ``out_dir``; returns the metrics."""
+    """Sample ``num_samples`` as ``cfg`` says, in chunks, writing the run folder ``out_dir``; returns the metrics.
+
+    Under torchrun (or a submitit job of several tasks) the chunks are shared among the processes; every process
+    returns the same metrics. Started again in its folder, a run continues from its finished chunks."""
+    w = world(use_cuda=str(cfg.device).startswith(("auto", "cuda")) and torch.cuda.is_available())
+    out_dir = shared_dir(Path(out_dir), w)
+    claim = take(out_dir, cfg, w)
     try:
-        exp = prepare(cfg)
-        everyone = [*build_observers(cfg), *observers]
-        measures = RunMetrics(cfg, exp, cfg.progress)  # reference solve, feature network: before the clock
-    except BaseException as err:
-        mark_failed(Path(out_dir), err)
-        raise
-    for warning in exp.built.warnings:
-        log.warning(warning)
-    reset_peak_memory(exp.device)
-    info = run_info(exp, out_dir)
+        if claim.done is not None:
+            log.info("%s finished before in %s with this config: nothing to do", claim.done.get("label"), out_dir)
+            return claim.done
+        try:
+            exp = prepare(cfg)
+            everyone = [*build_observers(cfg), *observers] if w.main else []
+            measures = RunMetrics(cfg, exp, bool(cfg.progress) and w.main)  # reference, features: before the clock
+        except BaseException as err:
+            if w.main:
+                mark_failed(out_dir, err)
+            raise
+        if claim.finished and w.main:
+            log.info("%s: continuing from %d finished chunks of %d", exp.label, len(claim.finished), len(exp.chunks()))
+        for warning in exp.built.warnings if w.main else ():
+            log.warning(warning)
+        return sample_run(exp, measures, everyone, claim, w)
+    finally:
+        claim.release()
+
+
+def sample_run(
+    exp: Experiment, measures: RunMetrics, everyone: Sequence[Observer], claim: Claim, w: World
+) -> dict[str, Any]:
+    """Every chunk of this process, then (rank 0) the metrics from every chunk's values, told to the observers."""
+    chunks = exp.chunks()
+    todo = [i for i in range(len(chunks)) if w.owns(i) and i not in claim.finished]
+    info = run_info(exp, claim.out_dir, chunks=len(chunks), todo=len(todo), first_done=0 in claim.finished)
     error: BaseException | None = None
     try:
         for o in everyone:
             o.start(info)
-        final, decode_s = drive(exp, measures, everyone)
-        metrics = run_summary(exp, final, info.environment, decode_s) | measures.final(final)
-        for o in everyone:
-            o.finish(final, metrics)
-        return metrics
+        reset_peak_memory(exp.device)
+        mine, first, failure = sample_chunks(exp, chunks, todo, measures, everyone, claim.out_dir, w)
+        results = gather({"chunks": mine, "failure": failure}, w)
+        metrics = None
+        if w.main:
+            assert results is not None
+            failed = [r["failure"] for r in results if r["failure"]]
+            if not failed:
+                done = {i: c for r in results for i, c in r["chunks"].items()}
+                metrics = summarise(exp, measures, claim, done, info.environment, w)
+                for o in everyone:
+                    o.finish(first, metrics)
+            failure = "; ".join(failed) or None
+        outcome = broadcast({"metrics": metrics, "failure": failure}, w)
+        if outcome["failure"]:
+            raise DiffexpError(
+                f"The run failed: {outcome['failure']}. Its finished chunks are kept in {claim.out_dir}: start the "
+                "run again with the same config and folder to resume."
+            )
+        return outcome["metrics"]
     except BaseException as err:
         error = err
         raise
@@ -124,3 +168,64 @@ def run(cfg: DictConfig, out_dir: Path, observers: Sequence[Observer] = ()) -> d
                 o.close(error)
             except Exception as close_err:  # one observer's failure must not hide the run's own error
                 log.warning("observer %s failed to close: %s", type(o).__name__, close_err)
+
+
+def sample_chunks(
+    exp: Experiment,
+    chunks: list[range],
+    todo: list[int],
+    measures: RunMetrics,
+    everyone: Sequence[Observer],
+    out_dir: Path,
+    w: World,
+) -> tuple[dict[int, Chunk], StepState | None, str | None]:
+    """This process's chunks: each sampled, measured, stored (a chunked run) and told to the observers. Under
+    several processes, a failure is returned (named by rank) rather than raised, so every rank reaches the gather."""
+    mine: dict[int, Chunk] = {}
+    first: StepState | None = None
+    started = time.perf_counter()
+    try:
+        for i in todo:
+            done = sample_chunk(
+                exp if i == 0 else exp.for_samples(chunks[i]), i, measures, everyone, i == 0, bool(exp.cfg.oom_retry)
+            )
+            if len(chunks) > 1:
+                with writing(chunk_path(out_dir, i)):
+                    values = {k: v.numpy() for k, v in done.values.items()}
+                    latents = None if done.latents is None else done.latents.numpy()
+                    write_chunk(out_dir, i, done.samples, done.images.numpy(), values, done.cost, latents)
+            for o in everyone:
+                o.chunk(done)
+            mine[i] = Chunk(done.values, done.cost | {"run_s": time.perf_counter() - started})
+            first = done.final if i == 0 else first
+    except Exception as err:
+        if w.size == 1:
+            raise
+        log.error("rank %d: %s", w.rank, err)
+        return mine, first, f"rank {w.rank} failed: {err}"
+    return mine, first, None
+
+
+def summarise(
+    exp: Experiment,
+    measures: RunMetrics,
+    claim: Claim,
+    sampled: dict[int, Chunk],
+    env: dict[str, Any],
+    w: World,
+) -> dict[str, Any]:
+    """The final metrics from every chunk, sampled now or finished before, in sample order."""
+    every = {i: Chunk.read(p) for i, p in claim.finished.items()} | sampled
+    order = [every[i] for i in sorted(every)]
+    assert len(order) == len(exp.chunks()), f"chunks {sorted(set(range(len(exp.chunks()))) - set(every))} missing"
+    names = dict.fromkeys(k for c in order for k in c.values)
+    values = {k: torch.cat([torch.as_tensor(c.values[k]) for c in order if k in c.values]) for k in names}
+    cost = {
+        "sampling_s": sum(c.cost["sampling_s"] for c in order),
+        "decode_s": sum(c.cost["decode_s"] for c in order),
+        "nfe": order[0].cost["nfe"],
+        "net_evals": order[0].cost["net_evals"],
+        "world_size": w.size,
+        "run_s": max((c.cost.get("run_s", 0.0) for c in sampled.values()), default=0.0),
+    }
+    return run_summary(exp, cost, env) | measures.final(values)

@@ -95,13 +95,14 @@ def latent_record(exp: Experiment) -> dict[str, Any] | None:
     }
 
 
-def run_summary(exp: Experiment, final: StepState, env: dict[str, Any], decode_s: float = 0.0) -> dict[str, Any]:
-    """Cost, settings and versions of a finished run; the metrics add their values to it. ``wall_s`` is sampling
-    time; a latent model's ``decode_s`` is its snapshots' VAE decodes (or previews), apart from it."""
+def run_summary(exp: Experiment, cost: dict[str, Any], env: dict[str, Any]) -> dict[str, Any]:
+    """Cost, settings and versions of a finished run; the metrics add their values to it. ``cost`` sums every
+    chunk's: ``wall_s`` is sampling time (over all processes), a latent model's ``decode_s`` its decodes, apart."""
     cfg = exp.cfg
+    decode_s = cost["decode_s"]
     decoding = {  # latent models only: decoding cost, as a share of sampling + decoding
         "decode_s": decode_s,
-        "decode_share": decode_s / (final.elapsed_s + decode_s) if decode_s else 0.0,
+        "decode_share": decode_s / (cost["sampling_s"] + decode_s) if decode_s else 0.0,
         "latent": latent_record(exp),
     }
     return {
@@ -109,13 +110,17 @@ def run_summary(exp: Experiment, final: StepState, env: dict[str, Any], decode_s
         "status": "finished",
         "label": exp.label,
         "steps": cfg.steps,
-        "nfe": final.nfe,
-        "net_evals": final.net_evals,  # network evaluations per sample: a guided call counts two
-        "wall_s": final.elapsed_s,
-        "images_per_s": cfg.batch_size / final.elapsed_s,
+        "nfe": cost["nfe"],
+        "net_evals": cost["net_evals"],  # network evaluations per sample: a guided call counts two
+        "wall_s": cost["sampling_s"],
+        "images_per_s": exp.num_samples / cost["sampling_s"],  # per process
         "load_s": exp.loaded.load_s,
         "peak_mem_mb": peak_memory_mb(exp.device),
         "batch_size": cfg.batch_size,
+        "num_samples": exp.num_samples,
+        "chunks": len(exp.chunks()),
+        "world_size": cost["world_size"],
+        "run_s": cost["run_s"],  # from the first chunk to the last, all processes together
         "seed": cfg.seed,
         "precision": Precision(cfg.precision).value,
         "model": {"name": exp.loaded.name, "id": exp.loaded.id, "revision": exp.loaded.revision},
@@ -123,7 +128,7 @@ def run_summary(exp: Experiment, final: StepState, env: dict[str, Any], decode_s
         "scheduler_name": exp.built.name,
         "scheduler_options": exp.built.options,
         "prediction_type": exp.loaded.prediction_type,
-        "labels": exp.labels,
+        "labels": exp.labels,  # the first chunk's
         "guidance": asdict(exp.model.guidance),
         "warnings": exp.built.warnings,
         **env,

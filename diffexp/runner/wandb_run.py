@@ -60,11 +60,10 @@ class WandbRun(Observer):
                 ),
             )
 
-    def finish(self, final: StepState, metrics: dict[str, Any]) -> None:
+    def finish(self, final: StepState | None, metrics: dict[str, Any]) -> None:
         if self.run is not None:
-            self._safely(
-                "write the summary", lambda: self.run.summary.update({**metrics, "samples": image(final.x_pixels)})
-            )
+            samples = {} if final is None else {"samples": image(final.x_pixels)}
+            self._safely("write the summary", lambda: self.run.summary.update({**metrics, **samples}))
 
     def close(self, error: BaseException | None) -> None:
         finish_run(self.run, error)

@@ -4,7 +4,7 @@ sample. Sample k's noise, label and prompt depend only on k and the seed."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -34,6 +34,22 @@ class Experiment:
     generators: list[torch.Generator]
     labels: list[int] | None = None  # the class of each sample; None: unconditional
     prompts: list[str] | None = None  # text models: the prompt of each sample
+    samples: range = range(0)  # the indices of the samples bound here: a chunk of the run (the first, from prepare)
+    embeddings: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # each distinct prompt's, once
+
+    @property
+    def num_samples(self) -> int:
+        """Samples in the whole run: ``num_samples``, else one chunk of ``batch_size``."""
+        return int(self.cfg.get("num_samples") or self.cfg.batch_size)
+
+    def chunks(self) -> list[range]:
+        """The run's sample indices in chunks of ``batch_size`` (the last may be smaller)."""
+        n, size = self.num_samples, int(self.cfg.batch_size)
+        return [range(first, min(first + size, n)) for first in range(0, n, size)]
+
+    def for_samples(self, samples: range) -> Experiment:
+        """The same model and scheduler bound to other samples: their noise, labels and prompts."""
+        return bind(self.cfg, self.device, self.dtype, self.loaded, self.built, samples, self.embeddings)
 
     def to_pixels(self, x: torch.Tensor, exact: bool = False) -> torch.Tensor:
         """x or x0 as an image in [-1, 1]; a latent model's through its VAE, or ``preview=latent``'s linear map
@@ -80,15 +96,29 @@ def prepare(cfg: DictConfig, model: LoadedModel | None = None) -> Experiment:
     except (ValueError, IndexError) as err:
         raise DiffexpError(f"Scheduler '{name}' cannot run {cfg.steps} steps: {err}") from None
     check_latent(cfg, loaded)
-    noise, generators = initial_noise(loaded.sample_shape, cfg.seed, cfg.batch_size, device)
-    labels = class_labels(cfg, loaded)
-    prompts = sample_prompts(cfg.get("prompt"), cfg.batch_size) if loaded.kind == "text" else None
+    first = range(min(int(cfg.batch_size), int(cfg.get("num_samples") or cfg.batch_size)))
+    return bind(cfg, device, dtype, loaded, built, first, {})
+
+
+def bind(
+    cfg: DictConfig,
+    device: torch.device,
+    dtype: torch.dtype,
+    loaded: LoadedModel,
+    built: BuiltScheduler,
+    samples: range,
+    embeddings: dict[str, torch.Tensor],
+) -> Experiment:
+    """An experiment for these sample indices: sample k's noise, label and prompt depend only on k and the seed."""
+    noise, generators = initial_noise(loaded.sample_shape, cfg.seed, len(samples), device, samples.start)
+    labels = class_labels(cfg, loaded, samples)
+    prompts = sample_prompts(cfg.get("prompt"), samples) if loaded.kind == "text" else None
     model = denoiser(cfg, loaded, built, labels, device)
     if prompts is not None:
-        negatives = sample_prompts(cfg.get("negative_prompt"), cfg.batch_size)
-        model.cond = {"encoder_hidden_states": encode(loaded, prompts, device)}
-        model.uncond = {"encoder_hidden_states": encode(loaded, negatives, device)}
-    return Experiment(cfg, device, dtype, loaded, built, model, noise, generators, labels, prompts)
+        negatives = sample_prompts(cfg.get("negative_prompt"), samples)
+        model.cond = {"encoder_hidden_states": encode(loaded, prompts, device, embeddings)}
+        model.uncond = {"encoder_hidden_states": encode(loaded, negatives, device, embeddings)}
+    return Experiment(cfg, device, dtype, loaded, built, model, noise, generators, labels, prompts, samples, embeddings)
 
 
 def check_latent(cfg: DictConfig, loaded: LoadedModel) -> None:
@@ -116,25 +146,28 @@ def preview_mode(cfg: DictConfig) -> str:
     return str(getattr(value, "value", value))
 
 
-def sample_prompts(prompt: object, count: int) -> list[str]:
+def sample_prompts(prompt: object, samples: range) -> list[str]:
     """Sample k's prompt: ``prompt[k mod len]`` (a string is a list of one; null is the empty prompt)."""
     values = OmegaConf.to_container(prompt) if OmegaConf.is_config(prompt) else prompt
     values = [""] if values is None else [values] if isinstance(values, str) else values
     if not isinstance(values, list) or not values or not all(isinstance(v, str) for v in values):
         raise DiffexpError(f"prompt={prompt} is not allowed: use a string or a list of strings.")
-    return [values[k % len(values)] for k in range(count)]
+    return [values[k % len(values)] for k in samples]
 
 
-def encode(loaded: LoadedModel, prompts: list[str], device: torch.device) -> torch.Tensor:
-    """Each sample's text embeddings; every distinct prompt is encoded once."""
+def encode(
+    loaded: LoadedModel, prompts: list[str], device: torch.device, known: dict[str, torch.Tensor]
+) -> torch.Tensor:
+    """Each sample's text embeddings; every distinct prompt is encoded once per run (``known`` keeps them)."""
     assert loaded.latent is not None
-    distinct = list(dict.fromkeys(prompts))
-    with torch.inference_mode():
-        embeds = loaded.latent.encode(distinct, device)
-    return embeds[torch.tensor([distinct.index(p) for p in prompts], device=embeds.device)]
+    new = [p for p in dict.fromkeys(prompts) if p not in known]
+    if new:
+        with torch.inference_mode():
+            known |= dict(zip(new, loaded.latent.encode(new, device), strict=True))
+    return torch.stack([known[p] for p in prompts])
 
 
-def class_labels(cfg: DictConfig, loaded: LoadedModel) -> list[int] | None:
+def class_labels(cfg: DictConfig, loaded: LoadedModel, samples: range) -> list[int] | None:
     """Sample k's class; for a class-conditional model without ``labels``, the null class (unconditional)."""
     labels = OmegaConf.to_container(cfg.labels) if OmegaConf.is_config(cfg.get("labels")) else cfg.get("labels")
     if loaded.kind == "text" and labels is not None:
@@ -153,8 +186,8 @@ def class_labels(cfg: DictConfig, loaded: LoadedModel) -> list[int] | None:
                 f"{loaded.name} is class-conditional without a known null class: set labels=all or labels=[...] "
                 "(or model.null_class=<id> to sample it unconditionally)."
             )
-        return [loaded.null_class] * cfg.batch_size
-    return sample_labels(labels, loaded.num_classes, 0, cfg.batch_size)
+        return [loaded.null_class] * len(samples)
+    return sample_labels(labels, loaded.num_classes, samples.start, len(samples))
 
 
 def denoiser(

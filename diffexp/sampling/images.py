@@ -9,6 +9,8 @@ import torch
 from PIL import Image
 from torchvision.utils import make_grid
 
+from diffexp.folders import atomic
+
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
     """[-1, 1] NCHW -> uint8 NHWC, as diffusers' pipelines do: (v/2 + 0.5) clamped to [0, 1], x255, rounded."""
@@ -26,5 +28,6 @@ def grid(x: torch.Tensor, nrow: int | None = None) -> Image.Image:
 
 
 def save_grid(x: torch.Tensor, path: Path, nrow: int | None = None) -> Path:
-    grid(x, nrow).save(path)
+    with atomic(path) as tmp:
+        grid(x, nrow).save(tmp)
     return path

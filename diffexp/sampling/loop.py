@@ -55,13 +55,14 @@ class StepState:
 
 
 def initial_noise(
-    shape: Sequence[int], seed: int, batch_size: int, device: torch.device
+    shape: Sequence[int], seed: int, batch_size: int, device: torch.device, first: int = 0
 ) -> tuple[torch.Tensor, list[torch.Generator]]:
-    """Sample k's noise comes from its own CPU generator seeded ``seed + k``: the same whatever the batch or device.
+    """Sample k's noise comes from its own CPU generator seeded ``seed + k``: the same whatever the batch, chunk,
+    process or device. Samples ``first .. first + batch_size - 1``.
 
     Returns the noise on ``device`` and the generators, which then drive every stochastic step.
     """
-    generators = [torch.Generator("cpu").manual_seed(seed + k) for k in range(batch_size)]
+    generators = [torch.Generator("cpu").manual_seed(seed + k) for k in range(first, first + batch_size)]
     noise = randn_tensor((batch_size, *shape), generator=generators, device=torch.device("cpu"), dtype=torch.float32)
     return noise.to(device), generators
 
@@ -119,6 +120,8 @@ def iter_steps(
     kwargs = dict(step_kwargs or {})
     if generators is not None and "generator" in inspect.signature(scheduler.step).parameters:
         kwargs["generator"] = generators  # one generator per sample, as for the initial noise
+    if generators is not None and hasattr(scheduler, "noise_sampler_seed"):
+        scheduler.noise_sampler_seed = [g.initial_seed() for g in generators]  # DPMSolverSDE: a Brownian tree each
     timesteps = scheduler.timesteps
     # the noise level of every timestep on the model's own schedule, once per run rather than once per call
     sigmas = sigma_at(log_sigmas(scheduler.alphas_cumprod), timesteps).tolist()

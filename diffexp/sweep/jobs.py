@@ -21,6 +21,7 @@ def run_job(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     so the remaining jobs still run. A job that finished before with the same config is skipped."""
     import torch
 
+    from diffexp.runner.claim import FolderTaken
     from diffexp.runner.run import run
 
     out_dir = Path(out_dir)
@@ -35,7 +36,7 @@ def run_job(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
             log.error("%s", err)
         else:
             log.exception("the run failed")
-        if read_status(out_dir) != RunStatus.failed:
+        if not isinstance(err, FolderTaken) and read_status(out_dir) != RunStatus.failed:  # never another run's
             mark_failed(out_dir, err)
         gc.collect()
         if torch.cuda.is_available():
