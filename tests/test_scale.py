@@ -197,6 +197,8 @@ def test_a_write_failure_marks_the_run_failed_and_leaves_no_truncated_file(tmp_p
 def test_bad_sample_counts_and_gaps_are_clear(tmp_path: Path) -> None:
     result = run_cli(["num_samples=0", f"hydra.run.dir={tmp_path / 'zero'}"], cwd=tmp_path)
     assert result.returncode == 2 and "num_samples=0 is not allowed" in result.stderr
+    huge = run_cli(["batch_size=10000000", f"hydra.run.dir={tmp_path / 'huge'}"], cwd=tmp_path)
+    assert huge.returncode == 2 and "batch_size=10000000 cannot fit on cpu: a chunk needs at least" in huge.stderr
     diffexp.run(compose("num_samples=12", "batch_size=4", "steps=2"), tmp_path / "run")
     (tmp_path / "run" / "chunks" / "chunk-000001.npz").unlink()
     with pytest.raises(diffexp.DiffexpError, match=r"missing samples 4\.\.7"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -96,8 +97,52 @@ def prepare(cfg: DictConfig, model: LoadedModel | None = None) -> Experiment:
     except (ValueError, IndexError) as err:
         raise DiffexpError(f"Scheduler '{name}' cannot run {cfg.steps} steps: {err}") from None
     check_latent(cfg, loaded)
+    embeddings: dict[str, torch.Tensor] = {}
+    check_memory(bind(cfg, device, dtype, loaded, built, range(1), embeddings), int(cfg.batch_size))
     first = range(min(int(cfg.batch_size), int(cfg.get("num_samples") or cfg.batch_size)))
-    return bind(cfg, device, dtype, loaded, built, first, {})
+    return bind(cfg, device, dtype, loaded, built, first, embeddings)
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes free for a chunk: the GPU's free memory, or the machine's available memory; None where unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    meminfo = Path("/proc/meminfo")
+    if device.type == "cpu" and meminfo.is_file():
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return None
+
+
+def check_memory(one: Experiment, batch_size: int) -> None:
+    """Refuse a chunk that cannot fit, before sampling: a lower bound of what a chunk needs is the largest
+    activation of one sample's model call, twice (a layer's input and output), times ``batch_size``."""
+    limit = free_memory(one.device)
+    if limit is None:
+        return
+    largest = 0
+
+    def record(_module: torch.nn.Module, _inputs: object, output: object) -> None:
+        nonlocal largest
+        if isinstance(output, torch.Tensor):
+            largest = max(largest, output.numel() * output.element_size())
+
+    leaves = [m for m in one.model.modules() if next(m.children(), None) is None]
+    hooks = [m.register_forward_hook(record) for m in leaves or [one.model]]
+    try:
+        with torch.inference_mode():
+            one.model(one.noise, one.built.scheduler.timesteps[0])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    needed = 2 * largest * batch_size
+    if needed > limit:
+        raise DiffexpError(
+            f"batch_size={batch_size} cannot fit on {one.device}: a chunk needs at least {needed / 2**30:.1f} GiB "
+            f"(the largest activation of one sample, {largest / 2**20:.1f} MiB, twice, times {batch_size}), and "
+            f"{limit / 2**30:.1f} GiB are free. Lower batch_size (num_samples sets how many samples the run makes)."
+        )
 
 
 def bind(
