@@ -16,7 +16,8 @@ from safetensors.torch import load_file, save_file
 import diffexp
 from diffexp.errors import DiffexpError
 from diffexp.metrics.agreement import STOCHASTIC, psnr, rmse, ssim
-from diffexp.metrics.fid import feature_net, fid_kid
+from diffexp.metrics.features import feature_net
+from diffexp.metrics.fid import fid_kid
 from diffexp.metrics.landing import landing
 from diffexp.metrics.reference import solve_reference
 from diffexp.runner.observers import Observer
@@ -47,7 +48,7 @@ def test_a_known_offset_gives_the_known_psnr() -> None:
 
 
 def test_fid_of_a_set_against_itself_is_about_zero(tmp_path: Path) -> None:
-    net = feature_net(compose().metrics.fid, torch.device("cpu"))
+    net = feature_net(compose().metrics.fid, torch.device("cpu"), tmp_path)
     digits = digits_images(32)
     same = fid_kid(digits, net, "digits", tmp_path, kid_subset_size=100, kid_subsets=20)
     assert abs(same["fid"]) < 1e-2
@@ -240,8 +241,8 @@ def test_fid_and_kid_are_reported_with_their_sample_count(tmp_path: Path) -> Non
     "overrides,message",
     [
         (["metrics=fid", "metrics.fid.n=9"], "between 2 and batch_size"),
-        (["metrics=fid", "metrics.fid.real=/nonexistent"], "neither 'digits' nor a folder"),
-        (["metrics=fid", "metrics.fid.features=inception", "metrics.fid.inception_weights=BAD"], "could not be"),
+        (["metrics=fid", "metrics.fid.real=/nonexistent"], "neither 'digits', a folder"),
+        (["metrics=fid", "metrics.fid.features=inception", "metrics.fid.inception_weights=BAD"], "not a plain"),
         (["metrics=reference", "metrics.reference.scheduler.name=ddpm"], "deterministic"),
     ],
 )

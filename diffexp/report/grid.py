@@ -11,7 +11,8 @@ import torch
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from diffexp.report.jobs import Job, facet_title, facets, layout, series_order
+from diffexp.metrics.suite import STATED_WITH
+from diffexp.report.jobs import Job, facet_title, facets, layout, series_order, stated_text
 from diffexp.sampling.images import grid, to_uint8
 
 SAMPLES_PER_CELL = 4
@@ -27,12 +28,15 @@ def fmt_time(s: float | None) -> str:
 
 
 def caption(job: Job, quality: Sequence[str], k: int = SAMPLES_PER_CELL) -> str:
-    """Under a cell: NFE, sampling time, the first quality metric, and the classes or a text model's prompts of the
-    ``k`` samples shown."""
+    """Under a cell: NFE, sampling time, the first quality metric (with what it is stated with, e.g. FID's n and
+    feature network), and the classes or a text model's prompts of the ``k`` samples shown."""
     text = f"NFE {job.metrics.get('nfe', '?')} · {fmt_time(job.value('wall_s'))}"
     first = job.value(quality[0]) if quality else None
     if first is not None:
-        text += f"\n{quality[0]} {first:.4g}"
+        keys = STATED_WITH.get(quality[0], ())
+        counts = stated_text([job], [key for key in keys if key.endswith("_n")])
+        others = stated_text([job], [key for key in keys if not key.endswith("_n")], sep="\n")
+        text += f"\n{quality[0]} {first:.4g}" + (f" ({counts})" if counts else "") + (f"\n{others}" if others else "")
     labels = job.metrics.get("labels")
     if labels:
         text += "\nclasses " + " ".join(str(c) for c in labels[:k])
@@ -115,7 +119,9 @@ def grid_figure(jobs: Sequence[Job], quality: Sequence[str], title: str) -> Figu
     col_w = max(img_w, 1.9)  # room for the caption and for a failure's message
     labelled = any(j.metrics.get("labels") for j in jobs)
     prompted = any((j.metrics.get("latent") or {}).get("prompts") for j in jobs)
-    cap_h = 0.22 + 0.14 * (1 + bool(quality) + labelled + prompted)  # caption lines: cost, quality, classes, prompts
+    keys = STATED_WITH.get(quality[0], ()) if quality else ()
+    stated = sum(not key.endswith("_n") for key in keys)  # lines under the first quality metric: FID's feature network
+    cap_h = 0.22 + 0.14 * (1 + bool(quality) + stated + labelled + prompted)  # caption lines
     label_w = 0.3 + 0.085 * max(len(r) for _, lay in groups for r in lay.rows)
     pitch_w, pitch_h = col_w + 0.25, img_h + cap_h + 0.12
     head, pad, band = 0.95, 0.15, (0.45 if len(groups) > 1 else 0.0)  # band: a facet's heading

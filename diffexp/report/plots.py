@@ -11,7 +11,8 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
-from diffexp.report.jobs import Job, facets, guided, layout, series_order
+from diffexp.metrics.suite import STATED_WITH
+from diffexp.report.jobs import Job, facets, guided, layout, series_order, stated_text
 
 if TYPE_CHECKING:
     from diffexp.metrics.base import Better
@@ -90,6 +91,12 @@ def _legend(ax: Any) -> None:
     ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=9, frameon=False)
 
 
+def _stated(jobs: Sequence[Job], key: str) -> str:
+    """``key`` with what it is stated with in these runs, e.g. ``fid (n 200 · inception-v3-compat 2048)``."""
+    stated = stated_text([j for j in jobs if j.finished], STATED_WITH.get(key, ()))
+    return f"{key} ({stated})" if stated else key
+
+
 def quality_figure(jobs: Sequence[Job], key: str, better: Better) -> Figure:
     """``key`` against NFE, wall time (and net evals of guided runs), one line per scheduler, the Pareto front
     dashed."""
@@ -111,7 +118,9 @@ def quality_figure(jobs: Sequence[Job], key: str, better: Better) -> Figure:
         ax.grid(True, alpha=0.3, which="both")
         ax.set_title(f"{key} vs {cost_label.split(' (')[0]}", fontsize=11)
     _legend(axes[-1])
-    fig.suptitle(f"{key}: {better} is better; the dashed line is the Pareto front (no run is cheaper and better)")
+    fig.suptitle(
+        f"{_stated(jobs, key)}: {better} is better; the dashed line is the Pareto front (no run is cheaper and better)"
+    )
     return fig
 
 
@@ -166,5 +175,5 @@ def guidance_figure(jobs: Sequence[Job], key: str, better: Better) -> Figure:
         ax.set_ylabel(f"{key} ({better} is better)")
     order = [r for r in rows if r in legend] + [n for n in legend if n not in rows]
     fig.legend([legend[n] for n in order], order, loc="outside right center", fontsize=9, frameon=False)
-    fig.suptitle(f"{key} against the guidance scale, per step count ({better} is better)")
+    fig.suptitle(f"{_stated(jobs, key)} against the guidance scale, per step count ({better} is better)")
     return fig
