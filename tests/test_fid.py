@@ -20,6 +20,7 @@ from diffexp.metrics.features import FeatureNet, feature_net
 from diffexp.metrics.fid import fid_kid
 from diffexp.metrics.inception import INCEPTION_FILES
 from diffexp.metrics.real_stats import write_stats
+from diffexp.metrics.suite import STATED_WITH
 from diffexp.report.grid import caption
 from diffexp.report.jobs import Job, label_rows
 from diffexp.report.tables import table_rows
@@ -196,7 +197,7 @@ def test_the_report_states_fids_n_and_feature_network() -> None:
     config = {"scheduler": {"name": "ddim"}, "steps": 10, "seed": 0, "model": {"name": "tiny"}}
     metrics = {"nfe": 10, "wall_s": 0.5, "fid": 5.61, "fid_n": 200, "fid_features": "digits-cnn@ab12cd34 64"}
     job = Job(None, 0, "finished", config, metrics)
-    assert caption(job, ["fid"]) == "NFE 10 · 500 ms\nfid 5.61 (n 200)\ndigits-cnn@ab12cd34 64"
+    assert caption(job, ["fid"], stated=STATED_WITH) == "NFE 10 · 500 ms\nfid 5.61 (n 200)\ndigits-cnn@ab12cd34 64"
     label_rows([job])
-    columns, rows = table_rows([job], ["fid"], Path("."))
+    columns, rows = table_rows([job], ["fid"], Path("."), STATED_WITH)
     assert columns.index("fid_n") == columns.index("fid") + 1 and rows[0]["fid_features"] == metrics["fid_features"]

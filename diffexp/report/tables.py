@@ -8,7 +8,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from diffexp.metrics.suite import STATED_WITH
 from diffexp.report.jobs import Job, facets, guided, layout, options_text
 
 MEASURES = ("nfe", "wall_s", "images_per_s", "peak_mem_mb")  # metrics.json keys every finished run holds
@@ -37,13 +36,15 @@ def measures(jobs: Sequence[Job]) -> list[str]:
     return [*MEASURES[:1], "net_evals", *MEASURES[1:]] if guided(jobs) else list(MEASURES)
 
 
-def table_rows(jobs: Sequence[Job], quality: Sequence[str], sweep_dir: Path) -> tuple[list[str], list[dict[str, Any]]]:
+def table_rows(
+    jobs: Sequence[Job], quality: Sequence[str], sweep_dir: Path, stated: Mapping[str, Sequence[str]] | None = None
+) -> tuple[list[str], list[dict[str, Any]]]:
     """The columns, and one row per job in grid order (facet by facet); ``samples`` is the run's samples.png
-    relative to ``sweep_dir``, or None for a run that did not finish. The quality columns are followed by what
-    they are stated with (FID: its sample count and feature network)."""
+    relative to ``sweep_dir``, or None for a run that did not finish. The quality columns are followed by the keys
+    each is ``stated`` with (FID: its sample count and feature network)."""
     scale = ["guidance_scale"] if any(j.guidance != 1.0 for j in jobs) else []  # guided or varying
     measured = [*measures(jobs), *quality]
-    measured += list(dict.fromkeys(s for q in quality for s in STATED_WITH.get(q, ()) if s not in measured))
+    measured += list(dict.fromkeys(s for q in quality for s in (stated or {}).get(q, ()) if s not in measured))
     columns = ["scheduler", "options", "steps", *scale, *measured, "status", "error", *HIDDEN]
     rows_order, steps_order, _ = layout(jobs)
     facet_order = [g for g, _ in facets(jobs)]
