@@ -191,6 +191,8 @@ def check_real(source: str, net: FeatureNet) -> None:
 def write_stats(out: Path, net: FeatureNet, source: str, shape: tuple[int, ...]) -> dict[str, Any]:
     """The real set's ``mu`` and ``sigma`` (np.cov, as pytorch-fid computes them) in an .npz, with ``n``,
     ``features``, ``size`` and ``channels``; returns what was written besides mu and sigma."""
+    if not is_stats(str(out)):
+        raise DiffexpError(f"{out}: the statistics file must end in {STATS_SUFFIX}, which is how a run recognises it.")
     feats = net.features(real_images(source, shape)).numpy()
     if len(feats) < 2:
         raise DiffexpError(f"{source} holds {len(feats)} images; statistics need at least 2.")
