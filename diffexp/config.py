@@ -95,15 +95,15 @@ class ReferenceConfig:
 
 @dataclass
 class FidConfig:
-    """FID and KID of the final samples against real images (diffexp/fid.py)."""
+    """FID and KID of the final samples against real images (diffexp/metrics/fid.py)."""
 
     enabled: bool = False
     features: FidFeatures = FidFeatures.digits
-    real: str = "digits"  # digits, or a folder of images
+    real: str = "digits"  # digits, a folder of images, or an .npz of mu and sigma (FID only)
     n: int | None = None  # use the first n samples of the batch; null: all of them
     kid_subset_size: int = 100  # capped at the sample count
     kid_subsets: int = 100
-    inception_weights: str | None = None  # a local copy of torch-fidelity's Inception weights
+    inception_weights: str | None = None  # a local copy of the Inception weights (read with weights_only=True)
 
 
 @dataclass

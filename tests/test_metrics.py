@@ -16,7 +16,8 @@ from safetensors.torch import load_file, save_file
 import diffexp
 from diffexp.errors import DiffexpError
 from diffexp.metrics.agreement import STOCHASTIC, psnr, rmse, ssim
-from diffexp.metrics.fid import feature_net, features, fid_kid
+from diffexp.metrics.features import feature_net
+from diffexp.metrics.fid import fid_kid
 from diffexp.metrics.landing import landing, nearest
 from diffexp.metrics.reference import solve_reference
 from diffexp.runner.observers import Observer
@@ -47,19 +48,19 @@ def test_a_known_offset_gives_the_known_psnr() -> None:
 
 
 def test_fid_of_a_set_against_itself_is_about_zero(tmp_path: Path) -> None:
-    net = feature_net(compose().metrics.fid, torch.device("cpu"))
+    net = feature_net(compose().metrics.fid, torch.device("cpu"), tmp_path)
     digits = digits_images(32)
-    same = fid_kid(features(net, digits), net, "digits", (1, 32, 32), tmp_path, kid_subset_size=100, kid_subsets=20)
+    same = fid_kid(net.features(digits), net, "digits", (1, 32, 32), tmp_path, kid_subset_size=100, kid_subsets=20)
     assert abs(same["fid"]) < 1e-2
     assert abs(same["kid_mean"]) < 0.1
     assert same["fid_n"] == len(digits) and same["fid_features"].startswith("digits-cnn@")
     # the real statistics were cached; a reload gives the same value, and noise is far from digits
     assert len(list((tmp_path / "fid").glob("*.safetensors"))) == 1
-    assert fid_kid(features(net, digits), net, "digits", (1, 32, 32), tmp_path, 100, 20)["fid"] == pytest.approx(
+    assert fid_kid(net.features(digits), net, "digits", (1, 32, 32), tmp_path, 100, 20)["fid"] == pytest.approx(
         same["fid"], abs=1e-9
     )
     noise = fid_kid(
-        features(net, torch.randn(200, 1, 32, 32).clamp(-1, 1)), net, "digits", (1, 32, 32), tmp_path, 100, 20
+        net.features(torch.randn(200, 1, 32, 32).clamp(-1, 1)), net, "digits", (1, 32, 32), tmp_path, 100, 20
     )
     assert noise["fid"] > 100 * max(abs(same["fid"]), 1e-3) and noise["kid_mean"] > 0.5
 
@@ -245,8 +246,8 @@ def test_fid_and_kid_are_reported_with_their_sample_count(tmp_path: Path) -> Non
     "overrides,message",
     [
         (["metrics=fid", "metrics.fid.n=9"], "between 2 and num_samples"),
-        (["metrics=fid", "metrics.fid.real=/nonexistent"], "neither 'digits' nor a folder"),
-        (["metrics=fid", "metrics.fid.features=inception", "metrics.fid.inception_weights=BAD"], "could not be"),
+        (["metrics=fid", "metrics.fid.real=/nonexistent"], "neither 'digits', a folder"),
+        (["metrics=fid", "metrics.fid.features=inception", "metrics.fid.inception_weights=BAD"], "not a plain"),
         (["metrics=reference", "metrics.reference.scheduler.name=ddpm"], "deterministic"),
     ],
 )

@@ -33,6 +33,7 @@ class Key:
     name: str
     better: Better | None = None  # set for a quality axis that the report plots against cost
     when: Literal["final", "snapshot"] = "final"
+    stated_with: tuple[str, ...] = ()  # keys the value depends on, shown beside it wherever it is shown (FID: n)
 
 
 @dataclass
@@ -75,6 +76,11 @@ class Metric(ABC):
 def quality_keys(metrics: Sequence[type[Metric]]) -> dict[str, Better]:
     """Every final key with a direction, in declaration order: the report's quality axes."""
     return {k.name: k.better for m in metrics for k in m.keys if k.better is not None and k.when == "final"}
+
+
+def stated_with(metrics: Sequence[type[Metric]]) -> dict[str, tuple[str, ...]]:
+    """Every key that is shown with others beside it, and those others."""
+    return {k.name: k.stated_with for m in metrics for k in m.keys if k.stated_with}
 
 
 def snapshot_keys(metrics: Sequence[type[Metric]]) -> list[str]:

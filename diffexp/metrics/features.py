@@ -1,22 +1,28 @@
-"""A small digits classifier whose penultimate layer is diffexp's offline FID/KID feature space.
+"""FID/KID feature networks: features of a batch of images in [-1, 1], whichever network.
 
-Trained by ``scripts/train_features.py`` on the scikit-learn digits at 32x32 and shipped in
-``diffexp/weights/digits-features/model.safetensors`` (about 400 KB). FID in this space measures digit-likeness and
-class balance of 1x32x32 samples; its values are not comparable with Inception FID.
+- ``digits``: a small digits classifier whose penultimate layer is diffexp's offline feature space. Trained by
+  ``scripts/train_features.py`` on the scikit-learn digits at 32x32 and shipped in
+  ``diffexp/weights/digits-features/model.safetensors`` (about 400 KB). FID in this space measures digit-likeness
+  and class balance of 1x32x32 samples; its values are not comparable with Inception FID.
+- ``inception``: torch-fidelity's InceptionV3, the standard FID network (diffexp/metrics/inception.py).
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from omegaconf import DictConfig
 from safetensors.torch import load_file
 from torch import nn
 
-from diffexp.config import WEIGHTS_DIR
+from diffexp.config import WEIGHTS_DIR, FidConfig, FidFeatures
 from diffexp.errors import DiffexpError
+from diffexp.metrics.inception import load_inception
 
 WEIGHTS = WEIGHTS_DIR / "digits-features" / "model.safetensors"
 SIZE = 32  # the classifier's input resolution; other sizes are resized
@@ -88,3 +94,39 @@ def load_digits_features(path: Path = WEIGHTS) -> tuple[DigitsFeatures, dict[str
 def feature_name(metadata: dict[str, str]) -> str:
     """``digits-cnn@<first 8 hex of the file's sha256>``: FID values are comparable only under one name."""
     return f"digits-cnn@{metadata.get('sha256', '?')[:8]}"
+
+
+@dataclass
+class FeatureNet:
+    """A feature network on its device and its name, recorded as ``fid_features`` (network and dimension)."""
+
+    module: nn.Module
+    name: str
+
+    @property
+    def dim(self) -> int:
+        return int(self.module.num_features)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.module.parameters()).device
+
+    def features(self, x: torch.Tensor, batch: int = 256) -> torch.Tensor:
+        """Features (N, dim) of images (N, C, H, W) in [-1, 1], on the CPU in float64."""
+        with torch.inference_mode():
+            return torch.cat([self.module(b).double().cpu() for b in batches(x, self.device, batch)])
+
+
+def batches(x: torch.Tensor, device: torch.device, size: int = 256) -> Iterator[torch.Tensor]:
+    """``x`` in slices of ``size``, each moved to ``device``."""
+    for i in range(0, len(x), size):
+        yield x[i : i + size].to(device)
+
+
+def feature_net(cfg: FidConfig | DictConfig, device: torch.device, cache_dir: Path) -> FeatureNet:
+    """The configured feature network, or a clear error saying why it can't be had."""
+    if FidFeatures(cfg.features) == FidFeatures.digits:
+        net, metadata = load_digits_features()
+        return FeatureNet(net.to(device), f"{feature_name(metadata)} {net.num_features}")
+    module, name = load_inception(cfg.inception_weights, cache_dir)
+    return FeatureNet(module.to(device), name)

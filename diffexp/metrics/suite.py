@@ -10,7 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from diffexp.config import MetricsConfig
 from diffexp.metrics.agreement import ReferenceAgreement
-from diffexp.metrics.base import Context, Metric, Values, quality_keys
+from diffexp.metrics.base import Context, Metric, Values, quality_keys, stated_with
 from diffexp.metrics.fid import FidKid
 from diffexp.metrics.labels import LabelAccuracy
 from diffexp.metrics.landing import Landing
@@ -21,6 +21,7 @@ from diffexp.sampling.loop import StepState
 # in the order they are prepared: the reference (which landing uses) before the others
 METRICS: tuple[type[Metric], ...] = (SchedulerFlags, ReferenceAgreement, Landing, FidKid, LabelAccuracy)
 QUALITY = quality_keys(METRICS)  # final keys with a direction: the report's quality axes
+STATED_WITH = stated_with(METRICS)  # keys shown beside a value wherever it is shown (FID: its n and network)
 
 
 class RunMetrics:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -11,7 +11,7 @@ import torch
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from diffexp.report.jobs import Job, facet_title, facets, layout, series_order
+from diffexp.report.jobs import Job, facet_title, facets, layout, series_order, stated_text
 from diffexp.sampling.images import grid, to_uint8
 
 SAMPLES_PER_CELL = 4
@@ -26,13 +26,18 @@ def fmt_time(s: float | None) -> str:
     return f"{s * 1000:.0f} ms" if s < 1 else f"{s:.2f} s"
 
 
-def caption(job: Job, quality: Sequence[str], k: int = SAMPLES_PER_CELL) -> str:
-    """Under a cell: NFE, sampling time, the first quality metric, and the classes or a text model's prompts of the
-    ``k`` samples shown."""
+def caption(
+    job: Job, quality: Sequence[str], k: int = SAMPLES_PER_CELL, stated: Mapping[str, Sequence[str]] | None = None
+) -> str:
+    """Under a cell: NFE, sampling time, the first quality metric with the keys it is ``stated`` with (FID: its n
+    and feature network), and the classes or a text model's prompts of the ``k`` samples shown."""
     text = f"NFE {job.metrics.get('nfe', '?')} · {fmt_time(job.value('wall_s'))}"
     first = job.value(quality[0]) if quality else None
     if first is not None:
-        text += f"\n{quality[0]} {first:.4g}"
+        keys = (stated or {}).get(quality[0], ())
+        counts = stated_text([job], [key for key in keys if key.endswith("_n")])
+        others = stated_text([job], [key for key in keys if not key.endswith("_n")], sep="\n")
+        text += f"\n{quality[0]} {first:.4g}" + (f" ({counts})" if counts else "") + (f"\n{others}" if others else "")
     labels = job.metrics.get("labels")
     if labels:
         text += "\nclasses " + " ".join(str(c) for c in labels[:k])
@@ -102,9 +107,11 @@ def _draw_cell(fig: Figure, job: Job | None, box: tuple[float, ...], img_w: floa
     ax.text(0.5, -0.06, text, transform=ax.transAxes, ha="center", va="top", fontsize=9)
 
 
-def grid_figure(jobs: Sequence[Job], quality: Sequence[str], title: str) -> Figure:
-    """Rows: schedulers; columns: steps; cells: the first samples of each run (same seeds), captioned. Where the
-    guidance scale varies (the facet), the facets are stacked, each under its heading."""
+def grid_figure(
+    jobs: Sequence[Job], quality: Sequence[str], title: str, stated: Mapping[str, Sequence[str]] | None = None
+) -> Figure:
+    """Rows: schedulers; columns: steps; cells: the first samples of each run (same seeds), captioned (``stated``:
+    as in ``caption``). Where the guidance scale varies (the facet), the facets are stacked, each under its heading."""
     groups = [(g, layout(group)) for g, group in facets(jobs)]
     cols = sorted({j.steps for j in jobs})
     first = next((x for j in jobs if j.finished and (x := j.samples()) is not None), None)
@@ -115,7 +122,9 @@ def grid_figure(jobs: Sequence[Job], quality: Sequence[str], title: str) -> Figu
     col_w = max(img_w, 1.9)  # room for the caption and for a failure's message
     labelled = any(j.metrics.get("labels") for j in jobs)
     prompted = any((j.metrics.get("latent") or {}).get("prompts") for j in jobs)
-    cap_h = 0.22 + 0.14 * (1 + bool(quality) + labelled + prompted)  # caption lines: cost, quality, classes, prompts
+    keys = (stated or {}).get(quality[0], ()) if quality else ()
+    extra = sum(not key.endswith("_n") for key in keys)  # lines under the first quality metric: FID's network
+    cap_h = 0.22 + 0.14 * (1 + bool(quality) + extra + labelled + prompted)  # caption lines
     label_w = 0.3 + 0.085 * max(len(r) for _, lay in groups for r in lay.rows)
     pitch_w, pitch_h = col_w + 0.25, img_h + cap_h + 0.12
     head, pad, band = 0.95, 0.15, (0.45 if len(groups) > 1 else 0.0)  # band: a facet's heading
@@ -139,7 +148,7 @@ def grid_figure(jobs: Sequence[Job], quality: Sequence[str], title: str) -> Figu
             _row_label(fig, row, label_w - 0.15, y0 + img_h / 2, (W, H))
             for c, steps in enumerate(cols):
                 job = cells.get((row, steps))
-                text = caption(job, quality, k) if job is not None else ""
+                text = caption(job, quality, k, stated) if job is not None else ""
                 _draw_cell(fig, job, (label_w + c * pitch_w, y0, col_w, img_h), img_w, k, text)
         top -= pitch_h * len(rows)
     return fig

@@ -85,6 +85,17 @@ class Job:
         return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
 
 
+def stated_text(jobs: Sequence[Job], keys: Sequence[str], sep: str = " · ") -> str:
+    """The values a figure is stated with (FID: ``fid_n`` and ``fid_features``) across ``jobs``: a count key
+    (``*_n``) as ``n 200``, others as their value; differing values are all listed, joined by ``|``."""
+    parts = []
+    for key in keys:
+        values = list(dict.fromkeys(str(v) for j in jobs if (v := j.metrics.get(key)) is not None))
+        if values:
+            parts.append(("n " if key.endswith("_n") else "") + " | ".join(values))
+    return sep.join(parts)
+
+
 def load_jobs(sweep_dir: Path) -> list[Job]:
     """Every job of a sweep in job order, with its row label; planned jobs without a folder are 'not run'."""
     sweep_dir = Path(sweep_dir)

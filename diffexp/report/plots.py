@@ -11,7 +11,7 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
-from diffexp.report.jobs import Job, facets, guided, layout, series_order
+from diffexp.report.jobs import Job, facets, guided, layout, series_order, stated_text
 
 if TYPE_CHECKING:
     from diffexp.metrics.base import Better
@@ -90,9 +90,15 @@ def _legend(ax: Any) -> None:
     ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=9, frameon=False)
 
 
-def quality_figure(jobs: Sequence[Job], key: str, better: Better) -> Figure:
+def _stated(jobs: Sequence[Job], key: str, stated: Sequence[str]) -> str:
+    """``key`` with the values of the ``stated`` keys in these runs, e.g. ``fid (n 200 · inception-v3-compat 2048)``."""
+    text = stated_text([j for j in jobs if j.finished], stated)
+    return f"{key} ({text})" if text else key
+
+
+def quality_figure(jobs: Sequence[Job], key: str, better: Better, stated: Sequence[str] = ()) -> Figure:
     """``key`` against NFE, wall time (and net evals of guided runs), one line per scheduler, the Pareto front
-    dashed."""
+    dashed; the title states the values of the ``stated`` keys (FID: n and feature network)."""
     costs = cost_axes(jobs)
     fig = Figure(figsize=(12 + 4.5 * (len(costs) - 2), 4.6), dpi=110, layout="constrained")
     axes = fig.subplots(1, len(costs))
@@ -111,7 +117,8 @@ def quality_figure(jobs: Sequence[Job], key: str, better: Better) -> Figure:
         ax.grid(True, alpha=0.3, which="both")
         ax.set_title(f"{key} vs {cost_label.split(' (')[0]}", fontsize=11)
     _legend(axes[-1])
-    fig.suptitle(f"{key}: {better} is better; the dashed line is the Pareto front (no run is cheaper and better)")
+    front = "the dashed line is the Pareto front (no run is cheaper and better)"
+    fig.suptitle(f"{_stated(jobs, key, stated)}: {better} is better; {front}")
     return fig
 
 
@@ -136,7 +143,7 @@ def _by_scale(jobs: Sequence[Job], key: str) -> list[tuple[float, float]]:
     return sorted((j.guidance, v) for j in jobs if j.finished and (v := j.value(key)) is not None)
 
 
-def guidance_figure(jobs: Sequence[Job], key: str, better: Better) -> Figure:
+def guidance_figure(jobs: Sequence[Job], key: str, better: Better, stated: Sequence[str] = ()) -> Figure:
     """``key`` against the guidance scale: one panel per step count, one line per row (scheduler with options),
     the best run of each panel ringed."""
     rows, steps, _ = layout(jobs)
@@ -166,5 +173,5 @@ def guidance_figure(jobs: Sequence[Job], key: str, better: Better) -> Figure:
         ax.set_ylabel(f"{key} ({better} is better)")
     order = [r for r in rows if r in legend] + [n for n in legend if n not in rows]
     fig.legend([legend[n] for n in order], order, loc="outside right center", fontsize=9, frameon=False)
-    fig.suptitle(f"{key} against the guidance scale, per step count ({better} is better)")
+    fig.suptitle(f"{_stated(jobs, key, stated)} against the guidance scale, per step count ({better} is better)")
     return fig

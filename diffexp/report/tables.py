@@ -26,6 +26,8 @@ HEADERS = {
     "peak_mem_mb": "memory (MB)",
     "status": "status",
     "error": "error",
+    "fid_n": "FID n",
+    "fid_features": "FID features",
 }
 
 
@@ -34,12 +36,16 @@ def measures(jobs: Sequence[Job]) -> list[str]:
     return [*MEASURES[:1], "net_evals", *MEASURES[1:]] if guided(jobs) else list(MEASURES)
 
 
-def table_rows(jobs: Sequence[Job], quality: Sequence[str], sweep_dir: Path) -> tuple[list[str], list[dict[str, Any]]]:
+def table_rows(
+    jobs: Sequence[Job], quality: Sequence[str], sweep_dir: Path, stated: Mapping[str, Sequence[str]] | None = None
+) -> tuple[list[str], list[dict[str, Any]]]:
     """The columns, and one row per job in grid order (facet by facet); ``samples`` is the run's samples.png
-    relative to ``sweep_dir``, or None for a run that did not finish."""
+    relative to ``sweep_dir``, or None for a run that did not finish. The quality columns are followed by the keys
+    each is ``stated`` with (FID: its sample count and feature network)."""
     scale = ["guidance_scale"] if any(j.guidance != 1.0 for j in jobs) else []  # guided or varying
-    measured = measures(jobs)
-    columns = ["scheduler", "options", "steps", *scale, *measured, *quality, "status", "error", *HIDDEN]
+    measured = [*measures(jobs), *quality]
+    measured += list(dict.fromkeys(s for q in quality for s in (stated or {}).get(q, ()) if s not in measured))
+    columns = ["scheduler", "options", "steps", *scale, *measured, "status", "error", *HIDDEN]
     rows_order, steps_order, _ = layout(jobs)
     facet_order = [g for g, _ in facets(jobs)]
     ordered = sorted(
@@ -54,7 +60,7 @@ def table_rows(jobs: Sequence[Job], quality: Sequence[str], sweep_dir: Path) -> 
                 "options": options_text(j.config["scheduler"]),
                 "steps": j.steps,
                 **({"guidance_scale": j.guidance} if scale else {}),
-                **{k: j.metrics.get(k) for k in (*measured, *quality)},
+                **{k: j.metrics.get(k) for k in measured},
                 "status": j.status,
                 "error": j.error or "",
                 "folder": j.folder.name if j.folder else "",

@@ -27,7 +27,7 @@ from matplotlib.figure import Figure
 
 from diffexp.folders import write_json
 from diffexp.metrics.base import Better
-from diffexp.metrics.suite import QUALITY
+from diffexp.metrics.suite import QUALITY, STATED_WITH
 from diffexp.report.grid import caption, grid_figure, trajectory_figure
 from diffexp.report.jobs import Job, facet_title, facets, load_jobs
 from diffexp.report.page import render_page, summary
@@ -78,16 +78,18 @@ def facet_name(g: float) -> str:
 
 def _figures(jobs: list[Job], quality: Mapping[str, Better], title: str, out: Path) -> dict[str, Path]:
     """Every figure as a PNG in ``out``, by name: grid (and one per guidance facet), each quality key (and it
-    against guidance), cost and (if saved) trajectories."""
-    images = {"grid": _save(grid_figure(jobs, list(quality), title), out / "grid.png")}
+    against guidance), cost and (if saved) trajectories; each quality key with the values it is stated with."""
+    images = {"grid": _save(grid_figure(jobs, list(quality), title, STATED_WITH), out / "grid.png")}
     groups = [(g, group) for g, group in facets(jobs) if g is not None]
     for g, group in groups:
-        figure = grid_figure(group, list(quality), f"{title} · {facet_title(g)}")
+        figure = grid_figure(group, list(quality), f"{title} · {facet_title(g)}", STATED_WITH)
         images[facet_name(g)] = _save(figure, out / f"{facet_name(g)}.png")
     for key, better in quality.items():
-        images[key] = _save(quality_figure(jobs, key, better), out / f"{key}.png", svg=True)
+        stated = STATED_WITH.get(key, ())
+        images[key] = _save(quality_figure(jobs, key, better, stated), out / f"{key}.png", svg=True)
         if groups:
-            images[f"guidance-{key}"] = _save(guidance_figure(jobs, key, better), out / f"guidance-{key}.png", True)
+            figure = guidance_figure(jobs, key, better, stated)
+            images[f"guidance-{key}"] = _save(figure, out / f"guidance-{key}.png", True)
     images["cost"] = _save(cost_figure(jobs), out / "cost.png", svg=True)
     strips = trajectory_figure(jobs)
     if strips is not None:
@@ -105,7 +107,7 @@ def write_report(sweep_dir: Path, quality: Mapping[str, Better] = QUALITY) -> Re
     title = f"Scheduler comparison: {summary(jobs)['model']}"
     scales = [g for g, _ in facets(jobs) if g is not None]  # the guidance facets, if the scale varies
     images = _figures(jobs, present, title, out)
-    columns, rows = table_rows(jobs, list(present), sweep_dir)
+    columns, rows = table_rows(jobs, list(present), sweep_dir, STATED_WITH)
     files = {**images, "csv": write_csv(out / "table.csv", columns, rows)}
     files["md"] = write_markdown(out / "table.md", columns, rows)
     report = Report(sweep_dir, jobs, present, columns, rows, files)
@@ -115,6 +117,6 @@ def write_report(sweep_dir: Path, quality: Mapping[str, Better] = QUALITY) -> Re
     )  # fmt: skip
     files["html"] = sweep_dir / HTML_FILE
     files["html"].write_text(page)
-    captions = {j.folder.name: caption(j, list(present)) for j in jobs if j.folder and j.finished}  # the grid's
+    captions = {j.folder.name: caption(j, list(present), stated=STATED_WITH) for j in jobs if j.folder and j.finished}
     write_json(out / "report.json", {"quality": present, "columns": columns, "rows": rows, "captions": captions})
     return report
