@@ -39,7 +39,7 @@ def fid_kid(
     """FID, KID (mean and std over subsets) of the samples' features ``fake`` (N, dim; ``net.features`` of images
     of ``shape``) against the real set, with the sample counts and the feature network; KID is left out
     (``kid_left_out`` says why) for an .npz real set."""
-    n = fake.shape[0]
+    fake, n = fake.float(), fake.shape[0]  # the network's own float32 (net.features widens it losslessly)
     if n < 2:
         raise DiffexpError(f"FID needs at least 2 samples; this run has {n}. Raise num_samples.")
     real = real_set(net, source, tuple(shape), cache_dir)
@@ -106,7 +106,7 @@ class FidKid(Metric):
     def final(self, values: Values) -> dict[str, Any]:
         fcfg = self.ctx.mcfg.fid
         return fid_kid(
-            values["features"].double(),
+            values["features"],
             self.net,
             fcfg.real,
             pixel_shape(self.ctx.exp),
