@@ -16,21 +16,22 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from omegaconf import DictConfig
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torchmetrics.image.fid import FrechetInceptionDistance
-from torchmetrics.image.kid import KernelInceptionDistance
 
 from diffexp.config import FidFeatures
 from diffexp.errors import DiffexpError
 from diffexp.metrics.base import Context, Key, Metric
 from diffexp.metrics.features import feature_name, load_digits_features
 from diffexp.sampling.loop import StepState
+
+if TYPE_CHECKING:
+    from torchmetrics.image.fid import FrechetInceptionDistance
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
@@ -124,6 +125,9 @@ def _real_key(source: str, shape: tuple[int, int, int], features: str) -> str:
 
 
 def _metrics(net: FeatureNet, kid_subset_size: int, kid_subsets: int) -> tuple[FrechetInceptionDistance, Any]:
+    from torchmetrics.image.fid import FrechetInceptionDistance  # torchmetrics loads only for runs with FID
+    from torchmetrics.image.kid import KernelInceptionDistance
+
     fid = FrechetInceptionDistance(feature=net.module, reset_real_features=False)
     with warnings.catch_warnings():  # KID keeps every feature vector in memory by design; no need to say so
         warnings.filterwarnings("ignore", message=".*will save all extracted features.*")

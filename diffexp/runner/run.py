@@ -20,11 +20,12 @@ from diffexp.metrics.suite import RunMetrics
 from diffexp.runner.folder import RunFiles
 from diffexp.runner.observers import Observer, RunInfo
 from diffexp.runner.summary import environment, run_summary, snapshot_record
-from diffexp.sampling.device import reset_peak_memory, synchronize
+from diffexp.sampling.device import process_age_s, reset_peak_memory, synchronize
 from diffexp.sampling.experiment import Experiment, prepare
 from diffexp.sampling.loop import StepState
 
 log = logging.getLogger("diffexp")
+_started: list[float | None] = []  # the process's age at its first run's first model call
 
 
 def build_observers(cfg: DictConfig) -> list[Observer]:
@@ -110,8 +111,11 @@ def run(cfg: DictConfig, out_dir: Path, observers: Sequence[Observer] = ()) -> d
     try:
         for o in everyone:
             o.start(info)
+        startup_s = None if _started else process_age_s()  # a later run of a sweep has no start-up of its own
+        _started.append(startup_s)
         final, decode_s = drive(exp, measures, everyone)
-        metrics = run_summary(exp, final, info.environment, decode_s) | measures.final(final)
+        metrics = run_summary(exp, final, info.environment, decode_s) | {"startup_s": startup_s}
+        metrics |= measures.final(final)
         for o in everyone:
             o.finish(final, metrics)
         return metrics

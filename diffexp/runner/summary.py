@@ -33,6 +33,7 @@ COST_KEYS: tuple[Key, ...] = (
     Key("peak_mem_mb", "lower"),
     Key("load_s", "lower"),
     Key("compile_s", "lower"),  # only from runs that compile the model
+    Key("startup_s", "lower"),  # process start to the first model call (the first run of a process)
     Key("decode_s", "lower"),  # only from runs that decode latents
 )
 
@@ -95,6 +96,15 @@ def latent_record(exp: Experiment) -> dict[str, Any] | None:
     }
 
 
+def speed_record(exp: Experiment) -> dict[str, Any]:
+    """channels_last, compile (mode or None), attention processors, compile_s (None: not compiled)."""
+    if exp.speed is None:
+        return {}
+    record = asdict(exp.speed)
+    record.pop("precision")
+    return record
+
+
 def run_summary(exp: Experiment, final: StepState, env: dict[str, Any], decode_s: float = 0.0) -> dict[str, Any]:
     """Cost, settings and versions of a finished run; the metrics add their values to it. ``wall_s`` is sampling
     time; a latent model's ``decode_s`` is its snapshots' VAE decodes (or previews), apart from it."""
@@ -118,6 +128,7 @@ def run_summary(exp: Experiment, final: StepState, env: dict[str, Any], decode_s
         "batch_size": cfg.batch_size,
         "seed": cfg.seed,
         "precision": Precision(cfg.precision).value,
+        **speed_record(exp),
         "model": {"name": exp.loaded.name, "id": exp.loaded.id, "revision": exp.loaded.revision},
         "scheduler": exp.built.effective_config(),
         "scheduler_name": exp.built.name,

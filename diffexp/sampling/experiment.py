@@ -10,7 +10,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from diffexp.catalog import run_label
-from diffexp.config import check_config
+from diffexp.config import check_config, compile_mode
 from diffexp.errors import DiffexpError
 from diffexp.sampling.denoisers import Denoiser, check_guidance, sample_labels
 from diffexp.sampling.device import resolve_device, resolve_dtype
@@ -18,6 +18,7 @@ from diffexp.sampling.loop import StepState, initial_noise, iter_steps
 from diffexp.sampling.models import LoadedModel, load_model
 from diffexp.sampling.noise import log_sigmas
 from diffexp.sampling.schedulers import BuiltScheduler, build_scheduler, split_options
+from diffexp.sampling.speed import SpeedRecord, accelerate, check_compile, check_precision
 
 
 @dataclass
@@ -34,6 +35,7 @@ class Experiment:
     generators: list[torch.Generator]
     labels: list[int] | None = None  # the class of each sample; None: unconditional
     prompts: list[str] | None = None  # text models: the prompt of each sample
+    speed: SpeedRecord | None = None  # precision, channels_last, compile and attention in force; compile time
 
     def to_pixels(self, x: torch.Tensor, exact: bool = False) -> torch.Tensor:
         """x or x0 as an image in [-1, 1]; a latent model's through its VAE, or ``preview=latent``'s linear map
@@ -73,6 +75,9 @@ def prepare(cfg: DictConfig, model: LoadedModel | None = None) -> Experiment:
     split_options(name, options)  # refuse a bad scheduler or option before loading anything
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.precision)
+    check_precision(cfg.precision, device)
+    check_compile(compile_mode(cfg), device)
+    identity = ("model", id(model.model)) if model is not None else ("config", OmegaConf.to_yaml(cfg.model))
     loaded = model or load_model(cfg.model, device, dtype)
     built = build_scheduler(name, loaded.scheduler_config, options, seed=cfg.seed)
     try:
@@ -88,7 +93,11 @@ def prepare(cfg: DictConfig, model: LoadedModel | None = None) -> Experiment:
         negatives = sample_prompts(cfg.get("negative_prompt"), cfg.batch_size)
         model.cond = {"encoder_hidden_states": encode(loaded, prompts, device)}
         model.uncond = {"encoder_hidden_states": encode(loaded, negatives, device)}
-    return Experiment(cfg, device, dtype, loaded, built, model, noise, generators, labels, prompts)
+    first = built.scheduler.timesteps[:1].cpu()[0]
+    channels_last = bool(cfg.get("channels_last", False))
+    speed = accelerate(model, identity, cfg.precision, channels_last, compile_mode(cfg), noise, first)
+    loaded.model = model.model  # the compiled network of an earlier run of the process, when reused
+    return Experiment(cfg, device, dtype, loaded, built, model, noise, generators, labels, prompts, speed)
 
 
 def check_latent(cfg: DictConfig, loaded: LoadedModel) -> None:
