@@ -117,9 +117,13 @@ class Denoiser(torch.nn.Module):
         self.calls = 0
         self.net_evals = 0
         self.dtype = getattr(model, "dtype", None) or next((p.dtype for p in model.parameters()), torch.float32)
-        self.net: Any = model
+        self.use_network(model)
         self.channels_last = False  # inputs in channels-last memory format, like the weights
         self.cudagraphs = False  # outputs live in a CUDA graph's memory until copied
+
+    def use_network(self, net: Any) -> None:
+        """What evaluates the network from now on (its compiled form); a plain attribute, not a submodule."""
+        object.__setattr__(self, "net", net)
 
     def reset(self) -> None:
         self.calls = self.net_evals = 0

@@ -152,7 +152,7 @@ def load_latent(source: str, revision: str | None, class_name: str, device: torc
     try:
         with quiet_loading():
             pipe = getattr(diffusers, class_name).from_pretrained(
-                source, revision=revision, torch_dtype=dtype, **extra, **loading_options()
+                source, revision=revision, **extra, **loading_options(dtype)
             )
     except Exception as err:  # the Hub client and the loaders raise many types; all mean "could not load"
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -167,11 +167,15 @@ def load_latent(source: str, revision: str | None, class_name: str, device: torc
     return pipe
 
 
-def loading_options() -> dict[str, Any]:
-    """``low_cpu_mem_usage`` as accelerate allows, so diffusers does not advise installing it on every load."""
+def loading_options(dtype: torch.dtype) -> dict[str, Any]:
+    """``from_pretrained``'s options: load in ``dtype`` (``dtype=`` since diffusers 0.42, ``torch_dtype=`` before),
+    and ``low_cpu_mem_usage`` as accelerate allows, so diffusers does not advise installing it on every load."""
+    import diffusers
     from diffusers.utils import is_accelerate_available
+    from packaging.version import Version
 
-    return {"low_cpu_mem_usage": is_accelerate_available()}
+    key = "dtype" if Version(diffusers.__version__) >= Version("0.42") else "torch_dtype"
+    return {key: dtype, "low_cpu_mem_usage": is_accelerate_available()}
 
 
 @contextmanager

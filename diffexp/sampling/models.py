@@ -75,7 +75,7 @@ def load_pretrained(
     use this."""
     try:
         with quiet_loading():
-            pipe = DiffusionPipeline.from_pretrained(source, revision=revision, torch_dtype=dtype, **loading_options())
+            pipe = DiffusionPipeline.from_pretrained(source, revision=revision, **loading_options(dtype))
     except Exception as err:  # the Hub client raises many types; all mean "could not load"
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise DiffexpError(

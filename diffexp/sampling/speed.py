@@ -114,7 +114,8 @@ def accelerate(
     set_tf32(precision, x.device)
     key = (identity, str(x.device), denoiser.dtype, tuple(x.shape), denoiser.guidance, mode, channels_last)
     if mode is not None and key in _COMPILED:
-        denoiser.model, denoiser.net = _COMPILED[key]
+        denoiser.model, compiled = _COMPILED[key]
+        denoiser.use_network(compiled)
         denoiser.channels_last, denoiser.cudagraphs = channels_last, mode == "reduce-overhead"
         record.attention, record.compile_s, record.compile_reused = use_sdpa(denoiser.model), 0.0, True
         return record
@@ -125,7 +126,7 @@ def accelerate(
     if mode is None:
         return record
     probe_compiler(mode, x.device)
-    denoiser.net = torch.compile(denoiser.model, mode=mode, dynamic=False)
+    denoiser.use_network(torch.compile(denoiser.model, mode=mode, dynamic=False))
     denoiser.cudagraphs = mode == "reduce-overhead"
     start = time.perf_counter()
     try:
