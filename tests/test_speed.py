@@ -22,8 +22,10 @@ def final(*overrides: str) -> torch.Tensor:
     return sample(diffexp.prepare(compose(*overrides)).steps()).x
 
 
-def test_bf16_outputs_are_within_1e_2_of_fp32_on_the_same_noise() -> None:
-    base = ("model=digits-unet", "scheduler=ddim", "steps=30", "batch_size=4")
+def bf16_matches_fp32(device: str) -> None:
+    """The bf16 model's outputs within 1e-2 (relative) of fp32's on the same inputs, and its samples from the
+    same noise within 1e-2 (mean, in [-1, 1] pixel units)."""
+    base = ("model=digits-unet", "scheduler=ddim", "steps=30", "batch_size=4", f"device={device}")
     exact, half = diffexp.prepare(compose(*base)), diffexp.prepare(compose(*base, "precision=bf16"))
     assert next(half.loaded.model.parameters()).dtype == torch.bfloat16
     with torch.inference_mode():  # each model output, at every fifth timestep of the run
@@ -33,8 +35,23 @@ def test_bf16_outputs_are_within_1e_2_of_fp32_on_the_same_noise() -> None:
             assert out.dtype == torch.float32
             assert ((out - ref).norm() / ref.norm()).item() < 1e-2
     a, b = sample(exact.steps()).x, sample(half.steps()).x
-    assert (a - b).abs().mean().item() < 1e-2  # the final samples, in [-1, 1] pixel units
+    assert (a - b).abs().mean().item() < 1e-2
     assert not torch.equal(a, b)
+
+
+def test_bf16_outputs_are_within_1e_2_of_fp32_on_the_same_noise() -> None:
+    bf16_matches_fp32("cpu")
+
+
+def test_the_gpu_benchmark_runs_on_the_cpu_in_smoke_mode(tmp_path: Path) -> None:
+    out = tmp_path / "gpu.json"
+    result = run_cli(["--smoke", "--out", str(out)], cwd=tmp_path, script="benchmarks/gpu.py")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(out.read_text())
+    assert set(data["variants"]) == {"fp32", "bf16", "bf16 channels_last"} and data["params_m"] > 0
+    for row in data["variants"].values():
+        assert row["forward_small_ms"] > 0 and row["large_img_s"] > 0 and row["loop_small_s"] > 0
+    assert data["gflop_per_image"] > 0 and "| bf16 channels_last |" in result.stdout
 
 
 def test_channels_last_gives_the_same_samples_and_is_recorded(tmp_path: Path) -> None:
@@ -122,6 +139,6 @@ def test_a_compiler_that_does_not_work_is_named(monkeypatch: pytest.MonkeyPatch)
 
     torch._dynamo.reset()
     monkeypatch.setattr(torch._inductor.config.cpp, "cxx", ("/nonexistent/c++",))
-    with pytest.raises(DiffexpError, match="compile=default cannot run here: torch.compile failed"):
+    with pytest.raises(DiffexpError, match=r"compile=default cannot run here: torch\.compile failed"):
         speed.probe_compiler("default", torch.device("cpu"))
     torch._dynamo.reset()
