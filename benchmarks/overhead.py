@@ -1,4 +1,4 @@
-"""What diffexp costs over the bare loop, in one process and as a whole command, on one thread.
+"""What diffexp (and W&B) cost over the bare loop, in one process and as a whole command, on one thread.
 
 1. In this process: ``diffexp.run`` (the config's observers, the run folder written) against the bare loop (the
    book's loop with the same model, scheduler, steps, batch and per-sample noise, saving grid PNGs of x and x0 at
@@ -135,7 +135,10 @@ def main() -> None:
                 f"runner, logger=none, {steps} steps": lambda out, s=steps: runner(out, s, wandb=False),
                 f"runner, W&B offline, {steps} steps": lambda out, s=steps: runner(out, s, wandb=True),
             }
-            report(f"In process, {steps} steps", alternate(arms, args.repeats, tmp), f"bare loop, {steps} steps")
+            medians = alternate(arms, args.repeats, tmp)
+            report(f"In process, {steps} steps", medians, f"bare loop, {steps} steps")
+            wandb, none = medians[f"runner, W&B offline, {steps} steps"], medians[f"runner, logger=none, {steps} steps"]
+            print(f"W&B offline over logger=none: {wandb / none:.3f} ({wandb - none:+.2f} s per run)")
         if (mb := media_mb(tmp)) is not None:
             print(f"\nW&B media: {mb:.3f} MB per run")
         if args.processes:

@@ -65,8 +65,10 @@ def test_bf16_outputs_are_within_1e_2_of_fp32_on_the_gpu() -> None:
     bf16_matches_fp32("cuda")
 
 
-def test_tf32_runs_and_is_recorded(tmp_path) -> None:
-    metrics = diffexp.run(compose("model=tiny", "device=cuda", "precision=tf32", "steps=4"), tmp_path / "run")
-    assert metrics["precision"] == "tf32" and torch.backends.cuda.matmul.allow_tf32
-    diffexp.prepare(compose("model=tiny", "device=cuda", "precision=fp32", "steps=4"))
+def test_tf32_is_set_per_run_and_recorded() -> None:
+    exp = diffexp.prepare(compose("model=tiny", "device=cuda", "precision=tf32", "steps=4"))
+    assert exp.speed.precision == "tf32" and exp.dtype == torch.float32
+    assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    assert torch.isfinite(sample(exp.steps()).x).all()
+    diffexp.prepare(compose("model=tiny", "device=cuda", "precision=fp32", "steps=4"))  # the next run of a sweep
     assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
