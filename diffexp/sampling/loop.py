@@ -161,15 +161,15 @@ def iter_steps(
             call_s, at_snapshot, calls_since = (elapsed - at_snapshot) / calls_since, elapsed, 0
         yield StepState(
             nfe=i + 1,
-            net_evals=getattr(model, "net_evals", i + 1),
             step=step,
             num_steps=num_steps,
             timestep=t_value,
+            sigma=sigmas[i],
             x=x,
             x0=x0,
             full_step=full,
-            sigma=sigmas[i],
             snapshot=snapshot,
+            net_evals=getattr(model, "net_evals", i + 1),
             last=last,
             elapsed_s=elapsed,
             call_s=call_s,
