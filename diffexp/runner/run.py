@@ -114,8 +114,8 @@ def run(cfg: DictConfig, out_dir: Path, observers: Sequence[Observer] = ()) -> d
         startup_s = None if _started else process_age_s()  # a later run of a sweep has no start-up of its own
         _started.append(startup_s)
         final, decode_s = drive(exp, measures, everyone)
-        metrics = run_summary(exp, final, info.environment, decode_s) | {"startup_s": startup_s}
-        metrics |= measures.final(final)
+        metrics = run_summary(exp, final, info.environment, decode_s) | measures.final(final)
+        metrics |= {} if startup_s is None else {"startup_s": startup_s}
         for o in everyone:
             o.finish(final, metrics)
         return metrics

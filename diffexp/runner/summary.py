@@ -97,11 +97,14 @@ def latent_record(exp: Experiment) -> dict[str, Any] | None:
 
 
 def speed_record(exp: Experiment) -> dict[str, Any]:
-    """channels_last, compile (mode or None), attention processors, compile_s (None: not compiled)."""
+    """channels_last, compile (mode or None), the attention processors; compile_s and compile_reused only from
+    runs that compile."""
     if exp.speed is None:
         return {}
     record = asdict(exp.speed)
     record.pop("precision")
+    if exp.speed.compile is None:
+        del record["compile_s"], record["compile_reused"]
     return record
 
 
