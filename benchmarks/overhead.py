@@ -114,7 +114,7 @@ def media_mb(tmp: Path) -> float | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--steps", type=int, nargs="+", default=[30, 300])
+    parser.add_argument("--steps", type=int, nargs="*", default=[30, 300], help="in-process step counts (none: skip)")
     parser.add_argument("--no-processes", dest="processes", action="store_false", help="in process only")
     parser.add_argument("--bare", type=Path, help="run as the bare script: the bare loop, writing into this folder")
     args = parser.parse_args()
