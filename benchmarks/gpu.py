@@ -105,10 +105,16 @@ def loop_s(exp: Any, repeats: int) -> tuple[float, float]:
 
 
 def flops_per_image(exp: Any) -> float:
+    """FLOPs of one forward per image, counted on the eager network (torch.utils.flop_counter)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
-        exp.model(exp.noise, exp.built.scheduler.timesteps.cpu()[0])
+    network = exp.model.net
+    exp.model.use_network(exp.model.model)
+    try:
+        with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+            exp.model(exp.noise, exp.built.scheduler.timesteps.cpu()[0])
+    finally:
+        exp.model.use_network(network)
     return counter.get_total_flops() / exp.noise.shape[0]
 
 

@@ -58,7 +58,7 @@ def test_compile_reduce_overhead_samples_what_eager_does() -> None:
     compiled = sample(exp.steps()).x
     assert torch.allclose(compiled, eager, atol=1e-3), (compiled - eager).abs().max()
     again = sample(exp.steps()).x  # CUDA graphs replayed: outputs copied before the next replay
-    assert torch.equal(again, compiled)
+    assert torch.allclose(again, compiled, atol=1e-5)
 
 
 def test_bf16_outputs_are_within_1e_2_of_fp32_on_the_gpu() -> None:
