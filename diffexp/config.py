@@ -22,9 +22,14 @@ from diffexp.errors import DiffexpError
 
 
 class Precision(str, Enum):
-    fp32 = "fp32"
+    fp32 = "fp32"  # true float32 (TF32 off on CUDA)
+    tf32 = "tf32"  # float32 weights, TF32 tensor-core matmuls and convolutions (CUDA, Ampere and newer)
     fp16 = "fp16"
     bf16 = "bf16"
+
+
+# torch.compile modes (torch's names); "false" is no compilation
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 
 
 class ModelSource(str, Enum):
@@ -131,6 +136,8 @@ class RunConfig:
     oom_retry: bool = False  # out of device memory: split the chunk in halves (same results) instead of failing
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     precision: Precision = Precision.fp32
+    channels_last: bool = False  # the network's weights and inputs in channels-last memory format
+    compile: str = "false"  # false | default | reduce-overhead (CUDA graphs) | max-autotune: torch.compile's mode
     log_every: int = 10
     progress: bool = True
     # class labels: null (unconditional), all (sample k gets class k mod C) or a list (sample k gets labels[k mod len])
@@ -206,8 +213,21 @@ def check_config(cfg: DictConfig) -> None:
     for key in ("steps", "batch_size", "log_every", "num_samples"):
         if cfg.get(key) is not None and cfg[key] <= 0:
             raise DiffexpError(f"{key}={cfg[key]} is not allowed: {key} must be a positive integer.")
+    compile_mode(cfg)
     if "name" not in cfg.scheduler:
         raise DiffexpError("The scheduler config has no 'name'; choose one with scheduler=<name>.")
+
+
+def compile_mode(cfg: DictConfig) -> str | None:
+    """``compile``: None (false) or one of torch.compile's ``COMPILE_MODES``."""
+    value = str(cfg.get("compile", "false")).strip()
+    if value.lower() in ("false", "none", "off", "no", "0"):
+        return None
+    if value not in COMPILE_MODES:
+        raise DiffexpError(
+            f"compile={value} is not allowed: use false or one of torch.compile's modes: {', '.join(COMPILE_MODES)}."
+        )
+    return value
 
 
 def unknown_keys(node: DictConfig, prefix: str = "") -> list[str]:

@@ -12,20 +12,28 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 import diffexp.catalog  # noqa: F401  (registers the schema and resolvers; light, so config errors come fast)
-from diffexp.errors import exit_on_error
+from diffexp.config import check_config
+from diffexp.errors import DiffexpError, exit_on_error
+from diffexp.folders import mark_failed
 
 log = logging.getLogger("diffexp")
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="run")
 def main(cfg: DictConfig) -> dict | None:
-    from diffexp.runner.run import run  # torch and diffusers load only once the config is valid
-    from diffexp.sweep.jobs import run_job
-
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     if HydraConfig.get().mode == RunMode.MULTIRUN:
+        from diffexp.sweep.jobs import run_job
+
         return run_job(cfg, out_dir)  # a failed job is recorded in its folder; the others still run
     with exit_on_error(out_dir):
+        try:
+            check_config(cfg)  # before torch loads, so that a bad value fails in about a second
+        except DiffexpError as err:
+            mark_failed(out_dir, err)
+            raise
+        from diffexp.runner.run import run  # torch and diffusers load only once the config is valid
+
         m = run(cfg, out_dir)
     log.info(
         "finished %s: %d steps, %d model calls, %.2f s -> %s", m["label"], m["steps"], m["nfe"], m["wall_s"], out_dir

@@ -215,9 +215,9 @@ def test_training_and_sampling_share_one_loading_path(tmp_path: Path, monkeypatc
     loaded: list[str] = []
     real = models.load_pretrained
 
-    def recording(source: str, revision: str | None = None):
+    def recording(source: str, revision: str | None = None, **options: object):
         loaded.append(source)
-        return real(source, revision)
+        return real(source, revision, **options)
 
     monkeypatch.setattr(models, "load_pretrained", recording)
     resume_trainer(train_cfg("steps=2"), torch.device("cpu"), checkpoint)

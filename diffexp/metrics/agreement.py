@@ -11,8 +11,6 @@ from typing import Any
 
 import torch
 from omegaconf import OmegaConf
-from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
-from torchmetrics.functional.regression import mean_squared_error
 
 from diffexp.config import Precision
 from diffexp.metrics.base import Context, Key, Metric, Values
@@ -26,16 +24,22 @@ STOCHASTIC = "stochastic: reference from the same noise is not its target"
 
 def rmse(x: torch.Tensor, y: torch.Tensor) -> float:
     """Root-mean-square difference over every pixel of the batch, in [-1, 1] pixel units."""
+    from torchmetrics.functional.regression import mean_squared_error  # torchmetrics loads only when measured
+
     return mean_squared_error(x.double().flatten(), y.double().flatten(), squared=False).item()
 
 
 def psnr(x: torch.Tensor, y: torch.Tensor) -> float:
     """PSNR in dB over the batch, for the data range 2 of [-1, 1]: 20 log10(2 / rmse); identical gives inf."""
+    from torchmetrics.functional.image import peak_signal_noise_ratio
+
     return peak_signal_noise_ratio(x.double(), y.double(), data_range=DATA_RANGE).item()
 
 
 def ssim(x: torch.Tensor, y: torch.Tensor, reduction: str = "elementwise_mean") -> Any:
     """Mean SSIM (torchmetrics, Gaussian window) for the data range 2 of [-1, 1]; ``reduction="none"``: per sample."""
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
     side = min(x.shape[-2:])
     kernel = min(11, side if side % 2 else side - 1)  # the window must fit the image
     value = structural_similarity_index_measure(

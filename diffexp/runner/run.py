@@ -27,11 +27,12 @@ from diffexp.runner.folder import RunFiles, writing
 from diffexp.runner.observers import Observer, RunInfo
 from diffexp.runner.summary import environment, run_summary
 from diffexp.samples import chunk_path, read_chunk, write_chunk
-from diffexp.sampling.device import reset_peak_memory
+from diffexp.sampling.device import process_age_s, reset_peak_memory
 from diffexp.sampling.experiment import Experiment, prepare
 from diffexp.sampling.loop import StepState
 
 log = logging.getLogger("diffexp")
+_started: list[float | None] = []  # the process's age at its first run's first model call
 
 
 @dataclass
@@ -140,6 +141,8 @@ def sample_run(
         for o in everyone:
             o.start(info)
         reset_peak_memory(exp.device)
+        startup_s = None if _started else process_age_s()  # a later run of a sweep has no start-up of its own
+        _started.append(startup_s)
         mine, first, failure = sample_chunks(exp, chunks, todo, measures, everyone, claim.out_dir, w)
         results = gather({"chunks": mine, "failure": failure}, w)
         metrics = None
@@ -149,6 +152,7 @@ def sample_run(
             if not failed:
                 done = {i: c for r in results for i, c in r["chunks"].items()}
                 metrics = summarise(exp, measures, claim, done, info.environment, w)
+                metrics |= {} if startup_s is None else {"startup_s": startup_s}
                 for o in everyone:
                     o.finish(first, metrics)
             failure = "; ".join(failed) or None

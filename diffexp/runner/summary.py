@@ -33,6 +33,7 @@ COST_KEYS: tuple[Key, ...] = (
     Key("peak_mem_mb", "lower"),
     Key("load_s", "lower"),
     Key("compile_s", "lower"),  # only from runs that compile the model
+    Key("startup_s", "lower"),  # process start to the first model call (the first run of a process)
     Key("decode_s", "lower"),  # only from runs that decode latents
 )
 
@@ -95,6 +96,18 @@ def latent_record(exp: Experiment) -> dict[str, Any] | None:
     }
 
 
+def speed_record(exp: Experiment) -> dict[str, Any]:
+    """channels_last, compile (mode or None), the attention processors; compile_s and compile_reused only from
+    runs that compile."""
+    if exp.speed is None:
+        return {}
+    record = asdict(exp.speed)
+    record.pop("precision")
+    if exp.speed.compile is None:
+        del record["compile_s"], record["compile_reused"]
+    return record
+
+
 def run_summary(exp: Experiment, cost: dict[str, Any], env: dict[str, Any]) -> dict[str, Any]:
     """Cost, settings and versions of a finished run; the metrics add their values to it. ``cost`` sums every
     chunk's: ``wall_s`` is sampling time (over all processes), a latent model's ``decode_s`` its decodes, apart."""
@@ -123,6 +136,7 @@ def run_summary(exp: Experiment, cost: dict[str, Any], env: dict[str, Any]) -> d
         "run_s": cost["run_s"],  # from the first chunk to the last, all processes together
         "seed": cfg.seed,
         "precision": Precision(cfg.precision).value,
+        **speed_record(exp),
         "model": {"name": exp.loaded.name, "id": exp.loaded.id, "revision": exp.loaded.revision},
         "scheduler": exp.built.effective_config(),
         "scheduler_name": exp.built.name,

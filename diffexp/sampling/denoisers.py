@@ -85,6 +85,7 @@ class Denoiser(torch.nn.Module):
 
     Casts the input to the model's precision and returns float32, so the loop stays in float32. ``calls``
     counts model calls (NFE); ``net_evals`` counts network evaluations per sample: 2 for a guided call.
+    ``net`` is what evaluates the network: the model itself, or its torch.compile'd form (diffexp.sampling.speed).
     """
 
     def __init__(
@@ -116,24 +117,51 @@ class Denoiser(torch.nn.Module):
         self.calls = 0
         self.net_evals = 0
         self.dtype = getattr(model, "dtype", None) or next((p.dtype for p in model.parameters()), torch.float32)
+        self.use_network(model)
+        self.channels_last = False  # inputs in channels-last memory format, like the weights
+        self.cudagraphs = False  # outputs live in a CUDA graph's memory until copied
+
+    def use_network(self, net: Any) -> None:
+        """What evaluates the network from now on (its compiled form); a plain attribute, not a submodule."""
+        object.__setattr__(self, "net", net)
 
     def reset(self) -> None:
         self.calls = self.net_evals = 0
 
     def network(self, x: torch.Tensor, t: torch.Tensor, condition: dict[str, torch.Tensor]) -> torch.Tensor:
         """One network evaluation of a batch, float32 out."""
+        t = t.to(x.device, non_blocking=True)  # the loop's timesteps are on the host: a copy without waiting
         if self.expand_t:
             t = t.reshape(-1).expand(x.shape[0])
-        out = self.model(x.to(self.dtype), t, **condition)
+        memory_format = torch.channels_last if self.channels_last else torch.preserve_format
+        if self.cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()  # each call is a new step of the recorded graph
+        out = self.net(x.to(self.dtype, memory_format=memory_format), t, **condition)
         out = out.sample if hasattr(out, "sample") else out
-        return (out if self.channels is None else out[:, : self.channels]).float()
+        out = (out if self.channels is None else out[:, : self.channels]).float()
+        # a CUDA graph overwrites its outputs at the next replay; schedulers keep past outputs
+        return out.clone(memory_format=torch.contiguous_format) if self.cudagraphs else out
 
     def guided(self, t: torch.Tensor) -> bool:
+        """Whether this call guides: the timestep's noise level on the model's own schedule, on the host."""
         if not self.guidance.enabled:
             return False
         if self.guidance.interval is None or self.log_sigma is None:
             return True
         return self.guidance.applies_at(float(sigma_at(self.log_sigma, t)))
+
+    def doubled(self) -> dict[str, torch.Tensor]:
+        """The condition of guidance's doubled batch, its halves in the pipeline's order."""
+        assert self.uncond is not None
+        first, second = (self.uncond, self.cond) if self.uncond_first else (self.cond, self.uncond)
+        return {k: torch.cat([first[k], second[k]]) for k in self.cond}
+
+    def warm_up(self, x: torch.Tensor, t: torch.Tensor) -> None:
+        """The network on every batch shape this denoiser can call it with (compiles them), uncounted."""
+        if not self.guidance.enabled or self.guidance.interval is not None:
+            self.network(x, t, self.cond)
+        if self.guidance.enabled:
+            self.network(torch.cat([x, x]), t, self.doubled())
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         self.calls += 1
@@ -142,10 +170,7 @@ class Denoiser(torch.nn.Module):
             return self.network(x, t, self.cond)
         self.net_evals += 2
         # 1. the unconditional and conditional halves in one call, as the diffusers pipelines do
-        assert self.uncond is not None
-        first, second = (self.uncond, self.cond) if self.uncond_first else (self.cond, self.uncond)
-        both = {k: torch.cat([first[k], second[k]]) for k in self.cond}
-        halves = self.network(torch.cat([x, x]), t, both).chunk(2)
+        halves = self.network(torch.cat([x, x]), t, self.doubled()).chunk(2)
         uncond, cond = halves if self.uncond_first else halves[::-1]
         # 2. classifier-free guidance: out_uncond + s (out_cond - out_uncond)
         out = uncond + self.guidance.scale * (cond - uncond)

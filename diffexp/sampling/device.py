@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import os
 import re
 import resource
 import sys
+import time
 
 import torch
 
 from diffexp.config import Precision
 from diffexp.errors import DiffexpError
 
-DTYPES = {Precision.fp32: torch.float32, Precision.fp16: torch.float16, Precision.bf16: torch.bfloat16}
+DTYPES = {
+    Precision.fp32: torch.float32,
+    Precision.tf32: torch.float32,  # float32 weights; the matmuls in TF32 (diffexp.sampling.speed)
+    Precision.fp16: torch.float16,
+    Precision.bf16: torch.bfloat16,
+}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -78,3 +85,21 @@ def device_name(device: torch.device) -> str:
     import platform
 
     return platform.processor() or platform.machine()
+
+
+def process_age_s() -> float | None:
+    """Seconds since this process started (Linux: its start time in /proc against the boot clock, 10 ms
+    resolution; elsewhere psutil's, where installed); None where neither is known."""
+    try:
+        with open(f"/proc/{os.getpid()}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        started = int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22, after the pid and the name
+        return time.clock_gettime(time.CLOCK_BOOTTIME) - started
+    except (OSError, ValueError, IndexError, AttributeError):
+        pass
+    try:
+        import psutil
+
+        return time.time() - psutil.Process().create_time()
+    except Exception:  # not installed, or no access
+        return None

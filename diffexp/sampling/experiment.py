@@ -11,7 +11,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from diffexp.catalog import run_label
-from diffexp.config import check_config
+from diffexp.config import check_config, compile_mode
 from diffexp.errors import DiffexpError
 from diffexp.sampling.denoisers import Denoiser, check_guidance, sample_labels
 from diffexp.sampling.device import resolve_device, resolve_dtype
@@ -19,6 +19,7 @@ from diffexp.sampling.loop import StepState, initial_noise, iter_steps
 from diffexp.sampling.models import LoadedModel, load_model
 from diffexp.sampling.noise import log_sigmas
 from diffexp.sampling.schedulers import BuiltScheduler, build_scheduler, split_options
+from diffexp.sampling.speed import SpeedRecord, accelerate, check_compile, check_precision
 
 
 @dataclass
@@ -37,6 +38,7 @@ class Experiment:
     prompts: list[str] | None = None  # text models: the prompt of each sample
     samples: range = range(0)  # the indices of the samples bound here: a chunk of the run (the first, from prepare)
     embeddings: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # each distinct prompt's, once
+    speed: SpeedRecord | None = None  # precision, channels_last, compile and attention in force; compile time
 
     @property
     def num_samples(self) -> int:
@@ -49,8 +51,13 @@ class Experiment:
         return [range(first, min(first + size, n)) for first in range(0, n, size)]
 
     def for_samples(self, samples: range) -> Experiment:
-        """The same model and scheduler bound to other samples: their noise, labels and prompts."""
-        return bind(self.cfg, self.device, self.dtype, self.loaded, self.built, samples, self.embeddings)
+        """The same model and scheduler bound to other samples: their noise, labels and prompts; the network as
+        this one runs it (compiled, channels-last)."""
+        exp = bind(self.cfg, self.device, self.dtype, self.loaded, self.built, samples, self.embeddings)
+        exp.model.use_network(self.model.net)
+        exp.model.channels_last, exp.model.cudagraphs = self.model.channels_last, self.model.cudagraphs
+        exp.speed = self.speed
+        return exp
 
     def to_pixels(self, x: torch.Tensor, exact: bool = False) -> torch.Tensor:
         """x or x0 as an image in [-1, 1]; a latent model's through its VAE, or ``preview=latent``'s linear map
@@ -90,6 +97,9 @@ def prepare(cfg: DictConfig, model: LoadedModel | None = None) -> Experiment:
     split_options(name, options)  # refuse a bad scheduler or option before loading anything
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.precision)
+    check_precision(cfg.precision, device)
+    check_compile(compile_mode(cfg), device)
+    identity = ("model", id(model.model)) if model is not None else ("config", OmegaConf.to_yaml(cfg.model))
     loaded = model or load_model(cfg.model, device, dtype)
     built = build_scheduler(name, loaded.scheduler_config, options, seed=cfg.seed)
     try:
@@ -100,7 +110,12 @@ def prepare(cfg: DictConfig, model: LoadedModel | None = None) -> Experiment:
     embeddings: dict[str, torch.Tensor] = {}
     check_memory(bind(cfg, device, dtype, loaded, built, range(1), embeddings), int(cfg.batch_size))
     first = range(min(int(cfg.batch_size), int(cfg.get("num_samples") or cfg.batch_size)))
-    return bind(cfg, device, dtype, loaded, built, first, embeddings)
+    exp = bind(cfg, device, dtype, loaded, built, first, embeddings)
+    t = built.scheduler.timesteps[:1].cpu()[0]
+    channels_last = bool(cfg.get("channels_last", False))
+    exp.speed = accelerate(exp.model, identity, cfg.precision, channels_last, compile_mode(cfg), exp.noise, t)
+    loaded.model = exp.model.model  # the compiled network of an earlier run of the process, when reused
+    return exp
 
 
 def free_memory(device: torch.device) -> int | None:

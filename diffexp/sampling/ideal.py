@@ -93,8 +93,8 @@ class DigitsIdealDenoiser(ModelMixin, ConfigMixin):
         return (m + shrink * (flat - m)).reshape(x.shape)
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float | int, return_dict: bool = True):
-        t = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(sample.shape[0])
-        sigma = self.sigma(t).to(sample.device, _exact(sample.device))
+        t = torch.as_tensor(timestep).reshape(-1).expand(sample.shape[0])
+        sigma = self.sigma(t).to(sample.device, _exact(sample.device), non_blocking=True)  # on the host: no wait
         a = (1 + sigma**2).rsqrt()[:, None, None, None]  # alpha_t of the VP process x_t = a (x0 + sigma n)
         x = sample.to(_exact(sample.device)) / a
         x0 = self.denoise(x, sigma)

@@ -10,6 +10,8 @@ own ``encode_prompt``.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -148,7 +150,10 @@ def load_latent(source: str, revision: str | None, class_name: str, device: torc
         extra = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
         import transformers  # noqa: F401  (a dependency only text models need; fail here, clearly, if missing)
     try:
-        pipe = getattr(diffusers, class_name).from_pretrained(source, revision=revision, torch_dtype=dtype, **extra)
+        with quiet_loading():
+            pipe = getattr(diffusers, class_name).from_pretrained(
+                source, revision=revision, **extra, **loading_options(dtype)
+            )
     except Exception as err:  # the Hub client and the loaders raise many types; all mean "could not load"
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise DiffexpError(f"Could not load the {class_name} '{source}': {reason[:300]}.") from None
@@ -160,3 +165,29 @@ def load_latent(source: str, revision: str | None, class_name: str, device: torc
         if isinstance(part, torch.nn.Module):
             part.eval().requires_grad_(False)
     return pipe
+
+
+def loading_options(dtype: torch.dtype) -> dict[str, Any]:
+    """``from_pretrained``'s options: load in ``dtype`` (``dtype=`` since diffusers 0.42, ``torch_dtype=`` before),
+    and ``low_cpu_mem_usage`` as accelerate allows, so diffusers does not advise installing it on every load."""
+    import diffusers
+    from diffusers.utils import is_accelerate_available
+    from packaging.version import Version
+
+    key = "dtype" if Version(diffusers.__version__) >= Version("0.42") else "torch_dtype"
+    return {key: dtype, "low_cpu_mem_usage": is_accelerate_available()}
+
+
+@contextmanager
+def quiet_loading() -> Iterator[None]:
+    """diffusers' "Loading pipeline components" progress bar off while a pipeline loads: a run prints only
+    diffexp's own lines."""
+    from diffusers.utils import logging as diffusers_logging
+
+    bars = diffusers_logging.is_progress_bar_enabled()
+    diffusers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if bars:
+            diffusers_logging.enable_progress_bar()

@@ -38,8 +38,8 @@ class StepState:
     full_step: bool  # a full step ended here
     snapshot: bool  # a full step on the log_every grid, or the last call
     last: bool
-    elapsed_s: float  # sampling time so far, device synchronised, callbacks excluded
-    call_s: float  # time of this call
+    elapsed_s: float  # sampling time so far, callbacks excluded; exact at snapshots (the device synchronised)
+    call_s: float  # this call's host time; at a snapshot, the mean time per call since the previous snapshot
     # x and x0 as images at a snapshot of a latent model (decoded or previewed; set by the runner, which times it)
     x_image: torch.Tensor | None = None
     x0_image: torch.Tensor | None = None
@@ -84,7 +84,8 @@ def predicted_x0(
         alpha_t, sigma_t = abar.sqrt(), (1 - abar).sqrt()
     else:
         raise NotImplementedError(f"no x0 rule for {type(scheduler).__name__}")
-    return x0_from_output(output, x, alpha_t.to(x.device), sigma_t.to(x.device), prediction_type)
+    # CPU scalars: they scale device tensors without a copy, so without waiting for the device
+    return x0_from_output(output, x, alpha_t, sigma_t, prediction_type)
 
 
 def completed_full_step(scheduler: Any) -> bool:
@@ -112,7 +113,14 @@ def iter_steps(
 
     ``model(x, t)`` returns the model's output in its ``prediction_type`` (epsilon, v or sample; default
     epsilon): a ``Denoiser`` binds a network's condition and guidance, and counts calls and network evaluations.
-    Time spent by the consumer between yields is not counted in ``elapsed_s``.
+    ``t`` is the schedule's timestep as a CPU scalar tensor, as the scheduler gets it; a ``Denoiser`` moves it to
+    the device without waiting.
+
+    The loop never waits for the device between snapshots: a non-finite x or x0 is flagged on the device (the
+    first bad call) and checked, with one synchronisation, at each snapshot and at the end. ``elapsed_s`` is
+    exact at snapshots; between them the device may still be working, so a state's ``call_s`` is the host's time
+    for the call there, and at a snapshot the mean time per call since the previous snapshot. Time spent by the
+    consumer between yields is not counted.
     """
     device = noise.device
     scheduler.set_timesteps(num_steps, device=device)  # fresh timesteps and internal state for this run
@@ -122,12 +130,16 @@ def iter_steps(
         kwargs["generator"] = generators  # one generator per sample, as for the initial noise
     if generators is not None and hasattr(scheduler, "noise_sampler_seed"):
         scheduler.noise_sampler_seed = [g.initial_seed() for g in generators]  # DPMSolverSDE: a Brownian tree each
-    timesteps = scheduler.timesteps
-    # the noise level of every timestep on the model's own schedule, once per run rather than once per call
+    # the schedule on the host, once per run: the scheduler and the model get CPU timesteps (no device reads),
+    # and the noise level of every timestep on the model's own schedule
+    timesteps = scheduler.timesteps.cpu()
     sigmas = sigma_at(log_sigmas(scheduler.alphas_cumprod), timesteps).tolist()
+    set_begin_index(scheduler, timesteps)
     prediction_type = getattr(model, "prediction_type", "epsilon")
-    step, elapsed = 0, 0.0
-    for i, t in enumerate(timesteps):
+    bad = torch.zeros((), dtype=torch.long, device=device)  # 2 * call + 1 (x) or + 2 (x0) of the first NaN/Inf
+    reported_steps: list[int] = []  # the step each call belongs to, for the error message
+    step, elapsed, at_snapshot, calls_since = 0, 0.0, 0.0, 0
+    for i, (t, t_value) in enumerate(zip(timesteps, timesteps.tolist(), strict=True)):
         start = time.perf_counter()
         # 1. the model predicts noise, v or x0 from the scaled input (Euler-family: x / sqrt(sigma^2 + 1))
         output = model(scheduler.scale_model_input(x, t), t)
@@ -135,31 +147,56 @@ def iter_steps(
         out = scheduler.step(output, t, x, **kwargs)
         x0 = predicted_x0(scheduler, out, x, output, t, prediction_type)
         x = out.prev_sample
-        synchronize(device)
-        call_s = time.perf_counter() - start
-        elapsed += call_s
+        bad = first_non_finite(bad, i, x, x0)
 
         last = i == len(timesteps) - 1
         full = completed_full_step(scheduler) or last
         step += int(full)
-        for name, value in (("sample x", x), ("predicted x0", x0)):
-            if not torch.isfinite(value).all():
-                raise NonFiniteError(step if full else step + 1, i + 1, name)
+        reported_steps.append(step if full else step + 1)
+        snapshot = last or (full and step % log_every == 0)
+        calls_since += 1
+        if snapshot:  # the one synchronisation between snapshots: the flag and the clock
+            synchronize(device)
+            check_finite(int(bad), reported_steps)
+        call_s = time.perf_counter() - start
+        elapsed += call_s
+        if snapshot:
+            call_s, at_snapshot, calls_since = (elapsed - at_snapshot) / calls_since, elapsed, 0
         yield StepState(
             nfe=i + 1,
-            net_evals=getattr(model, "net_evals", i + 1),
             step=step,
             num_steps=num_steps,
-            timestep=float(t),
+            timestep=t_value,
             sigma=sigmas[i],
             x=x,
             x0=x0,
             full_step=full,
-            snapshot=last or (full and step % log_every == 0),
+            snapshot=snapshot,
+            net_evals=getattr(model, "net_evals", i + 1),
             last=last,
             elapsed_s=elapsed,
             call_s=call_s,
         )
+
+
+def set_begin_index(scheduler: Any, timesteps: torch.Tensor) -> None:
+    """Index-based schedulers find their first step in the schedule on the host, as ``_init_step_index`` would
+    on the device (a read that waits for it)."""
+    if hasattr(scheduler, "set_begin_index") and hasattr(scheduler, "index_for_timestep"):
+        scheduler.set_begin_index(scheduler.index_for_timestep(timesteps[0], timesteps))
+
+
+def first_non_finite(bad: torch.Tensor, call: int, x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+    """The device-side flag: unchanged once set, else ``2 call + 1`` for a non-finite x, ``2 call + 2`` for x0."""
+    x0_bad = torch.where(torch.isfinite(x0).all(), 0, 2 * call + 2)
+    here = torch.where(torch.isfinite(x).all(), x0_bad, 2 * call + 1)
+    return torch.where(bad > 0, bad, here)
+
+
+def check_finite(bad: int, reported_steps: list[int]) -> None:
+    if bad:
+        call, what = (bad - 1) // 2, ("sample x", "predicted x0")[(bad - 1) % 2]
+        raise NonFiniteError(reported_steps[call], call + 1, what)
 
 
 def sample(states: Iterable[StepState], callback: Callable[[StepState], None] | None = None) -> StepState:

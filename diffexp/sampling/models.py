@@ -19,7 +19,15 @@ from diffusers import DiffusionPipeline, UNet2DModel
 from diffexp.config import WEIGHTS_DIR, ModelConfig, ModelSource
 from diffexp.errors import DiffexpError
 from diffexp.sampling.ideal import DDPM_SCHEDULER_CONFIG, DigitsIdealDenoiser
-from diffexp.sampling.latent import LATENT_PIPELINES, NOT_SUPPORTED, LatentModel, load_latent, pipeline_class
+from diffexp.sampling.latent import (
+    LATENT_PIPELINES,
+    NOT_SUPPORTED,
+    LatentModel,
+    load_latent,
+    loading_options,
+    pipeline_class,
+    quiet_loading,
+)
 
 OFFLINE_MODELS = "model=digits-unet (the default), model=digits-ideal, model=tiny, or model=local model.path=DIR"
 
@@ -60,10 +68,14 @@ class LoadedModel:
         return (cfg.in_channels, size, size)
 
 
-def load_pretrained(source: str, revision: str | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """A diffusers pipeline folder or Hub id -> (unet, scheduler config). Training and sampling both use this."""
+def load_pretrained(
+    source: str, revision: str | None = None, dtype: torch.dtype = torch.float32
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """A diffusers pipeline folder or Hub id -> (unet in ``dtype``, scheduler config). Training and sampling both
+    use this."""
     try:
-        pipe = DiffusionPipeline.from_pretrained(source, revision=revision)
+        with quiet_loading():
+            pipe = DiffusionPipeline.from_pretrained(source, revision=revision, **loading_options(dtype))
     except Exception as err:  # the Hub client raises many types; all mean "could not load"
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise DiffexpError(
@@ -114,14 +126,14 @@ def load_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype = torc
             raise DiffexpError("model=hub needs model.id=<a Hub id>, e.g. model.id=google/ddpm-cifar10-32.")
         if (latent := _latent(cfg.id, cfg, device, dtype, cfg.id)) is not None:
             return latent
-        model, scheduler_config = load_pretrained(cfg.id, cfg.revision)
+        model, scheduler_config = load_pretrained(cfg.id, cfg.revision, dtype)
         ident = cfg.id
     elif source == ModelSource.package:
         path = WEIGHTS_DIR / str(cfg.path)
         if not cfg.path or not (path / "model_index.json").is_file():
             shipped = sorted(p.name for p in WEIGHTS_DIR.glob("*/model_index.json"))
             raise DiffexpError(f"No model '{cfg.path}' ships with diffexp; shipped: {', '.join(shipped) or 'none'}.")
-        model, scheduler_config = load_pretrained(str(path))
+        model, scheduler_config = load_pretrained(str(path), dtype=dtype)
         ident = f"diffexp/weights/{cfg.path}"
     else:
         if not cfg.path:
@@ -131,14 +143,15 @@ def load_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype = torc
             raise DiffexpError(f"model.path={cfg.path} is not a folder. {OFFLINE_MODELS} work offline.")
         if (latent := _latent(str(path), cfg, device, dtype, str(path.resolve()))) is not None:
             return latent
-        model, scheduler_config = load_pretrained(str(path))
+        model, scheduler_config = load_pretrained(str(path), dtype=dtype)
         ident = str(path.resolve())
     if cfg.prediction_type and source not in (ModelSource.ideal, ModelSource.random):
         raise DiffexpError(
             f"model.prediction_type={cfg.prediction_type} applies only to digits-ideal and tiny; a trained model's "
             "prediction type is the one in its scheduler config."
         )
-    model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    # torch's own cast: diffusers' ModelMixin.to warns on any dtype, and pretrained models already load in it
+    model = torch.nn.Module.to(model, device=device, dtype=dtype).eval().requires_grad_(False)
     num_classes, null_class = classes(model, cfg)
     loaded = LoadedModel(model, scheduler_config, cfg.name, ident, cfg.revision, time.perf_counter() - start)
     loaded.num_classes, loaded.null_class = num_classes, null_class

@@ -1,0 +1,155 @@
+"""What diffexp (and W&B) cost over the bare loop, in one process and as a whole command, on one thread.
+
+1. In this process: ``diffexp.run`` (the config's observers, the run folder written) against the bare loop (the
+   book's loop with the same model, scheduler, steps, batch and per-sample noise, saving grid PNGs of x and x0 at
+   each snapshot, model loading included in both), at 30 and 300 steps, with ``logger=none`` and with W&B offline.
+2. As processes, imports included: the default command ``python scripts/run.py logger=none progress=false`` (and
+   with W&B offline) against this file run as the bare script (``--bare DIR``).
+
+The arms alternate and each figure is a median; every ratio is against its baseline measured in the same run.
+
+python benchmarks/overhead.py                         # everything: about 10 minutes on one busy core
+python benchmarks/overhead.py --repeats 3 --steps 30  # in process only at 30 steps, no processes
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = ROOT / "diffexp" / "weights" / "digits-unet"  # the default model, as the default command loads it
+BATCH, SEED, LOG_EVERY = 4, 0, 10  # the defaults of configs/run.yaml
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+TARGETS = {"runner, logger=none, 300 steps": 1.02, "command, logger=none": 1.10, "command, W&B offline": 1.25}
+
+
+def bare_loop(out_dir: Path, steps: int = 30, model_dir: Path = MODEL) -> float:
+    """The book's loop, with per-sample noise and a grid of x and x0 every LOG_EVERY steps; seconds taken."""
+    import torch
+    from diffusers import DiffusionPipeline
+    from diffusers.utils import logging
+    from diffusers.utils.torch_utils import randn_tensor
+    from torchvision.utils import save_image
+
+    start = time.perf_counter()
+    logging.disable_progress_bar()
+    pipe = DiffusionPipeline.from_pretrained(model_dir)
+    unet, scheduler = pipe.unet.eval(), pipe.scheduler
+    generators = [torch.Generator().manual_seed(SEED + k) for k in range(BATCH)]
+    size = unet.config.sample_size
+    x = randn_tensor((BATCH, unet.config.in_channels, size, size), generator=generators)
+    scheduler.set_timesteps(steps)
+    x = x * scheduler.init_noise_sigma
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with torch.inference_mode():
+        for i, t in enumerate(scheduler.timesteps):
+            eps = unet(scheduler.scale_model_input(x, t), t).sample
+            out = scheduler.step(eps, t, x, generator=generators)
+            x = out.prev_sample
+            if (i + 1) % LOG_EVERY == 0 or i == len(scheduler.timesteps) - 1:
+                save_image(x / 2 + 0.5, out_dir / f"step{i + 1:04d}_x.png", nrow=BATCH)
+                save_image(out.pred_original_sample / 2 + 0.5, out_dir / f"step{i + 1:04d}_x0.png", nrow=BATCH)
+    save_image(x / 2 + 0.5, out_dir / "samples.png", nrow=BATCH)
+    return time.perf_counter() - start
+
+
+def runner(out_dir: Path, steps: int, wandb: bool) -> float:
+    """``diffexp.run`` with the config's observers; the config is composed outside the clock."""
+    import diffexp
+
+    logger = ["logger=wandb", "logger.mode=offline"] if wandb else ["logger=none"]
+    cfg = diffexp.compose(["progress=false", f"steps={steps}", *logger])
+    start = time.perf_counter()
+    diffexp.run(cfg, out_dir)
+    return time.perf_counter() - start
+
+
+def process(args: list[str], cwd: Path) -> float:
+    """A command in a fresh process, imports included, on one thread; W&B (where on) offline."""
+    env = {**os.environ, **ONE_THREAD, "PYTHONPATH": str(ROOT)}
+    start = time.perf_counter()
+    subprocess.run([sys.executable, *args], cwd=cwd, env=env, check=True, capture_output=True, timeout=600)
+    return time.perf_counter() - start
+
+
+def alternate(arms: dict[str, Callable[[Path], float]], repeats: int, tmp: Path) -> dict[str, float]:
+    """Median seconds of each arm, the arms taking turns so that load on the machine hits them alike."""
+    times: dict[str, list[float]] = {name: [] for name in arms}
+    for name, arm in arms.items():  # warm-up: imports, caches, the W&B service
+        arm(tmp / f"warmup-{len(name)}-{abs(hash(name))}")
+    for i in range(repeats):
+        for name, arm in arms.items():
+            times[name].append(arm(tmp / f"{abs(hash(name))}-{i}"))
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def report(title: str, medians: dict[str, float], baseline: str) -> dict[str, float]:
+    print(f"\n{title}\n| arm | median s | ratio | target |\n|---|---|---|---|")
+    ratios = {}
+    for name, seconds in medians.items():
+        ratios[name] = seconds / medians[baseline]
+        target = f"<= {TARGETS[name]:.2f}" if name in TARGETS else ""
+        print(f"| {name} | {seconds:.3f} | {ratios[name]:.3f} | {target} |")
+    return ratios
+
+
+def media_mb(tmp: Path) -> float | None:
+    """W&B media written per run (the x/x0 grids and samples it logs)."""
+    sizes = [
+        sum(f.stat().st_size for f in run.rglob("media/**/*") if f.is_file())
+        for run in tmp.glob("*/wandb/*run-*")
+        if run.is_dir()
+    ]
+    return statistics.median(sizes) / 1e6 if sizes else None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--steps", type=int, nargs="*", default=[30, 300], help="in-process step counts (none: skip)")
+    parser.add_argument("--no-processes", dest="processes", action="store_false", help="in process only")
+    parser.add_argument("--bare", type=Path, help="run as the bare script: the bare loop, writing into this folder")
+    args = parser.parse_args()
+    if args.bare is not None:
+        bare_loop(args.bare)
+        return
+    for key, value in ONE_THREAD.items():
+        os.environ.setdefault(key, value)
+    import torch
+
+    torch.set_num_threads(1)
+    print(f"{args.repeats} runs per arm, medians; digits-unet, DDPM, batch {BATCH}, grids every {LOG_EVERY} steps")
+    with tempfile.TemporaryDirectory() as name:
+        tmp = Path(name)
+        for steps in args.steps:
+            arms: dict[str, Callable[[Path], float]] = {
+                f"bare loop, {steps} steps": lambda out, s=steps: bare_loop(out, s),
+                f"runner, logger=none, {steps} steps": lambda out, s=steps: runner(out, s, wandb=False),
+                f"runner, W&B offline, {steps} steps": lambda out, s=steps: runner(out, s, wandb=True),
+            }
+            medians = alternate(arms, args.repeats, tmp)
+            report(f"In process, {steps} steps", medians, f"bare loop, {steps} steps")
+            wandb, none = medians[f"runner, W&B offline, {steps} steps"], medians[f"runner, logger=none, {steps} steps"]
+            print(f"W&B offline over logger=none: {wandb / none:.3f} ({wandb - none:+.2f} s per run)")
+        if (mb := media_mb(tmp)) is not None:
+            print(f"\nW&B media: {mb:.3f} MB per run")
+        if args.processes:
+            script = str(ROOT / "scripts" / "run.py")
+            arms = {
+                "bare script": lambda out: process([__file__, "--bare", str(out)], tmp),
+                "command, logger=none": lambda out: process([script, "logger=none", "progress=false"], tmp),
+                "command, W&B offline": lambda out: process([script, "progress=false"], tmp),
+            }
+            report("As processes (imports included)", alternate(arms, args.repeats, tmp), "bare script")
+
+
+if __name__ == "__main__":
+    main()

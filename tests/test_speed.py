@@ -1,0 +1,144 @@
+"""The speed keys on the CPU: precision, channels_last, compile and attention recorded, refused where the device
+cannot do them; a run that starts with only what it uses and prints only diffexp's own lines."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import compose, run_cli
+
+import diffexp
+from diffexp.errors import DiffexpError
+from diffexp.sampling import speed
+from diffexp.sampling.loop import sample
+
+HEAVY = ("wandb", "matplotlib", "torchmetrics", "diffexp.report", "torch_fidelity")
+
+
+def final(*overrides: str) -> torch.Tensor:
+    return sample(diffexp.prepare(compose(*overrides)).steps()).x
+
+
+def bf16_matches_fp32(device: str) -> None:
+    """The bf16 model's outputs within 1e-2 (relative) of fp32's on the same inputs, and its samples from the
+    same noise within 1e-2 (mean, in [-1, 1] pixel units)."""
+    base = ("model=digits-unet", "scheduler=ddim", "steps=30", "batch_size=4", f"device={device}")
+    exact, half = diffexp.prepare(compose(*base)), diffexp.prepare(compose(*base, "precision=bf16"))
+    assert next(half.loaded.model.parameters()).dtype == torch.bfloat16
+    with torch.inference_mode():  # each model output, at every fifth timestep of the run
+        for t in exact.built.scheduler.timesteps.cpu()[::5]:
+            x = exact.noise * 0.7
+            out, ref = half.model(x, t), exact.model(x, t)
+            assert out.dtype == torch.float32
+            assert ((out - ref).norm() / ref.norm()).item() < 1e-2
+    a, b = sample(exact.steps()).x, sample(half.steps()).x
+    assert (a - b).abs().mean().item() < 1e-2
+    assert not torch.equal(a, b)
+
+
+def test_bf16_outputs_are_within_1e_2_of_fp32_on_the_same_noise() -> None:
+    bf16_matches_fp32("cpu")
+
+
+def test_the_gpu_benchmark_runs_on_the_cpu_in_smoke_mode(tmp_path: Path) -> None:
+    out = tmp_path / "gpu.json"
+    result = run_cli(["--smoke", "--out", str(out)], cwd=tmp_path, script="benchmarks/gpu.py")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(out.read_text())
+    assert set(data["variants"]) == {"fp32", "bf16", "bf16 channels_last"} and data["params_m"] > 0
+    for row in data["variants"].values():
+        assert row["forward_small_ms"] > 0 and row["large_img_s"] > 0 and row["loop_small_s"] > 0
+    assert data["gflop_per_image"] > 0 and "| bf16 channels_last |" in result.stdout
+
+
+def test_channels_last_gives_the_same_samples_and_is_recorded(tmp_path: Path) -> None:
+    base = ("model=tiny", "scheduler=dpmsolver", "steps=6", "batch_size=2")
+    exp = diffexp.prepare(compose(*base, "channels_last=true"))
+    weight = next(p for p in exp.loaded.model.parameters() if p.dim() == 4)
+    assert weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+    assert torch.allclose(sample(exp.steps()).x, final(*base), atol=1e-4)
+    metrics = diffexp.run(compose(*base, "channels_last=true"), tmp_path / "run")
+    assert metrics["channels_last"] is True and metrics["compile"] is None and "compile_s" not in metrics
+    assert metrics["precision"] == "fp32" and metrics["attention"] == ["AttnProcessor2_0"]
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["channels_last"] is True
+
+
+def test_attention_runs_through_sdpa() -> None:
+    from diffusers.models.attention_processor import Attention, AttnProcessor
+
+    model = diffexp.prepare(compose("model=tiny", "steps=2")).loaded.model
+    attention = next(m for m in model.modules() if isinstance(m, Attention))
+    attention.set_processor(AttnProcessor())  # the non-SDPA processor, as some configs choose
+    assert speed.use_sdpa(model) == ["AttnProcessor2_0"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["precision=tf32"], "precision=tf32 needs a CUDA GPU"),
+        (["precision=fp16"], "precision=fp16 is not supported on the CPU"),
+        (["compile=reduce-overhead"], "compile=reduce-overhead records CUDA graphs, which need a CUDA device"),
+        (["compile=fast"], "compile=fast is not allowed"),
+    ],
+)
+def test_what_the_cpu_cannot_do_is_refused(overrides: list[str], message: str) -> None:
+    with pytest.raises(DiffexpError, match=message):
+        diffexp.prepare(compose("model=tiny", "device=cpu", *overrides))
+
+
+def test_a_bad_compile_value_fails_before_torch_loads(tmp_path: Path) -> None:
+    result = run_cli(["compile=fast", "logger=none"], cwd=tmp_path, timeout=60)
+    assert result.returncode == 2 and "compile=fast is not allowed" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+# prints the heavy modules a default run imported, after it ends
+PROBE = """import atexit, runpy, sys
+atexit.register(lambda: print("imported:", sorted(m for m in {heavy!r} if m in sys.modules)))
+sys.argv = ["run.py", "logger=none", "progress=false", "hydra.run.dir={out}"]
+runpy.run_path({script!r}, run_name="__main__")
+"""
+
+
+def test_a_default_run_imports_only_what_it_uses_and_prints_only_its_own_lines(tmp_path: Path) -> None:
+    from conftest import ROOT
+
+    probe = tmp_path / "probe.py"
+    probe.write_text(PROBE.format(heavy=HEAVY, out=tmp_path / "run", script=str(ROOT / "scripts" / "run.py")))
+    result = run_cli([], cwd=tmp_path, script=str(probe))
+    assert result.returncode == 0, result.stderr
+    assert "imported: []" in result.stdout, result.stdout
+    output = result.stdout + result.stderr
+    for noise in ("Loading pipeline components", "Casting directly with `to()`", "accelerate", "deprecat"):
+        assert noise not in output, output
+    lines = [line for line in output.splitlines() if line.strip() and not line.startswith("imported:")]
+    assert lines and all("][diffexp][" in line for line in lines), output
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert 0 < metrics["startup_s"] < 300 and metrics["compile"] is None
+
+
+@pytest.mark.slow
+def test_compile_matches_eager_and_a_second_run_reuses_it() -> None:
+    base = ("model=tiny", "scheduler=ddim", "steps=4", "batch_size=2")
+    eager = final(*base)
+    first = diffexp.prepare(compose(*base, "compile=default"))
+    assert first.speed.compile == "default" and first.speed.compile_s > 0 and not first.speed.compile_reused
+    assert torch.allclose(sample(first.steps()).x, eager, atol=1e-4)
+    again = diffexp.prepare(compose(*base, "compile=default"))  # a sweep's next job: the same network, no compile
+    assert again.speed.compile_reused and again.speed.compile_s == 0.0 and again.model.net is first.model.net
+    assert torch.allclose(sample(again.steps()).x, eager, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_a_compiler_that_does_not_work_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch._dynamo
+    import torch._inductor.config
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", ("/nonexistent/c++",))
+    with pytest.raises(DiffexpError, match=r"compile=default cannot run here: torch\.compile failed"):
+        speed.probe_compiler("default", torch.device("cpu"))
+    torch._dynamo.reset()
