@@ -33,6 +33,7 @@ VARIANTS = {  # name -> the run's speed keys, nothing else
     "bf16 channels_last": ["precision=bf16", "channels_last=true"],
     "bf16 compile reduce-overhead": ["precision=bf16", "channels_last=true", "compile=reduce-overhead"],
     "bf16 compile default": ["precision=bf16", "channels_last=true", "compile=default"],
+    "bf16 contiguous compile reduce-overhead": ["precision=bf16", "compile=reduce-overhead"],
 }
 # bf16 dense matrix FLOP/s that the chip reaches in practice (about 80% of its datasheet peak)
 BF16_LIMIT = {"H100": 790e12, "H200": 790e12}
