@@ -15,18 +15,19 @@ import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torchmetrics.image.fid import FrechetInceptionDistance
-from torchmetrics.image.kid import KernelInceptionDistance
 
 from diffexp.errors import DiffexpError
 from diffexp.folders import atomic
 from diffexp.metrics.features import FeatureNet, batches
+
+if TYPE_CHECKING:
+    from torchmetrics.image.fid import FrechetInceptionDistance
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +106,9 @@ def fid_kid_metrics(
 ) -> tuple[FrechetInceptionDistance, Any]:
     """torchmetrics' FID and KID on ``net`` (or ``feature``: e.g. ``Precomputed``), keeping their real states across
     resets. Figures are computed from gathered values in one process: no synchronisation across ranks."""
+    from torchmetrics.image.fid import FrechetInceptionDistance  # torchmetrics loads only for runs with FID
+    from torchmetrics.image.kid import KernelInceptionDistance
+
     feature = net.module if feature is None else feature
     fid = FrechetInceptionDistance(feature=feature, reset_real_features=False, sync_on_compute=False)
     with warnings.catch_warnings():  # KID keeps every feature vector in memory by design; no need to say so
