@@ -1,9 +1,11 @@
 """Sample with one model and one scheduler: python scripts/run.py scheduler=ddim steps=30
 
-A sweep: python scripts/run.py -m scheduler=ddim,dpmsolver steps=10,20 (see diffexp/sweep/).
+A sweep: python scripts/run.py -m scheduler=ddim,dpmsolver steps=10,20 (see diffexp/sweep/). The command runs
+under a small supervisor process (diffexp/sweep/supervisor.py), so that a sweep outlives a job the kernel kills.
 """
 
 import logging
+import sys
 from pathlib import Path
 
 import hydra
@@ -13,6 +15,8 @@ from omegaconf import DictConfig
 
 import diffexp.catalog  # noqa: F401  (registers the schema and resolvers; light, so config errors come fast)
 from diffexp.errors import exit_on_error
+from diffexp.signals import stop_on_signals
+from diffexp.sweep.supervisor import supervise, supervised
 
 log = logging.getLogger("diffexp")
 
@@ -33,4 +37,7 @@ def main(cfg: DictConfig) -> dict | None:
 
 
 if __name__ == "__main__":
-    main()
+    if not supervised():
+        sys.exit(supervise(__file__, sys.argv[1:]))
+    with stop_on_signals("each run folder records it (status interrupted)"):  # SIGTERM, SIGUSR2 act as Ctrl-C
+        main()

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from diffexp.folders import METRICS_FILE, RunStatus, end_status, now, write_json, write_status
+from diffexp.folders import METRICS_FILE, RunStatus, end_status, heartbeat, now, write_json, write_status
 from diffexp.runner.observers import Observer, RunInfo
 from diffexp.sampling.images import save_grid
 from diffexp.sampling.loop import StepState
@@ -38,6 +38,7 @@ class RunFiles(Observer):
         save_grid(state.x0_pixels, self.grids / f"{name}_x0.png")
         with (self.dir / "steps.jsonl").open("a") as f:
             f.write(json.dumps(record) + "\n")
+        heartbeat(self.dir, self.status, step=state.step)  # status.json: alive, and how far
         self.snapshots.append(
             {
                 "x": state.x.float().cpu(),

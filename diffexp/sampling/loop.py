@@ -8,6 +8,7 @@ model call. ``sample`` runs it to the end and hands each state to a callback, so
 from __future__ import annotations
 
 import inspect
+import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -131,7 +132,7 @@ def iter_steps(
         # 2. the scheduler moves x towards t_prev
         out = scheduler.step(output, t, x, **kwargs)
         x0 = predicted_x0(scheduler, out, x, output, t, prediction_type)
-        x = out.prev_sample
+        x_in, x = x, out.prev_sample
         synchronize(device)
         call_s = time.perf_counter() - start
         elapsed += call_s
@@ -141,7 +142,12 @@ def iter_steps(
         step += int(full)
         for name, value in (("sample x", x), ("predicted x0", x0)):
             if not torch.isfinite(value).all():
-                raise NonFiniteError(step if full else step + 1, i + 1, name)
+                by_model = (
+                    bool(torch.isfinite(x_in).all())
+                    and math.isfinite(float(t))
+                    and not bool(torch.isfinite(output).all())
+                )  # a finite input at a finite time, and the model's output is not: the model's fault
+                raise NonFiniteError(step if full else step + 1, i + 1, name, by_model)
         yield StepState(
             nfe=i + 1,
             net_evals=getattr(model, "net_evals", i + 1),
