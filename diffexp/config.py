@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 import re
 import uuid
@@ -249,8 +250,11 @@ def check_config(cfg: DictConfig) -> None:
             f"seeds in [0, 2**64 - 1], so seed must be in [0, {SEED_MAX - (cfg.batch_size - 1)}] for "
             f"batch_size={cfg.batch_size}."
         )
-    if cfg.model.get("std", 0.0) < 0:
-        raise DiffexpError(f"model.std={cfg.model.std} is not allowed: a standard deviation is >= 0.")
+    std = cfg.model.get("std", 0.0)
+    if not (std >= 0 and math.isfinite(std * std)):  # also refuses NaN
+        raise DiffexpError(
+            f"model.std={std} is not allowed: a standard deviation is a number >= 0 whose square is finite."
+        )
     if "name" not in cfg.scheduler:
         raise DiffexpError("The scheduler config has no 'name'; choose one with scheduler=<name>.")
 
