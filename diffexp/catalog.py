@@ -4,7 +4,9 @@ A scheduler file holds its diffexp ``name``, three declarations and the options 
 - ``diffusers_class``: the diffusers class it builds;
 - ``stochastic``: whether it injects fresh noise (an interpolation of its options where that depends on them);
 - ``theory_order``: the global order of accuracy that theory gives its ODE solver (null: none);
-- ``prediction_types``: the model parameterisations it can take (epsilon, v_prediction, sample).
+- ``prediction_types``: the model parameterisations it can take (epsilon, v_prediction, sample);
+- ``ranges`` (optional): ``option: [low, high]`` (null: open), the values diffusers honours, where it would
+  otherwise run another value silently (DPM-Solver's ``solver_order=9`` runs order 3).
 
 Everything else in the file is an option of the class. Adding a scheduler is adding a file: the tables here are
 read from the files. Classes that cannot drive a DDPM-style UNet are refused, with the reason.
@@ -21,11 +23,12 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from diffexp.config import config_dir
+from diffexp.config import config_dir, safe_name
 from diffexp.errors import DiffexpError
 
 # keys of a scheduler file that are no options
-DECLARED = ("name", "diffusers_class", "stochastic", "theory_order", "prediction_types")
+DECLARED = ("name", "diffusers_class", "stochastic", "theory_order", "prediction_types", "ranges")
+REQUIRED = DECLARED[:5]  # every scheduler file declares these
 
 # diffusers schedulers that cannot drive such a model, and why
 REFUSED: dict[str, str] = {
@@ -91,6 +94,21 @@ def scheduler_files() -> dict[str, SchedulerFile]:
         node = OmegaConf.load(path)
         files[str(node.name)] = SchedulerFile(str(node.name), str(node.diffusers_class), path)
     return files
+
+
+def check_ranges(name: str, options: Mapping[str, Any], ranges: Mapping[str, Any] | None) -> None:
+    """Refuse an option outside the range its file declares (what diffusers honours)."""
+    for key, (low, high) in (ranges or {}).items():
+        value = options.get(key)
+        if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if (low is not None and value < low) or (high is not None and value > high):
+            span = f"{low if low is not None else '-inf'}..{high if high is not None else 'inf'}"
+            raise DiffexpError(
+                f"Scheduler option {name}.{key}={value} is outside {span}, the range diffusers honours for it "
+                f"(configs/scheduler/{name}.yaml, ranges): it would run another value silently, so diffexp "
+                "refuses it."
+            )
 
 
 def valid_names() -> str:
@@ -189,7 +207,9 @@ def run_label(spec: Mapping[str, Any], steps: int, guidance_scale: float = 1.0) 
 
 
 def _run_label_resolver(scheduler: Any, steps: int, guidance_scale: float = 1.0) -> str:
-    return run_label(OmegaConf.to_container(scheduler, resolve=True), steps, guidance_scale)  # type: ignore[arg-type]
+    """The run label as a folder name: ``safe_name`` keeps a '/' or '..' in an option value out of the path."""
+    spec = OmegaConf.to_container(scheduler, resolve=True)
+    return safe_name(run_label(spec, steps, guidance_scale))  # type: ignore[arg-type]
 
 
 if not OmegaConf.has_resolver("run_label"):  # hydra.run.dir and hydra.sweep.subdir name runs with it

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
+import os
+import re
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -123,6 +126,13 @@ class MetricsConfig:
 
 
 @dataclass
+class SweepConfig:
+    """How a sweep (multirun) treats its jobs; not part of what a job is."""
+
+    max_deaths: int = 2  # a resumed sweep skips a job whose process died this many times (e.g. out of memory)
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = MISSING
     # name + options of one diffusers scheduler; options are checked against its signature when built
@@ -155,12 +165,41 @@ class RunConfig:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     # what watches the loop: name -> a _target_ node (a diffexp.runner.observers.Observer), built in order
     observers: dict[str, Any] = field(default_factory=dict)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+
+
+def safe_name(text: object) -> str:
+    """A name fit for a folder: only ``[A-Za-z0-9._+-]`` (anything else becomes ``_``), never ``..``, never
+    starting with a dot, never empty."""
+    name = re.sub(r"[^A-Za-z0-9._+-]", "_", str(text))
+    name = re.sub(r"\.{2,}", ".", name).lstrip(".")
+    return name or "_"
+
+
+def check_output_dir(template: str, resolved: str | Path, key: str = "hydra.run.dir") -> None:
+    """Refuse an empty output folder, and one that ends up outside the folder its template's fixed prefix names
+    (``outputs/runs/${now:...}-...`` must stay inside ``outputs/runs``)."""
+    if not str(template).strip():
+        raise DiffexpError(
+            f"{key} is empty: a run needs its own folder (leave {key} out for the default under outputs/)."
+        )
+    prefix = str(template).split("${", 1)[0]
+    if not prefix:  # the template starts with an interpolation: no fixed root to stay in
+        return
+    root = os.path.normpath(os.path.abspath(prefix if prefix.endswith(("/", os.sep)) else os.path.dirname(prefix)))
+    target = os.path.normpath(os.path.abspath(str(resolved)))
+    if target != root and not target.startswith(root.rstrip(os.sep) + os.sep):
+        raise DiffexpError(
+            f"The output folder {target} is outside {root}, the folder that {key}={template} names; a value in "
+            "the folder's name (e.g. a '..') leads out of it. Use names without '/' and '..'."
+        )
 
 
 _PROCESS_ID = uuid.uuid4().hex[:6]
 # small functions that the YAML files use, e.g. ``stochastic: ${gt:${.eta},0}`` in configs/scheduler/ddim.yaml
 RESOLVERS = {
     "uid": lambda: _PROCESS_ID,  # one random id per process: run folders never collide, even in the same second
+    "safe": safe_name,  # a value in a folder name: ${safe:${model.name}}
     "gt": lambda a, b: a > b,
     "startswith": lambda text, prefix: str(text).startswith(str(prefix)),
     "add": lambda a, b: a + b,
@@ -202,6 +241,9 @@ def compose(overrides: Sequence[str] = (), config_name: str = "run") -> DictConf
         return hydra_compose(config_name=config_name, overrides=list(overrides))
 
 
+SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes [0, 2**64 - 1] (negative seeds wrap around)
+
+
 def check_config(cfg: DictConfig) -> None:
     """What composition lets through: keys added with ``+`` that the schema lacks, and impossible numbers."""
     unknown = unknown_keys(cfg)
@@ -214,6 +256,17 @@ def check_config(cfg: DictConfig) -> None:
         if cfg.get(key) is not None and cfg[key] <= 0:
             raise DiffexpError(f"{key}={cfg[key]} is not allowed: {key} must be a positive integer.")
     compile_mode(cfg)
+    total = int(cfg.get("num_samples") or cfg.batch_size)
+    if not 0 <= cfg.seed <= SEED_MAX - (total - 1):
+        raise DiffexpError(
+            f"seed={cfg.seed} is not allowed: sample k uses the generator seed + k, and torch's generators take "
+            f"seeds in [0, 2**64 - 1], so seed must be in [0, {SEED_MAX - (total - 1)}] for {total} samples."
+        )
+    std = cfg.model.get("std", 0.0)
+    if not (std >= 0 and math.isfinite(std * std)):  # also refuses NaN
+        raise DiffexpError(
+            f"model.std={std} is not allowed: a standard deviation is a number >= 0 whose square is finite."
+        )
     if "name" not in cfg.scheduler:
         raise DiffexpError("The scheduler config has no 'name'; choose one with scheduler=<name>.")
 

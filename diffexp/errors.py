@@ -14,13 +14,17 @@ class DiffexpError(Exception):
 class NonFiniteError(DiffexpError):
     """The sample or its x0 estimate stopped being finite."""
 
-    def __init__(self, step: int, call: int, what: str) -> None:
+    def __init__(self, step: int, call: int, what: str, by_model: bool = False) -> None:
         self.step = step
         self.call = call
-        super().__init__(
-            f"NaN/Inf at step {step} (model call {call}): the {what} is no longer finite. This scheduler "
-            "and step count diverge on this model; try more steps or other options."
+        self.by_model = by_model
+        blame = (
+            "The model's output was not finite for a finite input and timestep: the model produced it, not the "
+            "scheduler; check the model and its options (e.g. model.std)."
+            if by_model
+            else "This scheduler and step count diverge on this model; try more steps or other options."
         )
+        super().__init__(f"NaN/Inf at step {step} (model call {call}): the {what} is no longer finite. {blame}")
 
 
 class DeviceOutOfMemory(DiffexpError):

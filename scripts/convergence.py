@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from hydra.errors import HydraException
@@ -36,16 +37,58 @@ def compose(overrides: list[str]) -> DictConfig:
         raise DiffexpError(f"Bad override in {' '.join(overrides)}: {str(err).splitlines()[0]}") from None
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """An argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{value} is not a positive number")
+    return value
+
+
+def positive_ints(text: str) -> list[int]:
+    """An argparse type: comma-separated positive integers, e.g. 5,10,20."""
+    return [positive_int(part) for part in text.split(",")]
+
+
+def names_of(*allowed: str) -> Callable[[str], list[str]]:
+    """An argparse type: comma-separated names, each one of ``allowed``."""
+
+    def parse(text: str) -> list[str]:
+        names = text.split(",")
+        wrong = [n for n in names if n not in allowed]
+        if wrong:
+            raise argparse.ArgumentTypeError(f"{', '.join(map(repr, wrong))}: use {', '.join(allowed)}")
+        return names
+
+    return parse
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of the run config (model=..., device=...)")
     parser.add_argument("--schedulers", default="ddim,euler,heun,dpmsolver,unipc,deis")
-    parser.add_argument("--nfe", default="5,10,20,40,80,160", help="target model calls per sample")
-    parser.add_argument("--spacings", default="leading,linspace,trailing")
-    parser.add_argument("--clip", default="off,on", help="off: clip_sample/thresholding false; on: as inherited")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--fit-min-nfe", type=int, default=40, help="the asymptotic range starts here")
-    parser.add_argument("--floor-factor", type=float, default=3.0, help="fit only errors above this x ref error")
+    parser.add_argument("--nfe", type=positive_ints, default="5,10,20,40,80,160", help="target model calls per sample")
+    spacings = names_of("leading", "linspace", "trailing")
+    parser.add_argument("--spacings", type=spacings, default="leading,linspace,trailing")
+    clip_help = "off: clip_sample/thresholding false; on: as inherited"
+    parser.add_argument("--clip", type=names_of("off", "on"), default="off,on", help=clip_help)
+    parser.add_argument("--batch-size", type=positive_int, default=32)
+    parser.add_argument("--fit-min-nfe", type=positive_int, default=40, help="the asymptotic range starts here")
+    parser.add_argument("--floor-factor", type=positive_float, default=3.0, help="fit only errors above this x ref")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
@@ -53,7 +96,7 @@ def main() -> None:
     if not any(o.startswith("model=") for o in overrides):
         overrides = ["model=digits-ideal", "model.std=0.3", *overrides]  # a smooth exact denoiser
     base = ["progress=false", f"batch_size={args.batch_size}", *overrides]
-    nfes = [int(n) for n in args.nfe.split(",")]
+    nfes = args.nfe
     out = args.out or Path("outputs/convergence") / time.strftime("%Y-%m-%d_%H-%M-%S")
     out.mkdir(parents=True, exist_ok=True)
     try:
@@ -88,8 +131,8 @@ def main() -> None:
             fine,
             args.schedulers.split(","),
             nfes,
-            args.spacings.split(","),
-            args.clip.split(","),
+            args.spacings,
+            args.clip,
             args.fit_min_nfe,
             args.floor_factor * ref_err,
             log=lambda line: print(line, flush=True),

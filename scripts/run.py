@@ -1,7 +1,16 @@
 """Sample with one model and one scheduler: python scripts/run.py scheduler=ddim steps=30
 
-A sweep: python scripts/run.py -m scheduler=ddim,dpmsolver steps=10,20 (see diffexp/sweep/).
+A sweep: python scripts/run.py -m scheduler=ddim,dpmsolver steps=10,20 (see diffexp/sweep/). The command runs
+under a small supervisor process (diffexp/sweep/supervisor.py), so that a sweep outlives a job the kernel kills.
+Many samples over several processes: torchrun --nproc_per_node=K scripts/run.py num_samples=... (diffexp/runner/).
 """
+
+import sys
+
+from diffexp.sweep.supervisor import supervise, supervised  # light: no torch, no Hydra
+
+if __name__ == "__main__" and not supervised():
+    sys.exit(supervise(__file__, sys.argv[1:]))
 
 import logging
 from pathlib import Path
@@ -14,9 +23,18 @@ from omegaconf import DictConfig
 import diffexp.catalog  # noqa: F401  (registers the schema and resolvers; light, so config errors come fast)
 from diffexp.config import check_config
 from diffexp.errors import DiffexpError, exit_on_error
-from diffexp.folders import mark_failed
+from diffexp.folders import mark_failed, read_status_record
+from diffexp.signals import stop_on_signals
 
 log = logging.getLogger("diffexp")
+
+
+def unwritten(folder: Path) -> bool:
+    """A folder with no run's status yet: a config error may be recorded there (never over another run)."""
+    try:
+        return read_status_record(folder) is None
+    except Exception:  # a damaged status.json is some run's
+        return False
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="run")
@@ -30,7 +48,8 @@ def main(cfg: DictConfig) -> dict | None:
         try:
             check_config(cfg)  # before torch loads, so that a bad value fails in about a second
         except DiffexpError as err:
-            mark_failed(out_dir, err)
+            if unwritten(out_dir):
+                mark_failed(out_dir, err)
             raise
         from diffexp.runner.run import run  # torch and diffusers load only once the config is valid
 
@@ -41,4 +60,5 @@ def main(cfg: DictConfig) -> dict | None:
 
 
 if __name__ == "__main__":
-    main()
+    with stop_on_signals("each run folder records it (status interrupted)"):  # SIGTERM, SIGUSR2 act as Ctrl-C
+        main()

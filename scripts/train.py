@@ -9,6 +9,7 @@ from omegaconf import DictConfig
 
 import diffexp.training.config  # noqa: F401  (registers the schema)
 from diffexp.errors import exit_on_error
+from diffexp.signals import stop_on_signals
 
 log = logging.getLogger("diffexp")
 
@@ -24,4 +25,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with stop_on_signals("the training folder records it (status interrupted); run again to resume"):
+        main()

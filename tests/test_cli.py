@@ -8,7 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import run_cli
+from conftest import compose, run_cli
+
+import diffexp
 
 
 def only_run(root: Path) -> Path:
@@ -64,6 +66,21 @@ BAD_INPUT = {
     "hub model offline": (["model=ddpm-cifar10-32"], "Could not load the diffusers model 'google/ddpm-cifar10-32'"),
     "local model without folder": (["model=local", "model.path=/nonexistent"], "is not a folder"),
     "too many steps": (["scheduler=ddim", "steps=2000"], "cannot run 2000 steps"),
+    "solver order diffusers runs as 3": (
+        ["scheduler=dpmsolver", "scheduler.solver_order=9"],
+        "solver_order=9 is outside 1..3",
+    ),
+    "deis order 4": (["scheduler=deis", "scheduler.solver_order=4"], "solver_order=4 is outside 1..3"),
+    "singlestep order 0": (["scheduler=dpmsolver-single", "scheduler.solver_order=0"], "outside 1..3"),
+    "sa-solver order 5": (["scheduler=sasolver", "scheduler.corrector_order=5"], "corrector_order=5 is outside 1..4"),
+    "unipc order 0": (["scheduler=unipc", "scheduler.solver_order=0"], "solver_order=0 is outside 1..inf"),
+    "lms order 0": (["scheduler=lms", "scheduler.order=0"], "order=0 is outside 1..inf"),
+    "negative std": (["model.std=-1"], "model.std=-1.0 is not allowed"),
+    "infinite std": (["model.std=inf"], "model.std=inf is not allowed"),
+    "std whose square overflows": (["model.std=1e200"], "model.std=1e+200 is not allowed"),
+    "seed beyond 2**64 - 1": (["seed=18446744073709551616"], "seed must be in [0, 18446744073709551612]"),
+    "negative seed": (["seed=-1"], "seed=-1 is not allowed"),
+    "seed + k beyond 2**64 - 1": (["seed=18446744073709551615"], "for batch_size=4"),
 }
 
 
@@ -89,7 +106,36 @@ def test_a_run_that_diverges_is_marked_failed_with_its_step(tmp_path: Path) -> N
     # KDPM2 ancestral at 2 steps gets NaN timesteps from diffusers
     result = run_cli(["model=digits-ideal", "scheduler=kdpm2-ancestral", "steps=2"], cwd=tmp_path)
     assert result.returncode == 2 and "NaN/Inf at step 1" in result.stderr
+    assert "This scheduler and step count diverge" in result.stderr  # a NaN timestep: the scheduler's fault
     run = only_run(tmp_path)
     status = json.loads((run / "status.json").read_text())
     assert status["status"] == "failed" and "NaN/Inf" in status["error"]
     assert not (run / "metrics.json").exists() and not (run / "samples.npy").exists()
+
+
+def test_a_nan_from_the_ideal_model_is_blamed_on_the_model() -> None:
+    # a notebook can build the ideal denoiser with an infinite std (the CLI refuses it): its output is NaN
+    from omegaconf import OmegaConf
+
+    from diffexp.errors import NonFiniteError
+    from diffexp.sampling.models import load_model
+
+    cfg = compose("model=digits-ideal", "scheduler=ddim", "steps=3", "batch_size=1")
+    broken = OmegaConf.merge(cfg.model, {"std": float("inf")})
+    exp = diffexp.prepare(cfg, model=load_model(broken, torch.device("cpu")))
+    with pytest.raises(NonFiniteError, match="the model produced it, not the scheduler"):
+        diffexp.sample(exp.steps())
+
+
+def test_grids_enlarge_small_images_to_at_least_128_pixels(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from diffexp.tracking.session import image
+
+    result = run_cli(["model=digits-ideal", "steps=2", "logger=none", "hydra.run.dir=run"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    samples = Image.open(tmp_path / "run" / "samples.png")
+    assert samples.size == (4 * 128 + 5 * 2, 128 + 2 * 2)  # 32 px digits, 4x, nearest; 2 px padding
+    tile = np.asarray(samples)[2:130, 2:130]
+    assert (tile.reshape(32, 4, 32, 4) == tile[::4, ::4][:, None, :, None]).all()  # whole pixels, no blur
+    assert image(torch.zeros(2, 1, 32, 32)).image.size == (2 * 128 + 3 * 2, 132)  # the W&B image too

@@ -44,3 +44,19 @@ def test_the_convergence_script_prints_tables_and_writes_results(tmp_path: Path)
     assert {r["scheduler"] for r in rows} == {"ddim", "dpmsolver"}
     assert all(r["order"] > 0.5 for r in rows)  # both converge on the smooth model
     assert (tmp_path / "out" / "convergence.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (["--clip", "maybe"], "argument --clip: 'maybe': use off, on"),
+        (["--nfe", "0"], "argument --nfe: 0 is not a positive integer"),
+        (["--nfe", "10,abc"], "argument --nfe: 'abc' is not an integer"),
+        (["--spacings", "linear"], "argument --spacings: 'linear': use leading, linspace, trailing"),
+        (["--batch-size", "-1"], "argument --batch-size: -1 is not a positive integer"),
+    ],
+)
+def test_bad_arguments_are_refused_by_argparse(option: list[str], message: str, tmp_path: Path) -> None:
+    result = run_cli(option, cwd=tmp_path, script="scripts/convergence.py")
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "outputs").exists()

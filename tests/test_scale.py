@@ -19,7 +19,17 @@ import diffexp
 from diffexp.runner.claim import FolderTaken
 from diffexp.samples import chunk_files
 
-TIMINGS = {"wall_s", "images_per_s", "run_s", "load_s", "peak_mem_mb", "decode_s", "decode_share", "world_size", "startup_s"}
+TIMINGS = {
+    "wall_s",
+    "images_per_s",
+    "run_s",
+    "load_s",
+    "peak_mem_mb",
+    "decode_s",
+    "decode_share",
+    "world_size",
+    "startup_s",
+}
 METRICS = ["metrics.fid.enabled=true", "metrics.reference.enabled=true", "metrics.reference.steps=10"]
 
 

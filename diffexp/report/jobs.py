@@ -24,6 +24,7 @@ from diffexp.errors import DiffexpError
 from diffexp.folders import (
     METRICS_FILE,
     NOT_RUN,
+    CorruptFile,
     RunStatus,
     job_folders,
     read_json,
@@ -32,6 +33,7 @@ from diffexp.folders import (
 )
 
 FACET = "guidance_scale"  # the config key that becomes the third axis of the report where it varies
+FAILED = (RunStatus.failed, RunStatus.interrupted, RunStatus.died, RunStatus.corrupt)  # started, not finished
 
 
 @dataclass
@@ -72,8 +74,9 @@ class Job:
 
     @property
     def failed(self) -> bool:
-        """Failed or interrupted: it started and did not finish (unlike a job still running or never run)."""
-        return self.status in (RunStatus.failed, RunStatus.interrupted)
+        """It started and did not finish (unlike a job still running or never run): failed, interrupted, died,
+        or its files cannot be read."""
+        return self.status in FAILED
 
     def samples(self) -> np.ndarray | None:
         path = self.folder / "samples.npy" if self.folder else None
@@ -101,7 +104,7 @@ def load_jobs(sweep_dir: Path) -> list[Job]:
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
         raise DiffexpError(f"{sweep_dir} is not a folder. Pass the folder of a sweep, e.g. outputs/sweeps/<date>/<id>.")
-    jobs = [load_job(folder) for folder in job_folders(sweep_dir)]
+    jobs = [load_job(folder, job_number(folder, n)) for n, folder in enumerate(job_folders(sweep_dir))]
     jobs += not_started(sweep_dir, {j.num for j in jobs})
     if not jobs:
         raise DiffexpError(
@@ -113,16 +116,37 @@ def load_jobs(sweep_dir: Path) -> list[Job]:
     return jobs
 
 
-def load_job(folder: Path) -> Job:
-    """A job folder: its config, status, error and (once finished) metrics."""
-    hydra_cfg = yaml.safe_load((folder / ".hydra" / "hydra.yaml").read_text())
-    num = int(hydra_cfg["hydra"]["job"].get("num") or 0)
-    resolved = folder / "config.yaml"  # written when sampling starts; Hydra's record otherwise
-    config = yaml.safe_load((resolved if resolved.exists() else folder / ".hydra" / "config.yaml").read_text())
+def load_job(folder: Path, num: int) -> Job:
+    """A job folder: its config, status, error and (once finished) metrics; ``corrupt`` where its files cannot
+    be read (the config then comes from Hydra's record, or the folder's name)."""
     record = read_status_record(folder) or {}
-    status = str(record.get("status") or NOT_RUN)
-    metrics = (read_json(folder / METRICS_FILE) or {}) if status == RunStatus.finished else {}
-    return Job(folder, num, status, config, metrics, record.get("error"))
+    status, error = str(record.get("status") or NOT_RUN), record.get("error")
+    config = None
+    for path in (folder / "config.yaml", folder / ".hydra" / "config.yaml"):  # the resolved config; Hydra's record
+        try:
+            config = yaml.safe_load(path.read_text()) if path.exists() else None
+        except (OSError, yaml.YAMLError) as err:
+            status, error = RunStatus.corrupt.value, f"{path} cannot be read ({str(err).splitlines()[0]})"
+        if isinstance(config, dict) and isinstance(config.get("scheduler"), dict) and "steps" in config:
+            break
+        config = None
+    if config is None:
+        config = {"scheduler": {"name": folder.name}, "steps": 0}
+        status, error = RunStatus.corrupt.value, error or f"{folder} holds no readable config"
+    try:
+        metrics = (read_json(folder / METRICS_FILE) or {}) if status == RunStatus.finished else {}
+    except CorruptFile as err:
+        status, error, metrics = RunStatus.corrupt.value, str(err), {}
+    return Job(folder, num, status, config, metrics, error)
+
+
+def job_number(folder: Path, fallback: int) -> int:
+    """The job's number in its sweep, from Hydra's record (``fallback`` where it cannot be read)."""
+    try:
+        hydra_cfg = yaml.safe_load((folder / ".hydra" / "hydra.yaml").read_text())
+        return int(hydra_cfg["hydra"]["job"].get("num") or 0)
+    except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError):
+        return fallback
 
 
 def not_started(sweep_dir: Path, seen: set[int]) -> list[Job]:

@@ -77,7 +77,7 @@ def summary(jobs: Sequence[Job]) -> dict[str, Any]:
 
 def row_class(status: str) -> str:
     """The CSS class of a table row: failed (red), notrun (grey), or none for a finished run."""
-    if status in (RunStatus.failed, RunStatus.interrupted):
+    if status in (RunStatus.failed, RunStatus.interrupted, RunStatus.died, RunStatus.corrupt):
         return "failed"
     return "" if status == RunStatus.finished else "notrun"
 

@@ -25,6 +25,7 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
+from diffexp.errors import DiffexpError
 from diffexp.folders import write_json
 from diffexp.metrics.base import Better
 from diffexp.metrics.suite import QUALITY, STATED_WITH
@@ -97,13 +98,30 @@ def _figures(jobs: list[Job], quality: Mapping[str, Better], title: str, out: Pa
     return images
 
 
-def write_report(sweep_dir: Path, quality: Mapping[str, Better] = QUALITY) -> Report:
-    """Write every part of the report into ``sweep_dir``; ``quality`` maps metrics.json keys to their direction."""
+def writable_folder(where: Path) -> Path:
+    """``where/report``, created; a clear refusal where it cannot be written (a read-only sweep folder)."""
+    out = where / REPORT_DIR
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise DiffexpError(
+            f"cannot write the report into {where} ({err.strerror or err}): the folder is read-only or full. "
+            "Write it elsewhere with: python scripts/compare.py SWEEP_DIR --out DIR."
+        ) from None
+    return out
+
+
+def write_report(sweep_dir: Path, quality: Mapping[str, Better] = QUALITY, out_dir: Path | None = None) -> Report:
+    """Write every part of the report into ``out_dir`` (default ``sweep_dir``); ``quality`` maps metrics.json
+    keys to their direction."""
     sweep_dir = Path(sweep_dir).resolve()
     jobs = load_jobs(sweep_dir)
     present = {k: b for k, b in quality.items() if any(j.value(k) is not None for j in jobs if j.finished)}
-    out = sweep_dir / REPORT_DIR
-    out.mkdir(exist_ok=True)
+    where = Path(out_dir).resolve() if out_dir is not None else sweep_dir
+    out = writable_folder(where)
     title = f"Scheduler comparison: {summary(jobs)['model']}"
     scales = [g for g, _ in facets(jobs) if g is not None]  # the guidance facets, if the scale varies
     images = _figures(jobs, present, title, out)
@@ -115,7 +133,7 @@ def write_report(sweep_dir: Path, quality: Mapping[str, Better] = QUALITY) -> Re
         sweep_dir=sweep_dir, jobs=jobs, quality=present, columns=columns, rows=rows, images=images, title=title,
         searched=list(quality), facets=[(facet_title(g), facet_name(g)) for g in scales],
     )  # fmt: skip
-    files["html"] = sweep_dir / HTML_FILE
+    files["html"] = where / HTML_FILE
     files["html"].write_text(page)
     captions = {j.folder.name: caption(j, list(present), stated=STATED_WITH) for j in jobs if j.folder and j.finished}
     write_json(out / "report.json", {"quality": present, "columns": columns, "rows": rows, "captions": captions})

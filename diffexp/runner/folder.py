@@ -19,7 +19,7 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from diffexp.errors import DiffexpError
-from diffexp.folders import METRICS_FILE, RunStatus, atomic, end_status, now, write_json, write_status
+from diffexp.folders import METRICS_FILE, RunStatus, atomic, end_status, heartbeat, now, write_json, write_status
 from diffexp.runner.observers import ChunkDone, Observer, RunInfo
 from diffexp.samples import LATENTS_FILE, SAMPLES_FILE
 from diffexp.sampling.images import save_grid
@@ -89,6 +89,7 @@ class RunFiles(Observer):
             save_grid(state.x0_pixels, self.grids / f"{name}_x0.png")
             with (self.dir / "steps.jsonl").open("a") as f:
                 f.write(json.dumps(record) + "\n")
+            heartbeat(self.dir, self.status, step=state.step)  # status.json: alive, and how far
             path = self.dir / SNAPSHOTS_DIR / f"{len(self.snapshots):05d}.npz"
             with atomic(path) as tmp:  # streamed to disk: memory does not grow with the trajectory
                 np.savez(

@@ -8,8 +8,9 @@ model call. ``sample`` runs it to the end and hands each state to a callback, so
 from __future__ import annotations
 
 import inspect
+import math
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -136,7 +137,7 @@ def iter_steps(
     sigmas = sigma_at(log_sigmas(scheduler.alphas_cumprod), timesteps).tolist()
     set_begin_index(scheduler, timesteps)
     prediction_type = getattr(model, "prediction_type", "epsilon")
-    bad = torch.zeros((), dtype=torch.long, device=device)  # 2 * call + 1 (x) or + 2 (x0) of the first NaN/Inf
+    bad = torch.zeros((), dtype=torch.long, device=device)  # the first NaN/Inf, as first_non_finite codes it
     reported_steps: list[int] = []  # the step each call belongs to, for the error message
     step, elapsed, at_snapshot, calls_since = 0, 0.0, 0.0, 0
     for i, (t, t_value) in enumerate(zip(timesteps, timesteps.tolist(), strict=True)):
@@ -146,8 +147,8 @@ def iter_steps(
         # 2. the scheduler moves x towards t_prev
         out = scheduler.step(output, t, x, **kwargs)
         x0 = predicted_x0(scheduler, out, x, output, t, prediction_type)
-        x = out.prev_sample
-        bad = first_non_finite(bad, i, x, x0)
+        x_in, x = x, out.prev_sample
+        bad = first_non_finite(bad, i, x, x0, x_in, output)
 
         last = i == len(timesteps) - 1
         full = completed_full_step(scheduler) or last
@@ -157,7 +158,7 @@ def iter_steps(
         calls_since += 1
         if snapshot:  # the one synchronisation between snapshots: the flag and the clock
             synchronize(device)
-            check_finite(int(bad), reported_steps)
+            check_finite(int(bad), reported_steps, timesteps)
         call_s = time.perf_counter() - start
         elapsed += call_s
         if snapshot:
@@ -186,26 +187,19 @@ def set_begin_index(scheduler: Any, timesteps: torch.Tensor) -> None:
         scheduler.set_begin_index(scheduler.index_for_timestep(timesteps[0], timesteps))
 
 
-def first_non_finite(bad: torch.Tensor, call: int, x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
-    """The device-side flag: unchanged once set, else ``2 call + 1`` for a non-finite x, ``2 call + 2`` for x0."""
-    x0_bad = torch.where(torch.isfinite(x0).all(), 0, 2 * call + 2)
-    here = torch.where(torch.isfinite(x).all(), x0_bad, 2 * call + 1)
+def first_non_finite(
+    bad: torch.Tensor, call: int, x: torch.Tensor, x0: torch.Tensor, x_in: torch.Tensor, output: torch.Tensor
+) -> torch.Tensor:
+    """The device-side flag, unchanged once set: ``4 call + 2 what + by_model + 1``, with what 0 for x and 1 for
+    x0, and by_model 1 where the model's output was not finite for a finite input (its fault, not the scheduler's)."""
+    what = torch.where(torch.isfinite(x).all(), torch.where(torch.isfinite(x0).all(), -1, 1), 0)
+    by_model = (torch.isfinite(x_in).all() & ~torch.isfinite(output).all()).long()
+    here = torch.where(what >= 0, 4 * call + 2 * what + by_model + 1, 0)
     return torch.where(bad > 0, bad, here)
 
 
-def check_finite(bad: int, reported_steps: list[int]) -> None:
+def check_finite(bad: int, reported_steps: list[int], timesteps: torch.Tensor) -> None:
     if bad:
-        call, what = (bad - 1) // 2, ("sample x", "predicted x0")[(bad - 1) % 2]
-        raise NonFiniteError(reported_steps[call], call + 1, what)
-
-
-def sample(states: Iterable[StepState], callback: Callable[[StepState], None] | None = None) -> StepState:
-    """Run a loop, ``sample(iter_steps(model, scheduler, noise, steps, ...))``, to its end, handing every state to
-    ``callback``; returns the last state."""
-    state = None
-    for state in states:
-        if callback is not None:
-            callback(state)
-    if state is None:
-        raise ValueError("the scheduler produced no timesteps")
-    return state
+        call, code = divmod(bad - 1, 4)
+        by_model = bool(code % 2) and math.isfinite(float(timesteps[call]))  # at a finite time
+        raise NonFiniteError(reported_steps[call], call + 1, ("sample x", "predicted x0")[code // 2], by_model)

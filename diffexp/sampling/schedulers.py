@@ -21,7 +21,16 @@ import torch
 from diffusers import DDPMScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-from diffexp.catalog import DECLARED, MODEL_KEYS, option_signatures, resolve_class, scheduler_files, scheduler_label
+from diffexp.catalog import (
+    DECLARED,
+    MODEL_KEYS,
+    REQUIRED,
+    check_ranges,
+    option_signatures,
+    resolve_class,
+    scheduler_files,
+    scheduler_label,
+)
 from diffexp.errors import DiffexpError
 
 
@@ -64,7 +73,7 @@ def scheduler_spec(name: str, options: Mapping[str, Any] | None = None) -> dict[
     them (a composed config's node already has them; a spec from elsewhere, e.g. the reference's, gets them)."""
     options = {k: v for k, v in (options or {}).items() if k != "name"}
     known = scheduler_files().get(name)
-    if known is None or all(k in options for k in DECLARED[1:]):
+    if known is None or all(k in options for k in REQUIRED[1:]):
         return {"name": name, **options}
     declared = {k: v for k, v in known.spec(options).items() if k in DECLARED}
     return {**declared, **options, "name": name}
@@ -94,6 +103,7 @@ def split_options(name: str, options: Mapping[str, Any]) -> tuple[dict[str, Any]
                 f"{cls.__name__} expects {_describe(param.annotation)}."
             )
         (config if key in init else step_kwargs)[key] = value
+    check_ranges(name, options, options.get("ranges"))
     return config, step_kwargs
 
 

@@ -1,9 +1,10 @@
-"""The Hydra callbacks of a sweep (multirun): its plan, progress after every job, the report at the end, and a
-non-zero exit status if any job failed.
+"""The Hydra callbacks: the output folder's check (every run), and a sweep's (multirun) plan, progress after every
+job, the report at the end, and a non-zero exit status if any job failed.
 
-Works with every Hydra launcher (basic, joblib, submitit): jobs talk to each other only through the
-``status.json`` of their folders, which is the source of truth. Light to import (Hydra builds the callbacks before
-it validates a config); torch loads only when the report is written.
+Works with every Hydra launcher (basic, joblib, submitit): jobs talk to each other only through the plan
+(``sweep.json``: the jobs, and the folder of each once it starts) and the ``status.json`` of their folders, which
+is the source of truth. Light to import (Hydra builds the callbacks before it validates a config); torch loads only
+when the report is written.
 """
 
 from __future__ import annotations
@@ -18,8 +19,18 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from diffexp.config import check_output_dir
 from diffexp.errors import DiffexpError
-from diffexp.folders import RunStatus, job_folders, read_plan, read_status, read_status_record, write_plan
+from diffexp.folders import (
+    RunStatus,
+    job_folders,
+    read_plan,
+    read_status,
+    read_status_record,
+    record_job_folder,
+    write_plan,
+)
+from diffexp.sweep.supervisor import note
 
 log = logging.getLogger("diffexp")
 
@@ -49,20 +60,67 @@ def count_statuses(sweep_dir: Path) -> dict[str, int]:
 
 
 def progress_line(sweep_dir: Path) -> str:
-    """E.g. ``sweep: 4 of 6 jobs done (3 finished, 1 failed), 2 left``."""
+    """E.g. ``sweep: 4 of 6 jobs done (3 finished, 1 failed), 2 left``; jobs that died or cannot be read are
+    done too, and named where there are any."""
     counts = count_statuses(sweep_dir)
     finished = counts.get(RunStatus.finished.value, 0)
     failed = counts.get(RunStatus.failed.value, 0) + counts.get(RunStatus.interrupted.value, 0)
+    others = {s: counts.get(s.value, 0) for s in (RunStatus.died, RunStatus.corrupt)}
+    extra = "".join(f", {n} {s.value}" for s, n in others.items() if n)
+    done = finished + failed + sum(others.values())
     total = read_plan(sweep_dir)["total"]
     if total is None:
-        return f"sweep: {finished} finished, {failed} failed"
-    return f"sweep: {finished + failed} of {total} jobs done ({finished} finished, {failed} failed), " + (
-        f"{total - finished - failed} left"
-    )
+        return f"sweep: {finished} finished, {failed} failed{extra}"
+    return f"sweep: {done} of {total} jobs done ({finished} finished, {failed} failed{extra}), {total - done} left"
 
 
 def _is_multirun(config: DictConfig) -> bool:
     return OmegaConf.select(config, "hydra.mode") == RunMode.MULTIRUN
+
+
+def refuse(err: DiffexpError) -> None:
+    """End the command on a clear paragraph (a callback has no run folder to record it in)."""
+    print(f"\ndiffexp: {err}", file=sys.stderr)
+    sys.exit(2)
+
+
+def check_job_dir(config: DictConfig) -> None:
+    """The job's output folder is not empty and inside the folder its template names."""
+    if _is_multirun(config):
+        template = f"{config.hydra.sweep.dir}/{OmegaConf.to_container(config.hydra.sweep)['subdir']}"
+        check_output_dir(template, config.hydra.runtime.output_dir, "hydra.sweep.subdir")
+    else:
+        check_output_dir(OmegaConf.to_container(config.hydra.run)["dir"], config.hydra.runtime.output_dir)
+
+
+class OutputFolder(Callback):
+    """Refuses an empty output folder and one outside the folder its template's fixed prefix names; a single
+    run's before Hydra creates it, a sweep job's before it runs."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            check_output_dir(OmegaConf.to_container(config.hydra.run)["dir"], config.hydra.run.dir)
+        except DiffexpError as err:
+            refuse(err)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        template = OmegaConf.to_container(config.hydra.sweep)
+        try:
+            check_output_dir(template["dir"], config.hydra.sweep.dir, "hydra.sweep.dir")
+            if not str(template.get("subdir") or "").strip():
+                raise DiffexpError("hydra.sweep.subdir is empty: every job of a sweep needs its own folder.")
+        except DiffexpError as err:
+            refuse(err)
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            check_job_dir(config)
+        except DiffexpError as err:
+            refuse(err)
+
+
+def _is_basic_launcher(config: DictConfig) -> bool:
+    return str(OmegaConf.select(config, "hydra.launcher._target_") or "").endswith("BasicLauncher")
 
 
 class SweepStatus(Callback):
@@ -73,13 +131,23 @@ class SweepStatus(Callback):
         check_same_sweep(config, sweep_dir)
         jobs = planned_jobs(config)
         write_plan(sweep_dir, jobs)
+        if _is_basic_launcher(config):  # its jobs die with this process: the supervisor resumes the sweep
+            note(sweep_dir=str(sweep_dir.resolve()), job=None)
         if jobs is not None:
             before = count_statuses(sweep_dir).get(RunStatus.finished.value, 0)
             again = f" ({before} finished before: skipped)" if before else ""
             log.info("sweep: %d jobs%s -> %s", len(jobs), again, sweep_dir)
 
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if _is_multirun(config):
+            folder = Path(config.hydra.runtime.output_dir)
+            record_job_folder(Path(config.hydra.sweep.dir), int(config.hydra.job.num), folder)
+            if _is_basic_launcher(config):
+                note(job=str(folder))
+
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
         if _is_multirun(config):
+            note(job=None)
             log.info(progress_line(Path(config.hydra.sweep.dir)))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
@@ -108,7 +176,7 @@ class SweepReport(Callback):
         links = sweep_dashboard(config.get("logger"), sweep_dir)  # logger.dashboard=true: dashboard.json, saved online
         try:
             report = write_report(sweep_dir)
-        except DiffexpError as err:
+        except (DiffexpError, OSError) as err:
             log.error("no comparison report: %s", err)
             return
         log.info("comparison report: %s", report.html)
@@ -125,7 +193,8 @@ def check_same_sweep(config: DictConfig, sweep_dir: Path) -> None:
 
     def what(c: DictConfig) -> tuple[list[str], Any]:
         params = OmegaConf.select(c, "hydra.sweeper.params")
-        overrides = sorted(OmegaConf.to_container(c.hydra.overrides.task))
+        task = OmegaConf.to_container(c.hydra.overrides.task)
+        overrides = sorted(o for o in task if not o.lstrip("+~").startswith("sweep."))  # how, not what, it runs
         return overrides, OmegaConf.to_container(params) if params is not None else None
 
     if what(old) != what(config):

@@ -1,9 +1,16 @@
-"""One job of a sweep: a failed job never takes the others down, and a re-run skips finished jobs."""
+"""One job of a sweep: a failed job never takes the others down, and a re-run skips finished jobs.
+
+A job whose process died (killed, e.g. by the kernel for lack of memory; ``diffexp.sweep.supervisor`` resumes the
+sweep) is tried again when the sweep resumes, until it has died ``sweep.max_deaths`` times. A job folder that
+cannot be read (a corrupt status.json, metrics.json or config.yaml) is run again.
+"""
 
 from __future__ import annotations
 
 import gc
 import logging
+import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -11,14 +18,42 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from diffexp.errors import DiffexpError
-from diffexp.folders import METRICS_FILE, RunStatus, mark_failed, read_json, read_status
+from diffexp.folders import METRICS_FILE, CorruptFile, RunStatus, deaths, mark_failed, read_json, read_status
+from diffexp.runner.observers import Observer, RunInfo
+from diffexp.sampling.loop import StepState
 
 log = logging.getLogger("diffexp")
+
+# Debugging hook for the tests of a sweep's survival: with this variable set to a run label (e.g. euler-3), the
+# run of that label kills its own process with SIGKILL at its first snapshot, as the kernel's out-of-memory killer
+# would. Read nowhere else.
+DEBUG_SIGKILL_ENV = "DIFFEXP_DEBUG_SIGKILL"
+
+
+class DebugSigkill(Observer):
+    """Kills this process with SIGKILL at the first snapshot of the run labelled ``label``."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.armed = False
+
+    def start(self, run: RunInfo) -> None:
+        self.armed = run.label == self.label
+
+    def snapshot(self, state: StepState, record: dict[str, Any]) -> None:
+        if self.armed:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def debug_observers() -> list[Observer]:
+    label = os.environ.get(DEBUG_SIGKILL_ENV)
+    return [DebugSigkill(label)] if label else []
 
 
 def run_job(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     """One job of a sweep. Never raises for a failed run: the failure is recorded in its folder and returned,
-    so the remaining jobs still run. A job that finished before with the same config is skipped."""
+    so the remaining jobs still run. A job that finished before with the same config is skipped, and so is one
+    that died ``sweep.max_deaths`` times."""
     import torch
 
     from diffexp.runner.claim import FolderTaken
@@ -29,8 +64,18 @@ def run_job(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     if done is not None:
         log.info("skipped: %s finished before in %s", done.get("label"), out_dir)
         return done
+    died, limit = deaths(out_dir), int(OmegaConf.select(cfg, "sweep.max_deaths", default=2))
+    if read_status(out_dir) == RunStatus.died and died >= limit:
+        log.error(
+            "skipped: the job in %s died %d times (killed, e.g. for lack of memory); sweep.max_deaths=%d. "
+            "Raise sweep.max_deaths to try it again.",
+            out_dir,
+            died,
+            limit,
+        )
+        return {"status": RunStatus.died.value, "error": f"died {died} times"}
     try:
-        return run(cfg, out_dir)
+        return run(cfg, out_dir, debug_observers())
     except Exception as err:  # a bad combination, NaN, out of memory: this job only
         if isinstance(err, DiffexpError):
             log.error("%s", err)
@@ -45,14 +90,21 @@ def run_job(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
 
 
 def finished_metrics(cfg: DictConfig, out_dir: Path) -> dict[str, Any] | None:
-    """The metrics of a run that finished in ``out_dir`` with this very config, else None."""
-    metrics = read_json(out_dir / METRICS_FILE) if read_status(out_dir) == RunStatus.finished else None
-    if metrics is None:
+    """The metrics of a run that finished in ``out_dir`` with this very config, else None (also for a folder
+    whose files cannot be read: it runs again)."""
+    try:
+        metrics = read_json(out_dir / METRICS_FILE) if read_status(out_dir) == RunStatus.finished else None
+        if metrics is None:
+            return None
+        stored = yaml.safe_load((out_dir / "config.yaml").read_text())
+    except (CorruptFile, OSError, yaml.YAMLError) as err:
+        log.warning("%s cannot be read (%s): running it again", out_dir, err)
         return None
-    stored = yaml.safe_load((out_dir / "config.yaml").read_text())
     current = yaml.safe_load(OmegaConf.to_yaml(cfg, resolve=True))
     for c in (stored, current):
-        c.pop("progress", None)  # display only
+        if isinstance(c, dict):
+            c.pop("progress", None)  # display only
+            c.pop("sweep", None)  # how the sweep runs, not what a job is
     if stored != current:
         log.warning("%s holds a finished run of another config: running it again", out_dir)
         return None

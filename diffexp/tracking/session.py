@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from diffexp.config import LoggerConfig, WandbMode
-from diffexp.sampling.images import grid
+from diffexp.sampling.images import MIN_TILE, grid
 
 if TYPE_CHECKING:
     from wandb.sdk.wandb_run import Run
@@ -85,12 +85,14 @@ def start_run(
     job_type: str,
     config: dict[str, Any],
     group: str | None = None,
+    run_id: str | None = None,
 ) -> Run | None:
     """A W&B run whose files go in ``run_dir/wandb``; None when logging is off or W&B cannot start.
 
     ``name``, ``job_type`` and ``group`` are the defaults for ``logger.name``, ``logger.job_type`` and
     ``logger.group`` (whose own default is the Hydra job's sweep). Setup gives up after
     ``logger.init_timeout`` seconds; the caller goes on without W&B, and this says so once on the terminal.
+    ``run_id`` resumes that W&B run (a resumed training), so its curves stay one run.
     """
     if logger_cfg is None:
         return None
@@ -111,6 +113,8 @@ def start_run(
             dir=run_dir,
             mode=mode,
             reinit="finish_previous",  # a run a crashed job left open never takes this job's data
+            id=run_id,
+            resume="allow" if run_id else None,
             settings=wandb.Settings(
                 init_timeout=float(logger_cfg.init_timeout),
                 finish_timeout=float(logger_cfg.finish_timeout),
@@ -126,6 +130,9 @@ def start_run(
             )
         elif run.url:
             log.info("W&B: %s", run.url)
+    except KeyboardInterrupt:  # Ctrl-C (or SIGTERM) while W&B waits for its server: stop now, not at its timeout
+        stop_service()
+        raise
     except Exception as err:
         log.warning(
             "W&B could not start (%s). This run goes on without W&B; its folder %s has every result "
@@ -135,6 +142,21 @@ def start_run(
         )
         return None
     return run
+
+
+def stop_service() -> None:
+    """End this process's wandb-core service at once. Without this, an interrupted ``wandb.init`` leaves the
+    service waiting for the server, and the process's exit waits for the service: up to ``init_timeout``."""
+    try:
+        from wandb.sdk import wandb_setup
+
+        connection = wandb_setup.singleton()._connection  # wandb 0.31's own handles; the service is our child
+        if connection is not None and connection._proc is not None:
+            connection._proc._process.kill()  # after Ctrl-C it may ignore SIGTERM while it waits
+            if connection._cleanup is not None:
+                connection._cleanup()  # no teardown at exit: it would wait for the service
+    except Exception as err:  # another wandb version: the exit only takes longer
+        log.debug("could not stop the W&B service: %s", err)
 
 
 def finish_run(run: Run | None, error: BaseException | None = None) -> None:
@@ -151,7 +173,8 @@ def finish_run(run: Run | None, error: BaseException | None = None) -> None:
 
 
 def image(x: torch.Tensor) -> Any:
-    """A batch as one ``wandb.Image`` grid, with the pipelines' value range like the PNGs in the run folder."""
+    """A batch as one ``wandb.Image`` grid, with the pipelines' value range and tile size like the PNGs in the run
+    folder."""
     import wandb
 
-    return wandb.Image(grid(x))
+    return wandb.Image(grid(x, min_tile=MIN_TILE))

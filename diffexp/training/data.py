@@ -22,6 +22,7 @@ class ImageFolderData(torch.utils.data.Dataset):
         self.files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS)
         if not self.files:
             raise DiffexpError(f"dataset.path={root} holds no images ({', '.join(IMG_EXTENSIONS)}).")
+        check_images(root, self.files)
         self.mode = "L" if channels == 1 else "RGB"
         self.transform = transforms.Compose(
             [
@@ -40,6 +41,25 @@ class ImageFolderData(torch.utils.data.Dataset):
 
         with Image.open(self.files[i]) as im:
             return self.transform(im.convert(self.mode))
+
+
+def check_images(root: Path, files: list[Path]) -> None:
+    """Refuse a folder with files that PIL cannot open as images (their headers are read, before training)."""
+    from PIL import Image, UnidentifiedImageError
+
+    bad = []
+    for path in files:
+        try:
+            with Image.open(path):
+                pass
+        except (UnidentifiedImageError, OSError, ValueError) as err:
+            bad.append(f"{path.relative_to(root)} ({str(err).splitlines()[0][:100]})")
+    if bad:
+        shown = "; ".join(bad[:3]) + (f"; and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise DiffexpError(
+            f"dataset.path={root} holds {len(bad)} file(s) with an image's name that are not readable images: "
+            f"{shown}. Remove or convert them, then train again."
+        )
 
 
 def load_dataset(cfg: DatasetConfig | DictConfig, labels: bool = False) -> torch.utils.data.Dataset:

@@ -46,8 +46,16 @@ class JsonlLogger:
 class TrainRun:
     """Training's W&B run: loss, learning rate and EMA sample grids at the training step (a ``TrainLogger``)."""
 
-    def __init__(self, logger_cfg: LoggerConfig | Any | None, out_dir: Path, name: str, config: dict[str, Any]) -> None:
-        self.run = start_run(logger_cfg, out_dir, name, "train", config)
+    def __init__(
+        self,
+        logger_cfg: LoggerConfig | Any | None,
+        out_dir: Path,
+        name: str,
+        config: dict[str, Any],
+        run_id: str | None = None,
+    ) -> None:
+        """``run_id``: the W&B run of the training this one resumes."""
+        self.run = start_run(logger_cfg, out_dir, name, "train", config, run_id=run_id)
 
     def log(self, metrics: dict[str, float], step: int, images: dict[str, torch.Tensor] | None = None) -> None:
         if self.run is None:

@@ -2,7 +2,8 @@
 
 The output folder holds ``checkpoints/step-NNNNNN/`` (a DDPMPipeline folder with the EMA weights, which
 ``model=local`` samples, plus ``training_state.pt``), ``model/`` (the final EMA pipeline), ``train.jsonl``,
-``samples/`` and ``status.json``. A run started again in the same folder resumes from its last checkpoint.
+``samples/`` and ``status.json`` (whose ``step`` follows every log step and checkpoint). A run started again in
+the same folder resumes from its last readable checkpoint, and its W&B run with it.
 """
 
 from __future__ import annotations
@@ -20,11 +21,12 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from diffexp.errors import DiffexpError
-from diffexp.folders import RunStatus, end_status, now, write_json, write_status
+from diffexp.folders import RunStatus, end_status, heartbeat, now, read_status_record, write_json, write_status
 from diffexp.sampling.device import device_name, resolve_device
+from diffexp.sampling.schedulers import build_scheduler
 from diffexp.training.config import check_config
 from diffexp.training.loggers import JsonlLogger, TrainLogger, TrainRun
-from diffexp.training.trainer import checkpoints, new_trainer, resume_trainer
+from diffexp.training.trainer import Trainer, checkpoints, new_trainer, resume_trainer
 
 log = logging.getLogger("diffexp")
 
@@ -33,20 +35,22 @@ def train(cfg: DictConfig, out_dir: Path, loggers: Sequence[TrainLogger] = ()) -
     """Train as ``cfg`` says into ``out_dir`` (resuming from its last checkpoint); returns the summary."""
     out_dir = Path(out_dir)
     check_config(cfg)
+    check_sample_scheduler(cfg)
     device = resolve_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out_dir.mkdir(parents=True, exist_ok=True)
-    last = checkpoints(out_dir)[-1:] if cfg.resume else []
-    trainer = resume_trainer(cfg, device, last[0]) if last else new_trainer(cfg, device)
-    if last:
-        log.info("resuming from %s (step %d)", last[0], trainer.step)
+    trainer = (resume(cfg, device, out_dir) if cfg.resume else None) or new_trainer(cfg, device)
     (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    wandb_id = (read_status_record(out_dir) or {}).get("wandb_id") if trainer.step else None
     status = write_status(out_dir, RunStatus.running, started=now(), step=trainer.step)
     everyone: list[TrainLogger] = [JsonlLogger(out_dir), *loggers]
     if cfg.get("logger") is not None:
         resolved = OmegaConf.to_container(cfg, resolve=True)
-        everyone.append(TrainRun(cfg.logger, out_dir, cfg.name, resolved | {"resumed_at_step": trainer.step}))
+        train_run = TrainRun(cfg.logger, out_dir, cfg.name, resolved | {"resumed_at_step": trainer.step}, wandb_id)
+        everyone.append(train_run)
+        if train_run.run is not None:  # a resumed training resumes this W&B run: one curve
+            status = heartbeat(out_dir, status, wandb_id=train_run.run.id)
     start_step, start = trainer.step, time.perf_counter()
     error: BaseException | None = None
     bar = tqdm(total=cfg.steps, initial=trainer.step, desc=cfg.name, unit="step", disable=not cfg.progress)
@@ -73,10 +77,12 @@ def train(cfg: DictConfig, out_dir: Path, loggers: Sequence[TrainLogger] = ()) -
                 running = []
                 for lg in everyone:
                     lg.log(metrics, step, images)
+                status = heartbeat(out_dir, status, step=step)
             if step % cfg.checkpoint_every == 0 or done:
                 trainer.save(out_dir / "checkpoints" / f"step-{step:06d}")
                 for old in checkpoints(out_dir)[: -cfg.keep_checkpoints]:
                     shutil.rmtree(old)
+                status = heartbeat(out_dir, status, step=step, checkpoint=step)
         bar.close()
         model_dir = out_dir / "model"
         shutil.rmtree(model_dir, ignore_errors=True)
@@ -108,3 +114,39 @@ def train(cfg: DictConfig, out_dir: Path, loggers: Sequence[TrainLogger] = ()) -
                 lg.close(error)
             except Exception as close_err:
                 log.warning("logger %s failed to close: %s (%s)", type(lg).__name__, close_err, error)
+
+
+def check_sample_scheduler(cfg: DictConfig) -> None:
+    """The sample grids' scheduler and step count, built at start-up rather than at the first grid."""
+    if not cfg.sample_every:
+        return
+    schedule = dict(OmegaConf.to_container(cfg.noise_schedule, resolve=True))
+    built = build_scheduler(str(cfg.sample_scheduler), schedule | {"prediction_type": cfg.prediction_type})
+    try:
+        built.scheduler.set_timesteps(cfg.sample_steps)
+    except (ValueError, IndexError) as err:
+        raise DiffexpError(
+            f"sample_scheduler={cfg.sample_scheduler} cannot run sample_steps={cfg.sample_steps}: {err}"
+        ) from None
+
+
+def resume(cfg: DictConfig, device: torch.device, out_dir: Path) -> Trainer | None:
+    """The trainer of the newest checkpoint that loads, going back past unreadable ones (a save cut short, a
+    corrupt training_state.pt); None without checkpoints; a clear refusal when none of them loads."""
+    found = checkpoints(out_dir)
+    for checkpoint in reversed(found):
+        try:
+            trainer = resume_trainer(cfg, device, checkpoint)
+        except DiffexpError:
+            raise  # another kind of model: not a damaged file
+        except Exception as err:  # torch.load's and safetensors' errors for a damaged file
+            log.warning("checkpoint %s cannot be read (%s); trying the one before", checkpoint, str(err)[:200])
+            continue
+        log.info("resuming from %s (step %d)", checkpoint, trainer.step)
+        return trainer
+    if found:
+        raise DiffexpError(
+            f"None of the checkpoints in {out_dir / 'checkpoints'} can be read ({', '.join(p.name for p in found)}). "
+            "Move them away to train from scratch in this folder, or set resume=false or another name=..."
+        )
+    return None

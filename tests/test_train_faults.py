@@ -1,0 +1,95 @@
+"""Training under faults: a signal, bad files in the dataset, a damaged checkpoint, a resumed W&B run, and a
+sample scheduler checked before the first step."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import ONE_THREAD, ROOT, run_cli
+from PIL import Image
+from test_train import TINY, train_cfg
+
+from diffexp.errors import DiffexpError
+from diffexp.folders import read_status_record
+from diffexp.tracking.reader import OfflineRun
+from diffexp.training.loop import train
+from diffexp.training.trainer import STATE_FILE, checkpoints
+
+
+def test_sigterm_interrupts_training_and_its_status_follows_the_steps(tmp_path: Path) -> None:
+    args = [*TINY, "logger=wandb", "steps=100000", "log_every=2", "checkpoint_every=4", "hydra.run.dir=out"]
+    env = {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", **ONE_THREAD}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "train.py"), *args], cwd=tmp_path,
+                            env=env, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    end = time.monotonic() + 240
+    while ((read_status_record(tmp_path / "out") or {}).get("checkpoint") or 0) < 4:
+        assert proc.poll() is None and time.monotonic() < end, proc.stderr.read()[-3000:] if proc.stderr else ""
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM and "stopped by SIGTERM" in err and "Traceback" not in err
+    status = read_status_record(tmp_path / "out")
+    assert status["status"] == "interrupted" and "SIGTERM" in status["error"] and status["step"] >= 4
+    assert OfflineRun.read(tmp_path / "out" / "wandb").exit_code not in (None, 0)
+
+
+def test_a_file_that_is_no_image_in_the_dataset_folder_is_one_paragraph(tmp_path: Path) -> None:
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(2):
+        Image.fromarray(np.zeros((16, 16), dtype=np.uint8)).save(images / f"{i}.png")
+    (images / "notes.png").write_text("not an image")
+    (images / "readme.txt").write_text("ignored: not an image's name")
+    args = [*TINY, "dataset=folder", f"dataset.path={images}", "steps=2", "hydra.run.dir=out"]
+    result = run_cli(args, tmp_path, script="scripts/train.py")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "holds 1 file(s) with an image's name that are not readable images: notes.png" in result.stderr
+    assert not (tmp_path / "out" / "checkpoints").exists()  # refused before training
+
+
+def test_a_damaged_training_state_falls_back_to_the_checkpoint_before(tmp_path: Path) -> None:
+    common = ("lr_schedule=constant", "checkpoint_every=2", "keep_checkpoints=2")
+    train(train_cfg("steps=4", *common), tmp_path)
+    newest = checkpoints(tmp_path)[-1]
+    (newest / STATE_FILE).write_bytes(b"cut short")
+    summary = train(train_cfg("steps=6", *common), tmp_path)
+    assert summary["steps"] == 6 and summary["steps_this_session"] == 4  # resumed from step 2
+
+    for checkpoint in checkpoints(tmp_path):
+        (checkpoint / STATE_FILE).write_bytes(b"cut short")
+    with pytest.raises(DiffexpError, match=r"None of the checkpoints in .* can be read"):
+        train(train_cfg("steps=8", *common), tmp_path)
+
+
+def test_a_resumed_training_resumes_its_wandb_run(tmp_path: Path) -> None:
+    import wandb
+
+    logged = ("logger=wandb", "logger.mode=offline", "checkpoint_every=2", "log_every=1")
+    train(train_cfg("steps=2", *logged), tmp_path)
+    wandb.teardown()
+    train(train_cfg("steps=4", *logged), tmp_path)
+    wandb.teardown()
+    runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2
+    ids = {OfflineRun.read(r).run.run_id for r in runs}
+    assert ids == {json.loads((tmp_path / "status.json").read_text())["wandb_id"]}  # one W&B run, resumed
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["sample_scheduler=nope"], "Unknown scheduler 'nope'"),
+        (["sample_scheduler=ddim", "sample_steps=5000"], "cannot run sample_steps=5000"),
+    ],
+)
+def test_the_sample_scheduler_is_checked_before_training(tmp_path: Path, overrides: list[str], message: str) -> None:
+    with pytest.raises(DiffexpError, match=message):
+        train(train_cfg("steps=2", "sample_every=2", *overrides), tmp_path)
+    assert not (tmp_path / "train.jsonl").exists()
