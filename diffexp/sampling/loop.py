@@ -203,3 +203,15 @@ def check_finite(bad: int, reported_steps: list[int], timesteps: torch.Tensor) -
         call, code = divmod(bad - 1, 4)
         by_model = bool(code % 2) and math.isfinite(float(timesteps[call]))  # at a finite time
         raise NonFiniteError(reported_steps[call], call + 1, ("sample x", "predicted x0")[code // 2], by_model)
+
+
+def sample(states: Iterable[StepState], callback: Callable[[StepState], None] | None = None) -> StepState:
+    """Run a loop, ``sample(iter_steps(model, scheduler, noise, steps, ...))``, to its end, handing every state to
+    ``callback``; returns the last state."""
+    state = None
+    for state in states:
+        if callback is not None:
+            callback(state)
+    if state is None:
+        raise ValueError("the scheduler produced no timesteps")
+    return state

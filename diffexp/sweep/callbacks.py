@@ -10,6 +10,8 @@ when the report is written.
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -119,6 +121,18 @@ class OutputFolder(Callback):
             refuse(err)
 
 
+def secondary_rank() -> bool:
+    """A process of a sweep under torchrun other than rank 0: its jobs run sharded, in rank 0's folders (which
+    alone keep the plan, the progress and the report)."""
+    return os.environ.get("RANK", "0") != "0"
+
+
+def drop_own_sweep_dir(sweep_dir: Path) -> None:
+    """Another rank's own sweep folder (its own time and id): only Hydra's record and an empty plan remain."""
+    if sweep_dir.is_dir() and not any(sweep_dir.glob("*/status.json")):
+        shutil.rmtree(sweep_dir, ignore_errors=True)
+
+
 def _is_basic_launcher(config: DictConfig) -> bool:
     return str(OmegaConf.select(config, "hydra.launcher._target_") or "").endswith("BasicLauncher")
 
@@ -128,6 +142,8 @@ class SweepStatus(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
+        if secondary_rank():
+            return
         check_same_sweep(config, sweep_dir)
         jobs = planned_jobs(config)
         write_plan(sweep_dir, jobs)
@@ -139,19 +155,22 @@ class SweepStatus(Callback):
             log.info("sweep: %d jobs%s -> %s", len(jobs), again, sweep_dir)
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
-        if _is_multirun(config):
+        if _is_multirun(config) and not secondary_rank():
             folder = Path(config.hydra.runtime.output_dir)
             record_job_folder(Path(config.hydra.sweep.dir), int(config.hydra.job.num), folder)
             if _is_basic_launcher(config):
                 note(job=str(folder))
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
-        if _is_multirun(config):
+        if _is_multirun(config) and not secondary_rank():
             note(job=None)
             log.info(progress_line(Path(config.hydra.sweep.dir)))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
+        if secondary_rank():
+            drop_own_sweep_dir(sweep_dir)
+            return
         failed = [f for f in job_folders(sweep_dir) if read_status(f) != RunStatus.finished]
         log.info("%s -> %s", progress_line(sweep_dir), sweep_dir)
         if failed:
@@ -167,6 +186,8 @@ class SweepReport(Callback):
     """The comparison report (diffexp.report) in the sweep folder when a multirun ends."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if secondary_rank():
+            return
         from diffexp.report.dashboard import sweep_dashboard
         from diffexp.report.wandb import log_report
         from diffexp.report.write import write_report
