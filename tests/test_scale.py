@@ -213,3 +213,15 @@ def test_bad_sample_counts_and_gaps_are_clear(tmp_path: Path) -> None:
     (tmp_path / "run" / "chunks" / "chunk-000001.npz").unlink()
     with pytest.raises(diffexp.DiffexpError, match=r"missing samples 4\.\.7"):
         diffexp.load_samples(tmp_path / "run")
+
+
+def test_a_sweep_under_torchrun_runs_each_job_sharded_in_one_folder(tmp_path: Path) -> None:
+    result = sharded(["-m", "scheduler=ddim,euler", "steps=3", "num_samples=8", "batch_size=4"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    sweeps = list(tmp_path.glob("outputs/sweeps/*/*"))
+    assert len(sweeps) == 1, sweeps  # rank 1's own sweep folder is gone
+    jobs = sorted(p for p in sweeps[0].iterdir() if (p / "status.json").exists())
+    assert [p.name.split("-")[-2] for p in jobs] == ["ddim", "euler"] and (sweeps[0] / "report.html").exists()
+    for job in jobs:
+        metrics = json.loads((job / "metrics.json").read_text())
+        assert metrics["world_size"] == 2 and metrics["chunks"] == 2 and len(chunk_files(job)) == 2
