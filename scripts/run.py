@@ -1,15 +1,16 @@
 """Sample with one model and one scheduler: python scripts/run.py scheduler=ddim steps=30
 
-A sweep: python scripts/run.py -m scheduler=ddim,dpmsolver steps=10,20 (see diffexp/sweep/). The command runs
-under a small supervisor process (diffexp/sweep/supervisor.py), so that a sweep outlives a job the kernel kills.
+A sweep: python scripts/run.py -m scheduler=ddim,dpmsolver steps=10,20 (see diffexp/sweep/). A command that can
+sweep runs under a small supervisor process (diffexp/sweep/supervisor.py), so that a sweep outlives a job the
+kernel kills.
 Many samples over several processes: torchrun --nproc_per_node=K scripts/run.py num_samples=... (diffexp/runner/).
 """
 
 import sys
 
-from diffexp.sweep.supervisor import supervise, supervised  # light: no torch, no Hydra
+from diffexp.sweep.supervisor import may_sweep, supervise, supervised  # light: no torch, no Hydra
 
-if __name__ == "__main__" and not supervised():
+if __name__ == "__main__" and may_sweep(sys.argv[1:]) and not supervised():
     sys.exit(supervise(__file__, sys.argv[1:]))
 
 import logging

@@ -33,6 +33,15 @@ def supervised() -> bool:
     return RECORD_ENV in os.environ
 
 
+def may_sweep(argv: Sequence[str]) -> bool:
+    """Whether a command line can start a sweep: ``-m``/``--multirun``, ``hydra.mode=MULTIRUN``, or an experiment
+    file (which may set the mode). A single run needs no supervisor: nothing follows it in the process."""
+    return any(
+        a in ("-m", "--multirun") or a.replace(" ", "").lower() == "hydra.mode=multirun" or "experiment=" in a
+        for a in argv
+    )
+
+
 def note(**fields: Any) -> None:
     """Child side: tell the supervisor where the sweep is and which job runs (``job=None`` between jobs)."""
     path = os.environ.get(RECORD_ENV)
