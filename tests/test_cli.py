@@ -80,7 +80,7 @@ BAD_INPUT = {
     "std whose square overflows": (["model.std=1e200"], "model.std=1e+200 is not allowed"),
     "seed beyond 2**64 - 1": (["seed=18446744073709551616"], "seed must be in [0, 18446744073709551612]"),
     "negative seed": (["seed=-1"], "seed=-1 is not allowed"),
-    "seed + k beyond 2**64 - 1": (["seed=18446744073709551615"], "for batch_size=4"),
+    "seed + k beyond 2**64 - 1": (["seed=18446744073709551615"], "for 4 samples"),
 }
 
 

@@ -50,7 +50,7 @@ def sharded(args: list[str], cwd: Path, processes: int = 2) -> subprocess.Comple
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", **ONE_THREAD}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
     return subprocess.run(
-        [*command, str(ROOT / "scripts/run.py"), "logger=none", "progress=false", *args],
+        [*command, str(ROOT / "scripts/run.py"), *args, "logger=none", "progress=false"],
         cwd=cwd,
         env=env,
         capture_output=True,

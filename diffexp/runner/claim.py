@@ -26,7 +26,7 @@ from diffexp.samples import chunk_files
 LOCK_FILE = ".lock"
 KEEP = (".hydra", LOCK_FILE)  # what Hydra and the lock put in a folder before a run starts, with Hydra's *.log
 # keys that change how a run is watched, never what it samples: a run started again may change them
-NOT_COMPARED = ("progress", "logger", "observers", "resume", "overwrite", "oom_retry")
+NOT_COMPARED = ("progress", "logger", "observers", "resume", "overwrite", "oom_retry", "sweep")
 
 
 class FolderTaken(DiffexpError):
