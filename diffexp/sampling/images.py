@@ -37,5 +37,5 @@ def grid(x: torch.Tensor, nrow: int | None = None, min_tile: int = 0) -> Image.I
 def save_grid(x: torch.Tensor, path: Path, nrow: int | None = None) -> Path:
     """The batch as one PNG, tiles at least ``MIN_TILE`` pixels, written atomically."""
     with atomic(path) as tmp:
-        grid(x, nrow, MIN_TILE).save(tmp)
+        grid(x, nrow, MIN_TILE).save(tmp, compress_level=1)  # fast: grids are small, written at every snapshot
     return path
