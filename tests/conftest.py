@@ -25,6 +25,12 @@ def compose(*overrides: str) -> DictConfig:
     return diffexp.compose(["progress=false", "logger=none", *overrides])
 
 
+def cli_env(env: dict[str, str | None] | None = None) -> dict[str, str]:
+    """The environment of a command run as a user would: this checkout, offline, one thread; None unsets a var."""
+    full = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", **ONE_THREAD}
+    return {k: v for k, v in (full | (env or {})).items() if v is not None}
+
+
 def run_cli(
     args: Sequence[str],
     cwd: Path,
@@ -33,19 +39,10 @@ def run_cli(
     timeout: int = 300,
 ) -> subprocess.CompletedProcess[str]:
     """Run a script of this checkout as a user would, offline, with its outputs under ``cwd``; None unsets a var."""
-    full_env = {
-        **os.environ,
-        "PYTHONPATH": str(ROOT),
-        "HF_HUB_OFFLINE": "1",
-        "WANDB_MODE": "offline",
-        **ONE_THREAD,
-        **(env or {}),
-    }
-    full_env = {k: v for k, v in full_env.items() if v is not None}
     return subprocess.run(
         [sys.executable, str(ROOT / script), *args],
         cwd=cwd,
-        env=full_env,
+        env=cli_env(env),
         capture_output=True,
         text=True,
         timeout=timeout,

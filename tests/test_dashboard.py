@@ -4,7 +4,6 @@ every panel points at a key the runs logged, and a key they did not log leaves i
 from __future__ import annotations
 
 import json
-import os
 import runpy
 import shutil
 import subprocess
@@ -14,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ONE_THREAD, ROOT
+from conftest import ROOT, cli_env
 from omegaconf import OmegaConf
 from wandb_workspaces.reports.v2 import internal as report_models
 from wandb_workspaces.workspaces import internal as workspace_models
@@ -38,7 +37,7 @@ SWEEPS = {
 def sweeps(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Two real multiruns, logged offline to W&B, run side by side; laid out as outputs/sweeps/<date>/<name>."""
     root = tmp_path_factory.mktemp("dash")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", **ONE_THREAD}
+    env = cli_env()
     procs = [
         subprocess.Popen(
             [sys.executable, str(ROOT / "scripts/run.py"), *COMMON, *args, f"hydra.sweep.dir=sweeps/d/{name}"],

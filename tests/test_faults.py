@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import ONE_THREAD, ROOT, run_cli
+from conftest import ONE_THREAD, ROOT, cli_env, run_cli
 
 from diffexp.folders import RunStatus, job_folders, read_status, read_status_record, write_json, write_status
 from diffexp.sweep.callbacks import progress_line
@@ -25,7 +25,7 @@ from diffexp.tracking.reader import OfflineRun
 
 def start_cli(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     """scripts/run.py started in its own session (so a signal can go to its process group, as Ctrl-C does)."""
-    full_env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", **ONE_THREAD}
+    full_env = cli_env()
     return subprocess.Popen(
         [sys.executable, str(ROOT / "scripts" / "run.py"), *args],
         cwd=cwd,

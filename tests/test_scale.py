@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -13,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ONE_THREAD, ROOT, compose, run_cli
+from conftest import ROOT, cli_env, compose, run_cli
 
 import diffexp
 from diffexp.runner.claim import FolderTaken
@@ -47,7 +46,7 @@ def assert_agree(a: np.ndarray, b: np.ndarray, rel: float = 1e-5) -> None:
 
 
 def sharded(args: list[str], cwd: Path, processes: int = 2) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", **ONE_THREAD}
+    env = cli_env()
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
     return subprocess.run(
         [*command, str(ROOT / "scripts/run.py"), *args, "logger=none", "progress=false"],
@@ -91,7 +90,7 @@ def test_an_uneven_last_chunk_and_labels_follow_the_sample_index(tmp_path: Path)
 
 def test_a_killed_run_resumes_from_its_finished_chunks_to_the_same_result(tmp_path: Path) -> None:
     args = ["num_samples=24", "batch_size=4", "steps=30", *METRICS, f"hydra.run.dir={tmp_path / 'killed'}"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", **ONE_THREAD}
+    env = cli_env()
     command = [sys.executable, str(ROOT / "scripts/run.py"), "logger=none", "progress=false", *args]
     process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 240
@@ -139,7 +138,7 @@ def test_a_folder_holding_another_run_is_refused_untouched_unless_overwritten(tm
 
 def test_two_runs_at_once_never_share_a_folder(tmp_path: Path) -> None:
     args = ["model=digits-ideal", "scheduler=euler", "steps=100000", f"hydra.run.dir={tmp_path / 'run'}"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", **ONE_THREAD}
+    env = cli_env()
     command = [sys.executable, str(ROOT / "scripts/run.py"), "logger=none", "progress=false", *args]
     first = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -185,7 +184,7 @@ def test_a_write_failure_marks_the_run_failed_and_leaves_no_truncated_file(tmp_p
     def small_files() -> None:  # like a full disk: no file over 200 kB
         resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
 
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", **ONE_THREAD}
+    env = cli_env()
     args = ["logger=none", "progress=false", "model=digits-ideal", "steps=10", "batch_size=64"]
     result = subprocess.run(
         [sys.executable, str(ROOT / "scripts/run.py"), *args, f"hydra.run.dir={tmp_path / 'run'}"],

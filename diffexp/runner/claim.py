@@ -105,10 +105,7 @@ def claim(out_dir: Path, cfg: DictConfig) -> Claim:
 
 def inspect(out_dir: Path, cfg: DictConfig) -> tuple[dict[int, Path], dict[str, Any] | None]:
     """What this run may reuse in ``out_dir``: finished chunks, or the metrics of a finished run."""
-    try:
-        record = read_status_record(out_dir)
-    except ValueError:  # a damaged status.json: some run was here
-        record = {"status": "corrupt"}
+    record = read_status_record(out_dir)  # a damaged status.json reads "corrupt": some run was here
     if record is None:
         others = sorted(p.name for p in out_dir.iterdir() if not kept(p))
         if others:

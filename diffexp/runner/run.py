@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,26 +25,13 @@ from diffexp.runner.distributed import World, broadcast, gather, shared_dir, wor
 from diffexp.runner.folder import RunFiles, writing
 from diffexp.runner.observers import Observer, RunInfo
 from diffexp.runner.summary import environment, run_summary
-from diffexp.samples import chunk_path, read_chunk, write_chunk
+from diffexp.samples import ChunkFile, chunk_path, read_chunk, write_chunk
 from diffexp.sampling.device import process_age_s, reset_peak_memory
 from diffexp.sampling.experiment import Experiment, prepare
 from diffexp.sampling.loop import StepState
 
 log = logging.getLogger("diffexp")
 _started: list[float | None] = []  # the process's age at its first run's first model call
-
-
-@dataclass
-class Chunk:
-    """What the metrics need of a finished chunk: its per-sample values and its cost."""
-
-    values: dict[str, Any]
-    cost: dict[str, Any]
-
-    @classmethod
-    def read(cls, path: Path) -> Chunk:
-        stored = read_chunk(path)
-        return cls(stored.values, stored.cost)
 
 
 def build_observers(cfg: DictConfig) -> list[Observer]:
@@ -182,10 +168,10 @@ def sample_chunks(
     everyone: Sequence[Observer],
     out_dir: Path,
     w: World,
-) -> tuple[dict[int, Chunk], StepState | None, str | None]:
+) -> tuple[dict[int, ChunkFile], StepState | None, str | None]:
     """This process's chunks: each sampled, measured, stored (a chunked run) and told to the observers. Under
     several processes, a failure is returned (named by rank) rather than raised, so every rank reaches the gather."""
-    mine: dict[int, Chunk] = {}
+    mine: dict[int, ChunkFile] = {}
     first: StepState | None = None
     started = time.perf_counter()
     try:
@@ -200,7 +186,8 @@ def sample_chunks(
                     write_chunk(out_dir, i, done.samples, done.images.numpy(), values, done.cost, latents)
             for o in everyone:
                 o.chunk(done)
-            mine[i] = Chunk(done.values, done.cost | {"run_s": time.perf_counter() - started})
+            cost = done.cost | {"run_s": time.perf_counter() - started}
+            mine[i] = ChunkFile(i, done.samples, done.values, cost)
             first = done.final if i == 0 else first
     except Exception as err:
         if w.size == 1:
@@ -214,12 +201,12 @@ def summarise(
     exp: Experiment,
     measures: RunMetrics,
     claim: Claim,
-    sampled: dict[int, Chunk],
+    sampled: dict[int, ChunkFile],
     env: dict[str, Any],
     w: World,
 ) -> dict[str, Any]:
     """The final metrics from every chunk, sampled now or finished before, in sample order."""
-    every = {i: Chunk.read(p) for i, p in claim.finished.items()} | sampled
+    every = {i: read_chunk(p) for i, p in claim.finished.items()} | sampled
     order = [every[i] for i in sorted(every)]
     assert len(order) == len(exp.chunks()), f"chunks {sorted(set(range(len(exp.chunks()))) - set(every))} missing"
     names = dict.fromkeys(k for c in order for k in c.values)

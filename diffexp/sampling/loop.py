@@ -147,8 +147,8 @@ def iter_steps(
         # 2. the scheduler moves x towards t_prev
         out = scheduler.step(output, t, x, **kwargs)
         x0 = predicted_x0(scheduler, out, x, output, t, prediction_type)
-        x_in, x = x, out.prev_sample
-        bad = first_non_finite(bad, i, x, x0, x_in, output)
+        x = out.prev_sample
+        bad = first_non_finite(bad, i, x, x0, output)
 
         last = i == len(timesteps) - 1
         full = completed_full_step(scheduler) or last
@@ -188,12 +188,13 @@ def set_begin_index(scheduler: Any, timesteps: torch.Tensor) -> None:
 
 
 def first_non_finite(
-    bad: torch.Tensor, call: int, x: torch.Tensor, x0: torch.Tensor, x_in: torch.Tensor, output: torch.Tensor
+    bad: torch.Tensor, call: int, x: torch.Tensor, x0: torch.Tensor, output: torch.Tensor
 ) -> torch.Tensor:
     """The device-side flag, unchanged once set: ``4 call + 2 what + by_model + 1``, with what 0 for x and 1 for
-    x0, and by_model 1 where the model's output was not finite for a finite input (its fault, not the scheduler's)."""
+    x0, and by_model 1 where the model's output was not finite. The first bad call's input is the last finite x,
+    so a non-finite output there is the model's fault, not the scheduler's (at a finite time: check_finite)."""
     what = torch.where(torch.isfinite(x).all(), torch.where(torch.isfinite(x0).all(), -1, 1), 0)
-    by_model = (torch.isfinite(x_in).all() & ~torch.isfinite(output).all()).long()
+    by_model = (~torch.isfinite(output).all()).long()
     here = torch.where(what >= 0, 4 * call + 2 * what + by_model + 1, 0)
     return torch.where(bad > 0, bad, here)
 

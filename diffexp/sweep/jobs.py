@@ -14,11 +14,10 @@ import signal
 from pathlib import Path
 from typing import Any
 
-import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from diffexp.errors import DiffexpError
-from diffexp.folders import METRICS_FILE, CorruptFile, RunStatus, deaths, mark_failed, read_json, read_status
+from diffexp.folders import RunStatus, deaths, mark_failed, read_status
 from diffexp.runner.observers import Observer, RunInfo
 from diffexp.sampling.loop import StepState
 
@@ -59,11 +58,7 @@ def run_job(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     from diffexp.runner.claim import FolderTaken
     from diffexp.runner.run import run
 
-    out_dir = Path(out_dir)
-    done = finished_metrics(cfg, out_dir)
-    if done is not None:
-        log.info("skipped: %s finished before in %s", done.get("label"), out_dir)
-        return done
+    out_dir = Path(out_dir)  # a job finished before with this config: run() returns its metrics (runner/claim.py)
     died, limit = deaths(out_dir), int(OmegaConf.select(cfg, "sweep.max_deaths", default=2))
     if read_status(out_dir) == RunStatus.died and died >= limit:
         log.error(
@@ -87,25 +82,3 @@ def run_job(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()  # give the memory of a failed (e.g. out-of-memory) run back to the next job
         return {"status": RunStatus.failed.value, "error": str(err), "error_type": type(err).__name__}
-
-
-def finished_metrics(cfg: DictConfig, out_dir: Path) -> dict[str, Any] | None:
-    """The metrics of a run that finished in ``out_dir`` with this very config, else None (also for a folder
-    whose files cannot be read: it runs again)."""
-    try:
-        metrics = read_json(out_dir / METRICS_FILE) if read_status(out_dir) == RunStatus.finished else None
-        if metrics is None:
-            return None
-        stored = yaml.safe_load((out_dir / "config.yaml").read_text())
-    except (CorruptFile, OSError, yaml.YAMLError) as err:
-        log.warning("%s cannot be read (%s): running it again", out_dir, err)
-        return None
-    current = yaml.safe_load(OmegaConf.to_yaml(cfg, resolve=True))
-    for c in (stored, current):
-        if isinstance(c, dict):
-            c.pop("progress", None)  # display only
-            c.pop("sweep", None)  # how the sweep runs, not what a job is
-    if stored != current:
-        log.warning("%s holds a finished run of another config: running it again", out_dir)
-        return None
-    return metrics
