@@ -38,11 +38,14 @@ def start_cli(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> 
 
 
 def wait_for(condition: Callable[[], bool], proc: subprocess.Popen[str], timeout: float = 240) -> None:
+    """Poll ``condition``; on failure the command's whole process group is killed, so no run is left behind."""
     end = time.monotonic() + timeout
     while not condition():
         if proc.poll() is not None:
             pytest.fail(f"the process ended early ({proc.returncode}): {proc.communicate()[1][-3000:]}")
-        assert time.monotonic() < end, "timed out"
+        if time.monotonic() > end:
+            os.killpg(proc.pid, signal.SIGKILL)
+            pytest.fail(f"timed out: {proc.communicate()[1][-3000:]}")
         time.sleep(0.2)
 
 
@@ -205,8 +208,12 @@ def test_names_in_folder_templates_stay_inside_outputs(case: str, tmp_path: Path
     assert "Traceback" not in result.stderr
     made = [p for p in tmp_path.rglob("*") if p.is_dir() and "outputs" not in p.relative_to(tmp_path).parts]
     assert sorted(made) == [tmp_path / "a", work.parent, work]  # nothing outside outputs/
-    (run,) = (work / "outputs" / "runs").glob("*/*")
+    (record,) = work.rglob(".hydra")  # Hydra's record sits in the run folder: outputs/runs/<date>/<name>
+    run = record.parent
+    assert run.parent.parent == work / "outputs" / "runs", run
     assert all(c.isalnum() or c in "._+-" for c in run.name) and ".." not in run.name
+    expected = {"model.name with ..": "_._escaped", "model.name with /": "a_b"}.get(case, "digits-ideal")
+    assert f"-{expected}-" in run.name
 
 
 def test_a_slash_in_a_sweep_value_does_not_nest_job_folders(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ sample scheduler checked before the first step."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -27,10 +28,12 @@ def test_sigterm_interrupts_training_and_its_status_follows_the_steps(tmp_path: 
     args = [*TINY, "logger=wandb", "steps=100000", "log_every=2", "checkpoint_every=4", "hydra.run.dir=out"]
     env = {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", **ONE_THREAD}
     proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "train.py"), *args], cwd=tmp_path,
-                            env=env, stderr=subprocess.PIPE, text=True)  # fmt: skip
+                            env=env, stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
     end = time.monotonic() + 240
     while ((read_status_record(tmp_path / "out") or {}).get("checkpoint") or 0) < 4:
-        assert proc.poll() is None and time.monotonic() < end, proc.stderr.read()[-3000:] if proc.stderr else ""
+        if proc.poll() is not None or time.monotonic() > end:
+            os.killpg(proc.pid, signal.SIGKILL)  # never leave a training behind
+            pytest.fail(f"no checkpoint step in status.json: {proc.communicate()[1][-3000:]}")
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
@@ -90,6 +93,6 @@ def test_a_resumed_training_resumes_its_wandb_run(tmp_path: Path) -> None:
     ],
 )
 def test_the_sample_scheduler_is_checked_before_training(tmp_path: Path, overrides: list[str], message: str) -> None:
-    with pytest.raises(DiffexpError, match=message):
-        train(train_cfg("steps=2", "sample_every=2", *overrides), tmp_path)
-    assert not (tmp_path / "train.jsonl").exists()
+    with pytest.raises(DiffexpError, match=message):  # the first grid would be at step 4, after a log at step 2
+        train(train_cfg("steps=4", "sample_every=4", "log_every=2", *overrides), tmp_path)
+    assert not (tmp_path / "train.jsonl").exists() and not (tmp_path / "status.json").exists()
