@@ -4,12 +4,14 @@
    book's loop with the same model, scheduler, steps, batch and per-sample noise, saving grid PNGs of x and x0 at
    each snapshot, model loading included in both), at 30 and 300 steps, with ``logger=none`` and with W&B offline.
 2. As processes, imports included: the default command ``python scripts/run.py logger=none progress=false`` (and
-   with W&B offline) against this file run as the bare script (``--bare DIR``).
+   with W&B offline) against this file run as the bare script (``--bare DIR``). The command defers Python's cyclic
+   garbage collection until its first model call (diffexp/startup.py); the bare script run with that policy
+   too (``--deferred``) shows what the command costs beyond it.
 
-The arms alternate and each figure is a median; every ratio is against its baseline measured in the same run.
+The arms take turns in rounds; a ratio is the median over rounds of the ratio to the baseline in the same round.
 
-python benchmarks/overhead.py                         # everything: about 10 minutes on one busy core
-python benchmarks/overhead.py --repeats 3 --steps 30  # in process only at 30 steps, no processes
+python benchmarks/overhead.py                                        # everything: about 12 minutes on one core
+python benchmarks/overhead.py --repeats 2 --steps 30 --no-processes  # in process only, at 30 steps
 """
 
 from __future__ import annotations
@@ -25,13 +27,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # diffexp from this checkout, installed or not
 MODEL = ROOT / "diffexp" / "weights" / "digits-unet"  # the default model, as the default command loads it
 BATCH, SEED, LOG_EVERY = 4, 0, 10  # the defaults of configs/run.yaml
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
 TARGETS = {"runner, logger=none, 300 steps": 1.02, "command, logger=none": 1.10, "command, W&B offline": 1.25}
 
 
-def bare_loop(out_dir: Path, steps: int = 30, model_dir: Path = MODEL) -> float:
+def bare_loop(
+    out_dir: Path, steps: int = 30, model_dir: Path = MODEL, before_loop: Callable[[], None] = lambda: None
+) -> float:
     """The book's loop, with per-sample noise and a grid of x and x0 every LOG_EVERY steps; seconds taken."""
     import torch
     from diffusers import DiffusionPipeline
@@ -49,6 +54,7 @@ def bare_loop(out_dir: Path, steps: int = 30, model_dir: Path = MODEL) -> float:
     scheduler.set_timesteps(steps)
     x = x * scheduler.init_noise_sigma
     out_dir.mkdir(parents=True, exist_ok=True)
+    before_loop()
     with torch.inference_mode():
         for i, t in enumerate(scheduler.timesteps):
             eps = unet(scheduler.scale_model_input(x, t), t).sample
@@ -80,24 +86,29 @@ def process(args: list[str], cwd: Path) -> float:
     return time.perf_counter() - start
 
 
-def alternate(arms: dict[str, Callable[[Path], float]], repeats: int, tmp: Path) -> dict[str, float]:
-    """Median seconds of each arm, the arms taking turns so that load on the machine hits them alike."""
+def alternate(arms: dict[str, Callable[[Path], float]], repeats: int, tmp: Path) -> dict[str, list[float]]:
+    """Seconds of each arm per round. The arms take turns, in an order that reverses every round (ABC, CBA, ...),
+    so that a machine slowing down or speeding up during a round hits every arm alike."""
     times: dict[str, list[float]] = {name: [] for name in arms}
     for name, arm in arms.items():  # warm-up: imports, caches, the W&B service
         arm(tmp / f"warmup-{len(name)}-{abs(hash(name))}")
     for i in range(repeats):
-        for name, arm in arms.items():
-            times[name].append(arm(tmp / f"{abs(hash(name))}-{i}"))
-    return {name: statistics.median(values) for name, values in times.items()}
+        for name in list(arms)[:: 1 if i % 2 == 0 else -1]:
+            times[name].append(arms[name](tmp / f"{abs(hash(name))}-{i}"))
+    return times
 
 
-def report(title: str, medians: dict[str, float], baseline: str) -> dict[str, float]:
-    print(f"\n{title}\n| arm | median s | ratio | target |\n|---|---|---|---|")
+def report(title: str, times: dict[str, list[float]], baseline: str) -> dict[str, float]:
+    """Each arm's median seconds, and its ratio to the baseline: the median over rounds of the ratio within a
+    round (the two measured minutes apart at most, so the machine's drift cancels)."""
+    print(f"\n{title}\n| arm | median s | ratio (median of rounds) | ratio range | target |\n|---|---|---|---|---|")
     ratios = {}
-    for name, seconds in medians.items():
-        ratios[name] = seconds / medians[baseline]
+    for name, seconds in times.items():
+        per_round = [s / b for s, b in zip(seconds, times[baseline], strict=True)]
+        ratios[name] = statistics.median(per_round)
         target = f"<= {TARGETS[name]:.2f}" if name in TARGETS else ""
-        print(f"| {name} | {seconds:.3f} | {ratios[name]:.3f} | {target} |")
+        spread = f"{min(per_round):.3f}-{max(per_round):.3f}"
+        print(f"| {name} | {statistics.median(seconds):.3f} | {ratios[name]:.3f} | {spread} | {target} |")
     return ratios
 
 
@@ -113,20 +124,25 @@ def media_mb(tmp: Path) -> float | None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=6, help="rounds (even: each order as often)")
     parser.add_argument("--steps", type=int, nargs="*", default=[30, 300], help="in-process step counts (none: skip)")
     parser.add_argument("--no-processes", dest="processes", action="store_false", help="in process only")
     parser.add_argument("--bare", type=Path, help="run as the bare script: the bare loop, writing into this folder")
+    parser.add_argument("--deferred", action="store_true", help="the bare script with the command's start-up policy")
     args = parser.parse_args()
     if args.bare is not None:
-        bare_loop(args.bare)
+        from diffexp.startup import defer_collection, end_startup
+
+        if args.deferred:
+            defer_collection()  # as scripts/run.py does: no collection passes until the first model call
+        bare_loop(args.bare, before_loop=end_startup)
         return
     for key, value in ONE_THREAD.items():
         os.environ.setdefault(key, value)
     import torch
 
     torch.set_num_threads(1)
-    print(f"{args.repeats} runs per arm, medians; digits-unet, DDPM, batch {BATCH}, grids every {LOG_EVERY} steps")
+    print(f"{args.repeats} rounds; digits-unet, DDPM, batch {BATCH}, grids every {LOG_EVERY} steps")
     with tempfile.TemporaryDirectory() as name:
         tmp = Path(name)
         for steps in args.steps:
@@ -135,9 +151,10 @@ def main() -> None:
                 f"runner, logger=none, {steps} steps": lambda out, s=steps: runner(out, s, wandb=False),
                 f"runner, W&B offline, {steps} steps": lambda out, s=steps: runner(out, s, wandb=True),
             }
-            medians = alternate(arms, args.repeats, tmp)
-            report(f"In process, {steps} steps", medians, f"bare loop, {steps} steps")
-            wandb, none = medians[f"runner, W&B offline, {steps} steps"], medians[f"runner, logger=none, {steps} steps"]
+            times = alternate(arms, args.repeats, tmp)
+            report(f"In process, {steps} steps", times, f"bare loop, {steps} steps")
+            wandb = statistics.median(times[f"runner, W&B offline, {steps} steps"])
+            none = statistics.median(times[f"runner, logger=none, {steps} steps"])
             print(f"W&B offline over logger=none: {wandb / none:.3f} ({wandb - none:+.2f} s per run)")
         if (mb := media_mb(tmp)) is not None:
             print(f"\nW&B media: {mb:.3f} MB per run")
@@ -147,8 +164,17 @@ def main() -> None:
                 "bare script": lambda out: process([__file__, "--bare", str(out)], tmp),
                 "command, logger=none": lambda out: process([script, "logger=none", "progress=false"], tmp),
                 "command, W&B offline": lambda out: process([script, "progress=false"], tmp),
+                # what the command costs over a bare script that also defers collection (diffexp/startup.py)
+                "bare script, collection deferred": lambda out: process(
+                    [__file__, "--bare", str(out), "--deferred"], tmp
+                ),
             }
-            report("As processes (imports included)", alternate(arms, args.repeats, tmp), "bare script")
+            times = alternate(arms, args.repeats, tmp)
+            report("As processes (imports included)", times, "bare script")
+            deferred = times.pop("bare script, collection deferred")
+            for name in ("command, logger=none", "command, W&B offline"):
+                ratio = statistics.median(c / b for c, b in zip(times[name], deferred, strict=True))
+                print(f"{name} over the bare script with collection deferred: {ratio:.3f}")
 
 
 if __name__ == "__main__":

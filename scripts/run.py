@@ -8,10 +8,13 @@ Many samples over several processes: torchrun --nproc_per_node=K scripts/run.py 
 
 import sys
 
+from diffexp.startup import defer_collection
 from diffexp.sweep.supervisor import may_sweep, supervise, supervised  # light: no torch, no Hydra
 
-if __name__ == "__main__" and may_sweep(sys.argv[1:]) and not supervised():
-    sys.exit(supervise(__file__, sys.argv[1:]))
+if __name__ == "__main__":
+    if may_sweep(sys.argv[1:]) and not supervised():
+        sys.exit(supervise(__file__, sys.argv[1:]))
+    defer_collection()  # until the first model call (diffexp/startup.py)
 
 import logging
 from pathlib import Path

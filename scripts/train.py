@@ -3,6 +3,11 @@
 import logging
 from pathlib import Path
 
+from diffexp.startup import defer_collection
+
+if __name__ == "__main__":
+    defer_collection()  # until the first training step (diffexp/startup.py)
+
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig

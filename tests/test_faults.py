@@ -289,3 +289,28 @@ def test_ctrl_c_while_wandb_waits_for_its_server_exits_at_once(tmp_path: Path) -
     assert took < 2, (took, err[-2000:])
     assert proc.returncode == 130 and "Traceback" not in err
     assert read_status(tmp_path / "run") == "interrupted"
+
+
+def test_the_trajectory_holds_whole_snapshots_only(tmp_path: Path) -> None:
+    import numpy as np
+    import torch
+
+    from diffexp.runner.folder import Trajectory
+    from diffexp.sampling.loop import StepState
+
+    def state(k: int) -> StepState:
+        x = torch.full((2, 1, 4, 4), float(k))
+        return StepState(k, k, k, 3, 900.0 - k, 10.0 / k, x, -x, True, True, k == 3, 0.0, 0.0)
+
+    trajectory = Trajectory(tmp_path / ".trajectory")
+    (tmp_path / ".trajectory").mkdir()
+    for k in (1, 2, 3):
+        trajectory.append(state(k))
+    with open(tmp_path / ".trajectory" / "x.raw", "ab") as f:
+        f.write(b"\0" * 40)  # a fourth snapshot cut short
+    trajectory.save(tmp_path / "trajectory.npz")
+    saved = np.load(tmp_path / "trajectory.npz")
+    assert saved["x"].shape == (3, 2, 1, 4, 4) and np.array_equal(saved["x"][:, 0, 0, 0, 0], [1, 2, 3])
+    assert np.array_equal(saved["x0"], -saved["x"]) and saved["step"].tolist() == [1, 2, 3]
+    assert saved["sigma"].dtype == np.float64 and saved["timestep"].tolist() == [899.0, 898.0, 897.0]
+    assert not (tmp_path / ".trajectory").exists() and len(trajectory) == 0

@@ -11,7 +11,7 @@ from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler
 import diffexp
 from diffexp.errors import NonFiniteError
 from diffexp.sampling.ideal import DDPM_SCHEDULER_CONFIG, DigitsIdealDenoiser, digits_images
-from diffexp.sampling.loop import iter_steps, sample
+from diffexp.sampling.loop import check_finite, iter_steps, sample
 from diffexp.sampling.models import LoadedModel, tiny_unet
 
 
@@ -76,6 +76,19 @@ def test_non_finite_values_stop_the_run_with_the_step() -> None:
     noise, gens = diffexp.initial_noise((1, 32, 32), 0, 2, torch.device("cpu"))
     with pytest.raises(NonFiniteError, match="NaN/Inf at step 3 \\(model call 5\\)"):
         sample(iter_steps(NaNAfter(DigitsIdealDenoiser(), 4), built.scheduler, noise, 6, gens))
+
+
+def test_the_sums_name_the_first_bad_call_what_went_bad_and_who() -> None:
+    inf, nan = float("inf"), float("nan")
+    steps, times = [1, 1, 2, 2, 3], torch.tensor([900.0, 700.0, 500.0, 300.0, 100.0])
+    rows = [[1.0, 2.0, 3.0], [1.0, 2.0, nan], [1.0, inf, 3.0], [nan, nan, nan]]  # calls 2..5 (index 1..4)
+    with pytest.raises(NonFiniteError, match="at step 2 \\(model call 4\\): the predicted x0") as caught:
+        check_finite(torch.tensor(rows), 1, steps, times)  # call 3's NaN output went nowhere: no error there
+    assert not caught.value.by_model
+    with pytest.raises(NonFiniteError, match="sample x") as caught:
+        check_finite(torch.tensor([[nan, 1.0, inf]]), 4, steps, times)
+    assert caught.value.by_model and caught.value.call == 5
+    check_finite(torch.tensor([[1e300, -1e300, 0.0]], dtype=torch.float64), 0, steps, times)  # large is finite
 
 
 def test_observer_callbacks_do_not_change_the_maths() -> None:

@@ -4,6 +4,8 @@ cannot do them; a run that starts with only what it uses and prints only diffexp
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -54,6 +56,15 @@ def test_the_gpu_benchmark_runs_on_the_cpu_in_smoke_mode(tmp_path: Path) -> None
     assert data["gflop_per_image"] > 0 and "| bf16 channels_last |" in result.stdout
 
 
+def test_the_overhead_benchmark_prints_its_ratios(tmp_path: Path) -> None:
+    args = ["--repeats", "1", "--steps", "2", "--no-processes"]
+    result = run_cli(args, cwd=tmp_path, script="benchmarks/overhead.py")
+    assert result.returncode == 0, result.stderr
+    rows = [line.split("|") for line in result.stdout.splitlines() if line.startswith("| runner")]
+    assert [r[1].strip() for r in rows] == ["runner, logger=none, 2 steps", "runner, W&B offline, 2 steps"]
+    assert all(float(r[3]) > 0 for r in rows) and "W&B offline over logger=none" in result.stdout
+
+
 def test_channels_last_gives_the_same_samples_and_is_recorded(tmp_path: Path) -> None:
     base = ("model=tiny", "scheduler=dpmsolver", "steps=6", "batch_size=2")
     exp = diffexp.prepare(compose(*base, "channels_last=true"))
@@ -95,9 +106,27 @@ def test_a_bad_compile_value_fails_before_torch_loads(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
-# prints the heavy modules a default run imported, after it ends
-PROBE = """import atexit, runpy, sys
+def test_the_collector_waits_for_start_up_only_where_a_command_asks() -> None:
+    code = """import gc
+from diffexp.startup import defer_collection, end_startup
+end_startup()
+print(gc.isenabled(), gc.get_freeze_count())  # a library user: untouched
+defer_collection()
+import torch
+print(gc.isenabled())
+end_startup()
+print(gc.isenabled(), gc.get_freeze_count() > 10_000)
+"""
+    from conftest import cli_env
+
+    result = subprocess.run([sys.executable, "-c", code], env=cli_env(), capture_output=True, text=True, timeout=120)
+    assert result.stdout.split() == ["True", "0", "False", "True", "True"], result.stderr
+
+
+# prints the heavy modules a default run imported, and the garbage collector's state, after it ends
+PROBE = """import atexit, gc, runpy, sys
 atexit.register(lambda: print("imported:", sorted(m for m in {heavy!r} if m in sys.modules)))
+atexit.register(lambda: print("collector:", gc.isenabled(), gc.get_freeze_count() > 100_000))
 sys.argv = ["run.py", "logger=none", "progress=false", "hydra.run.dir={out}"]
 runpy.run_path({script!r}, run_name="__main__")
 """
@@ -111,10 +140,12 @@ def test_a_default_run_imports_only_what_it_uses_and_prints_only_its_own_lines(t
     result = run_cli([], cwd=tmp_path, script=str(probe))
     assert result.returncode == 0, result.stderr
     assert "imported: []" in result.stdout, result.stdout
+    # start-up's objects (torch, diffusers) were frozen out of the collector's reach, which then ran again
+    assert "collector: True True" in result.stdout, result.stdout
     output = result.stdout + result.stderr
     for noise in ("Loading pipeline components", "Casting directly with `to()`", "accelerate", "deprecat"):
         assert noise not in output, output
-    lines = [line for line in output.splitlines() if line.strip() and not line.startswith("imported:")]
+    lines = [line for line in output.splitlines() if line.strip() and not line.startswith(("imported:", "collector:"))]
     assert lines and all("][diffexp][" in line for line in lines), output
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert 0 < metrics["startup_s"] < 300 and metrics["compile"] is None

@@ -25,7 +25,7 @@ from diffexp.samples import LATENTS_FILE, SAMPLES_FILE
 from diffexp.sampling.images import save_grid
 from diffexp.sampling.loop import StepState
 
-SNAPSHOTS_DIR = ".trajectory"  # one file per snapshot while the run goes; trajectory.npz at the end
+SNAPSHOTS_DIR = ".trajectory"  # the snapshots while the run goes (Trajectory); trajectory.npz at the end
 
 
 @contextmanager
@@ -40,18 +40,51 @@ def writing(what: Path | str) -> Iterator[None]:
         ) from None
 
 
-def join_snapshots(files: list[Path], path: Path) -> None:
-    """``trajectory.npz`` from the snapshot files, one array and one snapshot at a time (memory stays flat)."""
-    with np.load(files[0]) as first:
-        layout = {k: (first[k].dtype, first[k].shape) for k in first.files}
-    with atomic(path) as tmp, zipfile.ZipFile(tmp, "w", allowZip64=True) as archive:
-        for key, (dtype, shape) in layout.items():
-            with archive.open(f"{key}.npy", "w", force_zip64=True) as out:
-                header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False}
-                np.lib.format.write_array_header_2_0(out, header | {"shape": (len(files), *shape)})
-                for f in files:
-                    with np.load(f) as snapshot:
-                        out.write(np.ascontiguousarray(snapshot[key], dtype=dtype).tobytes())
+class Trajectory:
+    """The snapshots' x and x0, appended to raw files as the run goes (memory stays flat whatever the run's
+    length), and their step, NFE, timestep and noise level; ``save`` joins them into one ``.npz``."""
+
+    ARRAYS = ("x", "x0")
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.layout: dict[str, tuple[np.dtype, tuple[int, ...]]] = {}
+        self.scalars: dict[str, list[float]] = {"step": [], "nfe": [], "timestep": [], "sigma": []}
+
+    def __len__(self) -> int:
+        return len(self.scalars["step"])
+
+    def append(self, state: StepState) -> None:
+        for key in self.ARRAYS:
+            array = np.ascontiguousarray(getattr(state, key).float().cpu().numpy())
+            self.layout.setdefault(key, (array.dtype, array.shape))
+            with open(self.folder / f"{key}.raw", "ab") as f:
+                f.write(array.tobytes())
+        for key in self.scalars:  # last: a snapshot counts once all of it is written
+            self.scalars[key].append(getattr(state, key))
+
+    def save(self, path: Path) -> None:
+        """``path`` (``np.load``-able: x, x0, step, nfe, timestep, sigma), written atomically; the raw files go."""
+        n = len(self)
+        if n:
+            scalars = {"step": np.int64, "nfe": np.int64, "timestep": np.float64, "sigma": np.float64}
+            with atomic(path) as tmp, zipfile.ZipFile(tmp, "w", allowZip64=True) as archive:
+                for key, (dtype, shape) in self.layout.items():
+                    with archive.open(f"{key}.npy", "w", force_zip64=True) as out:
+                        header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False}
+                        np.lib.format.write_array_header_2_0(out, header | {"shape": (n, *shape)})
+                        with open(self.folder / f"{key}.raw", "rb") as raw:  # n whole snapshots, in blocks
+                            left = n * int(np.prod(shape)) * dtype.itemsize
+                            while left and (block := raw.read(min(left, 1 << 24))):
+                                out.write(block)
+                                left -= len(block)
+                for key, values in self.scalars.items():
+                    with archive.open(f"{key}.npy", "w") as out:
+                        np.lib.format.write_array(out, np.asarray(values, dtype=scalars[key]))
+        shutil.rmtree(self.folder, ignore_errors=True)
+        self.layout.clear()
+        for values in self.scalars.values():
+            values.clear()
 
 
 class RunFiles(Observer):
@@ -61,7 +94,7 @@ class RunFiles(Observer):
 
     def __init__(self) -> None:
         self.status: dict[str, Any] = {}
-        self.snapshots: list[Path] = []
+        self.trajectory: Trajectory | None = None
 
     def start(self, run: RunInfo) -> None:
         self.dir = run.out_dir
@@ -81,6 +114,7 @@ class RunFiles(Observer):
                 (self.dir / "steps.jsonl").write_text("")
                 shutil.rmtree(self.dir / SNAPSHOTS_DIR, ignore_errors=True)
             (self.dir / SNAPSHOTS_DIR).mkdir(exist_ok=True)
+        self.trajectory = Trajectory(self.dir / SNAPSHOTS_DIR)
 
     def snapshot(self, state: StepState, record: dict[str, Any]) -> None:
         name = f"step{state.step:04d}"
@@ -90,18 +124,7 @@ class RunFiles(Observer):
             with (self.dir / "steps.jsonl").open("a") as f:
                 f.write(json.dumps(record) + "\n")
             heartbeat(self.dir, self.status, step=state.step)  # status.json: alive, and how far
-            path = self.dir / SNAPSHOTS_DIR / f"{len(self.snapshots):05d}.npz"
-            with atomic(path) as tmp:  # streamed to disk: memory does not grow with the trajectory
-                np.savez(
-                    tmp,
-                    x=state.x.float().cpu().numpy(),
-                    x0=state.x0.float().cpu().numpy(),
-                    step=np.array(state.step),
-                    nfe=np.array(state.nfe),
-                    timestep=np.array(state.timestep, dtype=np.float64),
-                    sigma=np.array(state.sigma, dtype=np.float64),
-                )
-            self.snapshots.append(path)
+            self.trajectory.append(state)
 
     def chunk(self, done: ChunkDone) -> None:
         if done.index != 0:
@@ -132,7 +155,5 @@ class RunFiles(Observer):
 
     def _save_trajectory(self) -> None:
         """All snapshots, lossless, for notebooks: np.load(run_dir / "trajectory.npz")."""
-        if self.snapshots:
-            join_snapshots(self.snapshots, self.dir / "trajectory.npz")
-            shutil.rmtree(self.dir / SNAPSHOTS_DIR, ignore_errors=True)
-            self.snapshots = []
+        if self.trajectory is not None:
+            self.trajectory.save(self.dir / "trajectory.npz")

@@ -29,6 +29,7 @@ from diffexp.samples import ChunkFile, chunk_path, read_chunk, write_chunk
 from diffexp.sampling.device import process_age_s, reset_peak_memory
 from diffexp.sampling.experiment import Experiment, prepare
 from diffexp.sampling.loop import StepState
+from diffexp.startup import end_startup
 
 log = logging.getLogger("diffexp")
 _started: list[float | None] = []  # the process's age at its first run's first model call
@@ -127,6 +128,7 @@ def sample_run(
         for o in everyone:
             o.start(info)
         reset_peak_memory(exp.device)
+        end_startup()  # a command's start-up ends here: what it imported is frozen out of the collector's reach
         startup_s = None if _started else process_age_s()  # a later run of a sweep has no start-up of its own
         _started.append(startup_s)
         mine, first, failure = sample_chunks(exp, chunks, todo, measures, everyone, claim.out_dir, w)

@@ -117,8 +117,9 @@ def iter_steps(
     ``t`` is the schedule's timestep as a CPU scalar tensor, as the scheduler gets it; a ``Denoiser`` moves it to
     the device without waiting.
 
-    The loop never waits for the device between snapshots: a non-finite x or x0 is flagged on the device (the
-    first bad call) and checked, with one synchronisation, at each snapshot and at the end. ``elapsed_s`` is
+    The loop never waits for the device between snapshots: each call's x, x0 and model output are summed on the
+    device (a sum is finite exactly when every value is), and the sums are read, with one synchronisation, at
+    each snapshot and at the end, so a non-finite value is still traced to its first call. ``elapsed_s`` is
     exact at snapshots; between them the device may still be working, so a state's ``call_s`` is the host's time
     for the call there, and at a snapshot the mean time per call since the previous snapshot. Time spent by the
     consumer between yields is not counted.
@@ -137,7 +138,8 @@ def iter_steps(
     sigmas = sigma_at(log_sigmas(scheduler.alphas_cumprod), timesteps).tolist()
     set_begin_index(scheduler, timesteps)
     prediction_type = getattr(model, "prediction_type", "epsilon")
-    bad = torch.zeros((), dtype=torch.long, device=device)  # the first NaN/Inf, as first_non_finite codes it
+    total = finite_sum_dtype(device)
+    sums: list[torch.Tensor] = []  # x, x0 and the output of each call since the last check, summed
     reported_steps: list[int] = []  # the step each call belongs to, for the error message
     step, elapsed, at_snapshot, calls_since = 0, 0.0, 0.0, 0
     for i, (t, t_value) in enumerate(zip(timesteps, timesteps.tolist(), strict=True)):
@@ -148,7 +150,7 @@ def iter_steps(
         out = scheduler.step(output, t, x, **kwargs)
         x0 = predicted_x0(scheduler, out, x, output, t, prediction_type)
         x = out.prev_sample
-        bad = first_non_finite(bad, i, x, x0, output)
+        sums += (x.sum(dtype=total), x0.sum(dtype=total), output.sum(dtype=total))
 
         last = i == len(timesteps) - 1
         full = completed_full_step(scheduler) or last
@@ -156,9 +158,10 @@ def iter_steps(
         reported_steps.append(step if full else step + 1)
         snapshot = last or (full and step % log_every == 0)
         calls_since += 1
-        if snapshot:  # the one synchronisation between snapshots: the flag and the clock
+        if snapshot:  # the one synchronisation between snapshots: the sums and the clock
             synchronize(device)
-            check_finite(int(bad), reported_steps, timesteps)
+            check_finite(torch.stack(sums).view(-1, 3).cpu(), i + 1 - calls_since, reported_steps, timesteps)
+            sums.clear()
         call_s = time.perf_counter() - start
         elapsed += call_s
         if snapshot:
@@ -187,23 +190,22 @@ def set_begin_index(scheduler: Any, timesteps: torch.Tensor) -> None:
         scheduler.set_begin_index(scheduler.index_for_timestep(timesteps[0], timesteps))
 
 
-def first_non_finite(
-    bad: torch.Tensor, call: int, x: torch.Tensor, x0: torch.Tensor, output: torch.Tensor
-) -> torch.Tensor:
-    """The device-side flag, unchanged once set: ``4 call + 2 what + by_model + 1``, with what 0 for x and 1 for
-    x0, and by_model 1 where the model's output was not finite. The first bad call's input is the last finite x,
-    so a non-finite output there is the model's fault, not the scheduler's (at a finite time: check_finite)."""
-    what = torch.where(torch.isfinite(x).all(), torch.where(torch.isfinite(x0).all(), -1, 1), 0)
-    by_model = (~torch.isfinite(output).all()).long()
-    here = torch.where(what >= 0, 4 * call + 2 * what + by_model + 1, 0)
-    return torch.where(bad > 0, bad, here)
+def finite_sum_dtype(device: torch.device) -> torch.dtype:
+    """Sums in float64 cannot overflow from finite float32 (or narrower) values, so they are non-finite exactly
+    where a value is; MPS has no float64, and sums there in float32 (values beyond about 1e34 read as overflow)."""
+    return torch.float32 if device.type == "mps" else torch.float64
 
 
-def check_finite(bad: int, reported_steps: list[int], timesteps: torch.Tensor) -> None:
-    if bad:
-        call, code = divmod(bad - 1, 4)
-        by_model = bool(code % 2) and math.isfinite(float(timesteps[call]))  # at a finite time
-        raise NonFiniteError(reported_steps[call], call + 1, ("sample x", "predicted x0")[code // 2], by_model)
+def check_finite(sums: torch.Tensor, first: int, reported_steps: list[int], timesteps: torch.Tensor) -> None:
+    """``sums``: x, x0 and the model's output summed, one row per call from call index ``first``. The first bad
+    call's input is the last finite x, so a non-finite output there (at a finite time) is the model's fault."""
+    bad = ~torch.isfinite(sums)
+    if bad[:, :2].any():  # x or x0 (a non-finite output that the step discards is no error)
+        row = int(bad[:, :2].any(dim=1).nonzero()[0])
+        call = first + row
+        what = "sample x" if bad[row, 0] else "predicted x0"
+        by_model = bool(bad[row, 2]) and math.isfinite(float(timesteps[call]))
+        raise NonFiniteError(reported_steps[call], call + 1, what, by_model)
 
 
 def sample(states: Iterable[StepState], callback: Callable[[StepState], None] | None = None) -> StepState:

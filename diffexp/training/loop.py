@@ -24,6 +24,7 @@ from diffexp.errors import DiffexpError
 from diffexp.folders import RunStatus, end_status, heartbeat, now, read_status_record, write_json, write_status
 from diffexp.sampling.device import device_name, resolve_device
 from diffexp.sampling.schedulers import build_scheduler
+from diffexp.startup import end_startup
 from diffexp.training.config import check_config
 from diffexp.training.loggers import JsonlLogger, TrainLogger, TrainRun
 from diffexp.training.trainer import Trainer, checkpoints, new_trainer, resume_trainer
@@ -51,6 +52,7 @@ def train(cfg: DictConfig, out_dir: Path, loggers: Sequence[TrainLogger] = ()) -
         everyone.append(train_run)
         if train_run.run is not None:  # a resumed training resumes this W&B run: one curve
             status = heartbeat(out_dir, status, wandb_id=train_run.run.id)
+    end_startup()  # a command's start-up ends before the first step (diffexp/startup.py)
     start_step, start = trainer.step, time.perf_counter()
     error: BaseException | None = None
     bar = tqdm(total=cfg.steps, initial=trainer.step, desc=cfg.name, unit="step", disable=not cfg.progress)
