@@ -17,6 +17,7 @@ python benchmarks/overhead.py --repeats 2 --steps 30 --no-processes  # in proces
 from __future__ import annotations
 
 import argparse
+import compileall
 import os
 import statistics
 import subprocess
@@ -25,6 +26,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # diffexp from this checkout, installed or not
@@ -86,29 +88,67 @@ def process(args: list[str], cwd: Path) -> float:
     return time.perf_counter() - start
 
 
-def alternate(arms: dict[str, Callable[[Path], float]], repeats: int, tmp: Path) -> dict[str, list[float]]:
+class NetworkClock:
+    """Seconds spent inside the UNet's forward at the sampling batch, this process's arms alike: what is left is
+    each arm's own work (the runner's batch-1 memory probe among it), which the machine's drift (it moves the
+    network's time by several percent from one minute to the next) hardly touches."""
+
+    seconds = 0.0
+
+    @classmethod
+    def install(cls) -> None:
+        from diffusers import UNet2DModel
+
+        forward = UNet2DModel.forward
+
+        def timed(self: Any, sample: Any, *args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return forward(self, sample, *args, **kwargs)
+            finally:
+                if sample.shape[0] == BATCH:
+                    cls.seconds += time.perf_counter() - start
+
+        UNet2DModel.forward = timed  # type: ignore[method-assign]
+
+
+Times = dict[str, list[tuple[float, float]]]  # per arm, per round: (seconds, of which inside the network)
+
+
+def alternate(arms: dict[str, Callable[[Path], float]], repeats: int, tmp: Path) -> Times:
     """Seconds of each arm per round. The arms take turns, in an order that reverses every round (ABC, CBA, ...),
     so that a machine slowing down or speeding up during a round hits every arm alike."""
-    times: dict[str, list[float]] = {name: [] for name in arms}
+    times: Times = {name: [] for name in arms}
     for name, arm in arms.items():  # warm-up: imports, caches, the W&B service
         arm(tmp / f"warmup-{len(name)}-{abs(hash(name))}")
     for i in range(repeats):
         for name in list(arms)[:: 1 if i % 2 == 0 else -1]:
-            times[name].append(arms[name](tmp / f"{abs(hash(name))}-{i}"))
+            NetworkClock.seconds = 0.0
+            seconds = arms[name](tmp / f"{abs(hash(name))}-{i}")
+            times[name].append((seconds, NetworkClock.seconds))
     return times
 
 
-def report(title: str, times: dict[str, list[float]], baseline: str) -> dict[str, float]:
+def report(title: str, times: Times, baseline: str) -> dict[str, float]:
     """Each arm's median seconds, and its ratio to the baseline: the median over rounds of the ratio within a
-    round (the two measured minutes apart at most, so the machine's drift cancels)."""
-    print(f"\n{title}\n| arm | median s | ratio (median of rounds) | ratio range | target |\n|---|---|---|---|---|")
+    round (the two measured minutes apart at most, so the machine's drift cancels). In process, also the time
+    outside the network, and the ratio with the network's time equalised: (baseline + the arm's extra time outside
+    the network) / baseline, per round."""
+    inside = any(net for rounds in times.values() for _, net in rounds)
+    extra = " outside network s | ratio, network equalised |" if inside else ""
+    print(f"\n{title}\n| arm | median s | ratio (median of rounds) | ratio range |{extra} target |")
+    print("|---" * (6 if inside else 4) + "|---|")
     ratios = {}
-    for name, seconds in times.items():
-        per_round = [s / b for s, b in zip(seconds, times[baseline], strict=True)]
+    for name, rounds in times.items():
+        per_round = [s / b for (s, _), (b, _) in zip(rounds, times[baseline], strict=True)]
         ratios[name] = statistics.median(per_round)
-        target = f"<= {TARGETS[name]:.2f}" if name in TARGETS else ""
-        spread = f"{min(per_round):.3f}-{max(per_round):.3f}"
-        print(f"| {name} | {statistics.median(seconds):.3f} | {ratios[name]:.3f} | {spread} | {target} |")
+        cells = [f"{statistics.median(s for s, _ in rounds):.3f}", f"{ratios[name]:.3f}"]
+        cells.append(f"{min(per_round):.3f}-{max(per_round):.3f}")
+        if inside:
+            equalised = [(b + (s - n) - (b - bn)) / b for (s, n), (b, bn) in zip(rounds, times[baseline], strict=True)]
+            cells += [f"{statistics.median(s - n for s, n in rounds):.3f}", f"{statistics.median(equalised):.3f}"]
+        cells.append(f"<= {TARGETS[name]:.2f}" if name in TARGETS else "")
+        print(f"| {name} | {' | '.join(cells)} |")
     return ratios
 
 
@@ -139,9 +179,12 @@ def main() -> None:
         return
     for key, value in ONE_THREAD.items():
         os.environ.setdefault(key, value)
+    # diffexp's bytecode, as a user's first run writes it (PYTHONDONTWRITEBYTECODE would compile it every time)
+    compileall.compile_dir(ROOT / "diffexp", quiet=1)
     import torch
 
     torch.set_num_threads(1)
+    NetworkClock.install()
     print(f"{args.repeats} rounds; digits-unet, DDPM, batch {BATCH}, grids every {LOG_EVERY} steps")
     with tempfile.TemporaryDirectory() as name:
         tmp = Path(name)
@@ -153,8 +196,8 @@ def main() -> None:
             }
             times = alternate(arms, args.repeats, tmp)
             report(f"In process, {steps} steps", times, f"bare loop, {steps} steps")
-            wandb = statistics.median(times[f"runner, W&B offline, {steps} steps"])
-            none = statistics.median(times[f"runner, logger=none, {steps} steps"])
+            wandb = statistics.median(s for s, _ in times[f"runner, W&B offline, {steps} steps"])
+            none = statistics.median(s for s, _ in times[f"runner, logger=none, {steps} steps"])
             print(f"W&B offline over logger=none: {wandb / none:.3f} ({wandb - none:+.2f} s per run)")
         if (mb := media_mb(tmp)) is not None:
             print(f"\nW&B media: {mb:.3f} MB per run")
@@ -173,7 +216,7 @@ def main() -> None:
             report("As processes (imports included)", times, "bare script")
             deferred = times.pop("bare script, collection deferred")
             for name in ("command, logger=none", "command, W&B offline"):
-                ratio = statistics.median(c / b for c, b in zip(times[name], deferred, strict=True))
+                ratio = statistics.median(c / b for (c, _), (b, _) in zip(times[name], deferred, strict=True))
                 print(f"{name} over the bare script with collection deferred: {ratio:.3f}")
 
 

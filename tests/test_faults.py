@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
@@ -314,3 +315,36 @@ def test_the_trajectory_holds_whole_snapshots_only(tmp_path: Path) -> None:
     assert np.array_equal(saved["x0"], -saved["x"]) and saved["step"].tolist() == [1, 2, 3]
     assert saved["sigma"].dtype == np.float64 and saved["timestep"].tolist() == [899.0, 898.0, 897.0]
     assert not (tmp_path / ".trajectory").exists() and len(trajectory) == 0
+
+
+def test_background_work_runs_in_order_and_its_failure_reaches_the_loop() -> None:
+    from diffexp.runner.background import Background
+
+    done: list[int] = []
+    started = threading.Event()
+    release = threading.Event()
+
+    def slow() -> None:
+        started.set()
+        release.wait(10)
+        done.append(0)
+
+    def fail() -> None:
+        raise OSError("disk full")
+
+    background = Background("test", most_pending=2)
+    background.submit(slow)
+    background.submit(lambda: done.append(1))
+    started.wait(10)
+    waiter = threading.Thread(target=lambda: background.submit(fail))  # two queued: waits for the oldest
+    waiter.start()
+    waiter.join(0.2)
+    assert waiter.is_alive() and done == []
+    release.set()
+    waiter.join(10)
+    with pytest.raises(OSError, match="disk full"):
+        background.wait()
+    assert done == [0, 1]
+    background.submit(fail)
+    background.close()  # never raises
+    assert background.pending == deque()

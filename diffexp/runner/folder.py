@@ -1,8 +1,10 @@
 """The run-folder observer: the source of truth for a run, written as it goes (formats: diffexp.folders).
 
 Every file is written atomically (a temporary name, then a rename), so a crash or a full disk never leaves a
-truncated file under its final name. The status is written before anything else at the end, and never depends on
-other writes: ``metrics.json`` exists only beside ``finished``.
+truncated file under its final name. Snapshot files and the samples are written beside the loop, in order
+(diffexp.runner.background), from copies taken at the snapshot; a failed write fails the run all the same. The
+status is written before anything else at the end, and never depends on other writes: ``metrics.json`` exists
+only beside ``finished``.
 """
 
 from __future__ import annotations
@@ -12,14 +14,17 @@ import shutil
 import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from omegaconf import OmegaConf
 
 from diffexp.errors import DiffexpError
 from diffexp.folders import METRICS_FILE, RunStatus, atomic, end_status, heartbeat, now, write_json, write_status
+from diffexp.runner.background import Background
 from diffexp.runner.observers import ChunkDone, Observer, RunInfo
 from diffexp.samples import LATENTS_FILE, SAMPLES_FILE
 from diffexp.sampling.images import save_grid
@@ -95,6 +100,7 @@ class RunFiles(Observer):
     def __init__(self) -> None:
         self.status: dict[str, Any] = {}
         self.trajectory: Trajectory | None = None
+        self.background: Background | None = None
 
     def start(self, run: RunInfo) -> None:
         self.dir = run.out_dir
@@ -115,8 +121,23 @@ class RunFiles(Observer):
                 shutil.rmtree(self.dir / SNAPSHOTS_DIR, ignore_errors=True)
             (self.dir / SNAPSHOTS_DIR).mkdir(exist_ok=True)
         self.trajectory = Trajectory(self.dir / SNAPSHOTS_DIR)
+        self.background = Background("diffexp-files")
 
     def snapshot(self, state: StepState, record: dict[str, Any]) -> None:
+        # copies on the host, taken now: the files are written beside the loop (Background)
+        copies: dict[int, torch.Tensor] = {}
+        for t in (state.x, state.x0, state.x_pixels, state.x0_pixels):
+            copies.setdefault(id(t), t.detach().to("cpu", copy=True))
+        kept = replace(
+            state,
+            x=copies[id(state.x)],
+            x0=copies[id(state.x0)],
+            x_image=copies[id(state.x_pixels)],
+            x0_image=copies[id(state.x0_pixels)],
+        )
+        self.background.submit(lambda: self._write_snapshot(kept, record))
+
+    def _write_snapshot(self, state: StepState, record: dict[str, Any]) -> None:
         name = f"step{state.step:04d}"
         with writing(self.grids / name):
             save_grid(state.x_pixels, self.grids / f"{name}_x.png")  # a latent model's: decoded
@@ -127,8 +148,10 @@ class RunFiles(Observer):
             self.trajectory.append(state)
 
     def chunk(self, done: ChunkDone) -> None:
-        if done.index != 0:
-            return
+        if done.index == 0:
+            self.background.submit(lambda: self._write_samples(done))
+
+    def _write_samples(self, done: ChunkDone) -> None:
         with writing(self.dir / "samples.png"):
             save_grid(done.images[:64], self.dir / "samples.png")
             if self.single:  # a chunked run's samples are its chunk files
@@ -139,6 +162,7 @@ class RunFiles(Observer):
                         np.save(tmp, done.latents.numpy().astype(np.float32))
 
     def finish(self, final: StepState | None, metrics: dict[str, Any]) -> None:
+        self.background.wait()  # raises a failed write
         with writing(self.dir / "trajectory.npz"):
             self._save_trajectory()
         with writing(self.dir / METRICS_FILE):
@@ -147,6 +171,8 @@ class RunFiles(Observer):
             end_status(self.dir, self.status, None)
 
     def close(self, error: BaseException | None) -> None:
+        if self.background is not None:
+            self.background.close()
         if error is None or not self.status:
             return
         end_status(self.dir, self.status, error)  # first: it must not depend on the writes below
