@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -45,16 +45,26 @@ def writing(what: Path | str) -> Iterator[None]:
         ) from None
 
 
+def host_copy(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to("cpu", copy=True)
+
+
 class Trajectory:
     """The snapshots' x and x0, appended to raw files as the run goes (memory stays flat whatever the run's
     length), and their step, NFE, timestep and noise level; ``save`` joins them into one ``.npz``."""
 
-    ARRAYS = ("x", "x0")
+    ARRAYS: ClassVar[tuple[str, ...]] = ("x", "x0")
+    SCALARS: ClassVar[dict[str, type[np.generic]]] = {
+        "step": np.int64,
+        "nfe": np.int64,
+        "timestep": np.float64,
+        "sigma": np.float64,
+    }
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self.layout: dict[str, tuple[np.dtype, tuple[int, ...]]] = {}
-        self.scalars: dict[str, list[float]] = {"step": [], "nfe": [], "timestep": [], "sigma": []}
+        self.scalars: dict[str, list[float]] = {key: [] for key in self.SCALARS}
 
     def __len__(self) -> int:
         return len(self.scalars["step"])
@@ -72,7 +82,6 @@ class Trajectory:
         """``path`` (``np.load``-able: x, x0, step, nfe, timestep, sigma), written atomically; the raw files go."""
         n = len(self)
         if n:
-            scalars = {"step": np.int64, "nfe": np.int64, "timestep": np.float64, "sigma": np.float64}
             with atomic(path) as tmp, zipfile.ZipFile(tmp, "w", allowZip64=True) as archive:
                 for key, (dtype, shape) in self.layout.items():
                     with archive.open(f"{key}.npy", "w", force_zip64=True) as out:
@@ -85,7 +94,7 @@ class Trajectory:
                                 left -= len(block)
                 for key, values in self.scalars.items():
                     with archive.open(f"{key}.npy", "w") as out:
-                        np.lib.format.write_array(out, np.asarray(values, dtype=scalars[key]))
+                        np.lib.format.write_array(out, np.asarray(values, dtype=self.SCALARS[key]))
         shutil.rmtree(self.folder, ignore_errors=True)
         self.layout.clear()
         for values in self.scalars.values():
@@ -125,15 +134,12 @@ class RunFiles(Observer):
 
     def snapshot(self, state: StepState, record: dict[str, Any]) -> None:
         # copies on the host, taken now: the files are written beside the loop (Background)
-        copies: dict[int, torch.Tensor] = {}
-        for t in (state.x, state.x0, state.x_pixels, state.x0_pixels):
-            copies.setdefault(id(t), t.detach().to("cpu", copy=True))
         kept = replace(
             state,
-            x=copies[id(state.x)],
-            x0=copies[id(state.x0)],
-            x_image=copies[id(state.x_pixels)],
-            x0_image=copies[id(state.x0_pixels)],
+            x=host_copy(state.x),
+            x0=host_copy(state.x0),
+            x_image=None if state.x_image is None else host_copy(state.x_image),
+            x0_image=None if state.x0_image is None else host_copy(state.x0_image),
         )
         self.background.submit(lambda: self._write_snapshot(kept, record))
 
