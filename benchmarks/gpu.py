@@ -109,13 +109,11 @@ def flops_per_image(exp: Any) -> float:
     """FLOPs of one forward per image, counted on the eager network (torch.utils.flop_counter)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    network = exp.model.net
-    exp.model.use_network(exp.model.model)
-    try:
-        with torch.inference_mode(), FlopCounterMode(display=False) as counter:
-            exp.model(exp.noise, exp.built.scheduler.timesteps.cpu()[0])
-    finally:
-        exp.model.use_network(network)
+    from diffexp.sampling.adapters import Network
+
+    eager = exp.model.with_network(Network(exp.model.module))
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        eager(exp.noise, exp.built.scheduler.timesteps.cpu()[0])
     return counter.get_total_flops() / exp.noise.shape[0]
 
 

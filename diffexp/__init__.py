@@ -21,10 +21,13 @@ _EXPORTS = {
     "LoadedModel": "diffexp.sampling.models",
     "load_model": "diffexp.sampling.models",
     "Experiment": "diffexp.sampling.experiment",
-    "compose": "diffexp.config",
+    "compose": "diffexp.settings",
+    "read_settings": "diffexp.settings",
+    "RunSettings": "diffexp.settings",
     "prepare": "diffexp.sampling.experiment",
     "run": "diffexp.runner.run",
-    "Denoiser": "diffexp.sampling.denoisers",
+    "Adapter": "diffexp.sampling.adapters",
+    "pixel_adapter": "diffexp.sampling.adapters",
     "StepState": "diffexp.sampling.loop",
     "initial_noise": "diffexp.sampling.loop",
     "iter_steps": "diffexp.sampling.loop",
@@ -38,8 +41,8 @@ __all__ = sorted(_EXPORTS)
 # (tests/test_architecture.py checks it, and that no import circle exists).
 LAYERS: tuple[tuple[str, ...], ...] = (
     # errors; on-disk formats; signals; the commands' start-up
-    ("diffexp.errors", "diffexp.folders", "diffexp.samples", "diffexp.signals", "diffexp.startup"),
-    ("diffexp.config", "diffexp.catalog"),  # the schema and compose; what each scheduler file declares
+    ("diffexp.errors", "diffexp.folders", "diffexp.images", "diffexp.samples", "diffexp.signals", "diffexp.startup"),
+    ("diffexp.config", "diffexp.catalog", "diffexp.settings"),  # the schema; scheduler files; the typed run
     ("diffexp.sampling",),  # the loop, schedulers, models, noise, the experiment
     ("diffexp.metrics",),  # the Metric contract and each metric
     ("diffexp.tracking",),  # the W&B session policy and the offline reader

@@ -16,15 +16,18 @@ from __future__ import annotations
 
 import functools
 import inspect
+import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
-from diffexp.config import config_dir, safe_name
+from diffexp.config import NO_GUIDANCE, RunConfig, config_dir, guided
 from diffexp.errors import DiffexpError
+from diffexp.folders import safe_name
 
 # keys of a scheduler file that are no options
 DECLARED = ("name", "diffusers_class", "stochastic", "theory_order", "prediction_types", "ranges")
@@ -82,6 +85,7 @@ class SchedulerFile:
 
     def spec(self, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """The file's contents with ``overrides`` on top, interpolations resolved."""
+        register()  # the resolvers its declarations use
         merged = OmegaConf.merge(OmegaConf.load(self.path), dict(overrides or {}))
         return OmegaConf.to_container(merged, resolve=True)  # type: ignore[return-value]
 
@@ -154,23 +158,71 @@ def option_signatures(cls: type) -> tuple[dict[str, inspect.Parameter], dict[str
     return init, step
 
 
-def options_of(spec: Mapping[str, Any]) -> dict[str, Any]:
-    """A scheduler node without its declarations: the options to build the class with."""
-    return {k: v for k, v in spec.items() if k not in DECLARED}
+@dataclass(frozen=True)
+class SchedulerSpec:
+    """A scheduler resolved once from its config node: name, class, declarations and the options in force.
+
+    The run label, the folder name, the report and W&B all read this spec."""
+
+    name: str
+    diffusers_class: str
+    stochastic: bool  # it injects fresh noise, so its samples are no ODE solution
+    theory_order: int | None  # the global order of accuracy of its ODE solver
+    prediction_types: tuple[str, ...]  # the model parameterisations it can take
+    ranges: Mapping[str, tuple[float | None, float | None]] = field(default_factory=dict)
+    options: Mapping[str, Any] = field(default_factory=dict)  # what is set (non-null): config and step options
+
+    @property
+    def record(self) -> dict[str, Any]:
+        """Name, class and the options set: what a run records of its scheduler."""
+        return {**self.options, "name": self.name, "diffusers_class": self.diffusers_class}
+
+    def non_default_options(self) -> dict[str, Any]:
+        """The options that differ from the diffusers class default ({} for a class diffusers lacks)."""
+        try:
+            init, step = option_signatures(resolve_class(self.name, self.diffusers_class))
+        except DiffexpError:
+            return {}
+        params = {**init, **step}
+        return {k: v for k, v in self.options.items() if k in params and v != params[k].default and k not in MODEL_KEYS}
+
+    @property
+    def label(self) -> str:
+        return scheduler_label(self)
 
 
-def non_default_options(spec: Mapping[str, Any]) -> dict[str, Any]:
-    """The options of ``spec`` that differ from the diffusers class default ({} for an unknown scheduler)."""
-    try:
-        init, step = option_signatures(resolve_class(str(spec.get("name")), spec.get("diffusers_class")))
-    except DiffexpError:
-        return {}
-    params = {**init, **step}
-    return {
-        k: v
-        for k, v in options_of(spec).items()
-        if k in params and v is not None and v != params[k].default and k not in MODEL_KEYS
-    }
+def scheduler_spec(node: Mapping[str, Any]) -> SchedulerSpec:
+    """The spec of a scheduler node (a composed config's, resolved, or a record's): declarations missing from
+    the node come from its file (a spec from elsewhere, e.g. the reference's, gets them)."""
+    node = dict(node)
+    name = node.get("name")
+    if name is None:
+        raise DiffexpError("The scheduler config has no 'name'; choose one with scheduler=<name>.")
+    name = str(name)
+    class_name = class_name_of(name, node.get("diffusers_class"))
+    known = scheduler_files().get(name)
+    if known is not None and not all(k in node for k in REQUIRED[1:]):
+        overrides = {k: v for k, v in node.items() if k != "name"}
+        node = {**{k: v for k, v in known.spec(overrides).items() if k in DECLARED}, **node}
+    stochastic = node.get("stochastic")
+    if not isinstance(stochastic, bool):
+        raise DiffexpError(
+            f"Scheduler '{name}' declares no 'stochastic: true|false' in its file; every scheduler file must say "
+            "whether the scheduler injects fresh noise (see configs/scheduler/ddim.yaml)."
+        )
+    options = {k: v for k, v in node.items() if k not in DECLARED and v is not None}
+    ranges = {k: (v[0], v[1]) for k, v in (node.get("ranges") or {}).items()}
+    check_ranges(name, options, ranges)
+    order = node.get("theory_order")
+    return SchedulerSpec(
+        name=name,
+        diffusers_class=class_name,
+        stochastic=stochastic,
+        theory_order=None if order is None else int(order),
+        prediction_types=tuple(node.get("prediction_types") or ("epsilon",)),
+        ranges=ranges,
+        options=options,
+    )
 
 
 # short words for the options people compare; the rest are spelled key-value
@@ -185,13 +237,13 @@ _TAGS = {
 _VALUE_ONLY = ("algorithm_type", "timestep_spacing", "solver_type")
 
 
-def scheduler_label(spec: Mapping[str, Any]) -> str:
+def scheduler_label(spec: SchedulerSpec) -> str:
     """A name that says what a scheduler is: ``ddim``, ``dpmsolver-karras``, ``ddim-eta1`` ...
 
     Only options that differ from the class default appear, so a row named "karras" really is Karras.
     """
-    parts = [str(spec.get("name"))]
-    for key, value in non_default_options(spec).items():
+    parts = [spec.name]
+    for key, value in spec.non_default_options().items():
         short = key.replace("_", "")
         if key in _TAGS and value is True:
             parts.append(_TAGS[key])
@@ -204,19 +256,37 @@ def scheduler_label(spec: Mapping[str, Any]) -> str:
     return "-".join(parts)
 
 
-def run_label(spec: Mapping[str, Any], steps: int, guidance_scale: float = 1.0) -> str:
+def run_label(spec: SchedulerSpec, steps: int, guidance_scale: float = NO_GUIDANCE) -> str:
     """What a run is: the scheduler label, the steps and any guidance, e.g. ``dpmsolver-karras-20-cfg3``."""
-    return f"{scheduler_label(spec)}-{steps}" + (f"-cfg{guidance_scale:g}" if guidance_scale != 1 else "")
+    return f"{spec.label}-{steps}" + (f"-cfg{guidance_scale:g}" if guided(guidance_scale) else "")
 
 
-def _run_label_resolver(scheduler: Any, steps: int, guidance_scale: float = 1.0) -> str:
-    """The run label as a folder name: ``safe_name`` keeps a '/' or '..' in an option value out of the path."""
-    spec = OmegaConf.to_container(scheduler, resolve=True)
-    return safe_name(run_label(spec, steps, guidance_scale))  # type: ignore[arg-type]
+def run_label_resolver(scheduler: Any, steps: int, guidance_scale: float = NO_GUIDANCE) -> str:
+    """The run label as a folder name (``${run_label:...}`` in hydra.run.dir): ``safe_name`` keeps a '/' or '..'
+    in an option value out of the path."""
+    node = OmegaConf.to_container(scheduler, resolve=True) if OmegaConf.is_config(scheduler) else scheduler
+    return safe_name(run_label(scheduler_spec(node), steps, guidance_scale))  # type: ignore[arg-type]
 
 
-if not OmegaConf.has_resolver("run_label"):  # hydra.run.dir and hydra.sweep.subdir name runs with it
-    OmegaConf.register_new_resolver("run_label", _run_label_resolver)
+_PROCESS_ID = uuid.uuid4().hex[:6]
+# small functions that the YAML files use, e.g. ``stochastic: ${gt:${.eta},0}`` in configs/scheduler/ddim.yaml
+RESOLVERS = {
+    "uid": lambda: _PROCESS_ID,  # one random id per process: run folders never collide, even in the same second
+    "safe": safe_name,  # a value in a folder name: ${safe:${model.name}}
+    "gt": lambda a, b: a > b,
+    "startswith": lambda text, prefix: str(text).startswith(str(prefix)),
+    "add": lambda a, b: a + b,
+    "if": lambda condition, then, otherwise: then if condition else otherwise,
+    "run_label": run_label_resolver,  # hydra.run.dir and hydra.sweep.subdir name runs with it
+}
+
+
+def register() -> None:
+    """Store the schema and the resolvers that the YAML files use; safe to call twice."""
+    ConfigStore.instance().store(name="run_schema", node=RunConfig)
+    for name, function in RESOLVERS.items():
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, function)
 
 
 SCHEDULERS: dict[str, str] = {name: f.diffusers_class for name, f in scheduler_files().items()}  # name -> class

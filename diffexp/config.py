@@ -1,6 +1,7 @@
 """The typed run configuration: a Hydra schema, so a misspelled key or a wrong type fails at startup.
 
-``compose`` builds the config the CLI would build; ``check_config`` catches what composition lets through.
+``check_config`` catches what composition lets through; ``diffexp.settings`` reads a composed config into
+resolved values, once.
 Light to import (no torch), so config errors come fast.
 """
 
@@ -8,20 +9,21 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
-import os
-import re
-import uuid
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from diffexp.errors import DiffexpError
+
+NO_GUIDANCE = 1.0  # a guidance scale of 1 is the model's own output: no guidance
+
+
+def guided(scale: float) -> bool:
+    """Whether a guidance scale guides at all."""
+    return scale != NO_GUIDANCE
 
 
 class Precision(str, Enum):
@@ -152,7 +154,7 @@ class RunConfig:
     progress: bool = True
     # class labels: null (unconditional), all (sample k gets class k mod C) or a list (sample k gets labels[k mod len])
     labels: Any = None
-    guidance_scale: float = 1.0  # classifier-free guidance; 1 is none
+    guidance_scale: float = NO_GUIDANCE  # classifier-free guidance; 1 is none
     guidance_rescale: float = 0.0  # Lin et al. 2023; 0 is none
     guidance_interval: list[float] | None = None  # [sigma_lo, sigma_hi]: guidance only at these noise levels
     # text-to-image models: a string or a list (sample k gets prompt[k mod len]); null is the empty prompt
@@ -166,56 +168,6 @@ class RunConfig:
     # what watches the loop: name -> a _target_ node (a diffexp.runner.observers.Observer), built in order
     observers: dict[str, Any] = field(default_factory=dict)
     sweep: SweepConfig = field(default_factory=SweepConfig)
-
-
-def safe_name(text: object) -> str:
-    """A name fit for a folder: only ``[A-Za-z0-9._+-]`` (anything else becomes ``_``), never ``..``, never
-    starting with a dot, never empty."""
-    name = re.sub(r"[^A-Za-z0-9._+-]", "_", str(text))
-    name = re.sub(r"\.{2,}", ".", name).lstrip(".")
-    return name or "_"
-
-
-def check_output_dir(template: str, resolved: str | Path, key: str = "hydra.run.dir") -> None:
-    """Refuse an empty output folder, and one that ends up outside the folder its template's fixed prefix names
-    (``outputs/runs/${now:...}-...`` must stay inside ``outputs/runs``)."""
-    if not str(template).strip():
-        raise DiffexpError(
-            f"{key} is empty: a run needs its own folder (leave {key} out for the default under outputs/)."
-        )
-    prefix = str(template).split("${", 1)[0]
-    if not prefix:  # the template starts with an interpolation: no fixed root to stay in
-        return
-    root = os.path.normpath(os.path.abspath(prefix if prefix.endswith(("/", os.sep)) else os.path.dirname(prefix)))
-    target = os.path.normpath(os.path.abspath(str(resolved)))
-    if target != root and not target.startswith(root.rstrip(os.sep) + os.sep):
-        raise DiffexpError(
-            f"The output folder {target} is outside {root}, the folder that {key}={template} names; a value in "
-            "the folder's name (e.g. a '..') leads out of it. Use names without '/' and '..'."
-        )
-
-
-_PROCESS_ID = uuid.uuid4().hex[:6]
-# small functions that the YAML files use, e.g. ``stochastic: ${gt:${.eta},0}`` in configs/scheduler/ddim.yaml
-RESOLVERS = {
-    "uid": lambda: _PROCESS_ID,  # one random id per process: run folders never collide, even in the same second
-    "safe": safe_name,  # a value in a folder name: ${safe:${model.name}}
-    "gt": lambda a, b: a > b,
-    "startswith": lambda text, prefix: str(text).startswith(str(prefix)),
-    "add": lambda a, b: a + b,
-    "if": lambda condition, then, otherwise: then if condition else otherwise,
-}
-
-
-def register() -> None:
-    """Store the schema and the resolvers that the YAML files use; safe to call twice."""
-    ConfigStore.instance().store(name="run_schema", node=RunConfig)
-    for name, function in RESOLVERS.items():
-        if not OmegaConf.has_resolver(name):
-            OmegaConf.register_new_resolver(name, function)
-
-
-register()
 
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -232,48 +184,23 @@ def config_dir() -> Path:
     raise DiffexpError(f"diffexp's configs/ folder is missing (looked beside {package}).")
 
 
-def compose(overrides: Sequence[str] = (), config_name: str = "run") -> DictConfig:
-    """The config the CLI would build from these overrides (Hydra's compose API), for notebooks and tests."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        return hydra_compose(config_name=config_name, overrides=list(overrides))
-
-
 SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes [0, 2**64 - 1] (negative seeds wrap around)
 
 
 def check_config(cfg: DictConfig) -> None:
-    """What composition lets through: keys added with ``+`` that the schema lacks, and impossible numbers."""
+    """What composition lets through: keys added with ``+`` that the schema lacks. The values are checked where
+    they are read, once (``diffexp.settings.read_settings``)."""
     unknown = unknown_keys(cfg)
     if unknown:
         raise DiffexpError(
             f"Unknown config key(s): {', '.join(unknown)}. The schema (diffexp/config.py) has no such key; "
             "check the spelling, or see configs/ for the keys each group takes."
         )
-    for key in ("steps", "batch_size", "log_every", "num_samples"):
-        if cfg.get(key) is not None and cfg[key] <= 0:
-            raise DiffexpError(f"{key}={cfg[key]} is not allowed: {key} must be a positive integer.")
-    compile_mode(cfg)
-    total = int(cfg.get("num_samples") or cfg.batch_size)
-    if not 0 <= cfg.seed <= SEED_MAX - (total - 1):
-        raise DiffexpError(
-            f"seed={cfg.seed} is not allowed: sample k uses the generator seed + k, and torch's generators take "
-            f"seeds in [0, 2**64 - 1], so seed must be in [0, {SEED_MAX - (total - 1)}] for {total} samples."
-        )
-    std = cfg.model.get("std", 0.0)
-    if not (std >= 0 and math.isfinite(std * std)):  # also refuses NaN
-        raise DiffexpError(
-            f"model.std={std} is not allowed: a standard deviation is a number >= 0 whose square is finite."
-        )
-    if "name" not in cfg.scheduler:
-        raise DiffexpError("The scheduler config has no 'name'; choose one with scheduler=<name>.")
 
 
-def compile_mode(cfg: DictConfig) -> str | None:
+def compile_mode(value: str) -> str | None:
     """``compile``: None (false) or one of torch.compile's ``COMPILE_MODES``."""
-    value = str(cfg.get("compile", "false")).strip()
+    value = str(value).strip()
     if value.lower() in ("false", "none", "off", "no", "0"):
         return None
     if value not in COMPILE_MODES:

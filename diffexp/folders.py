@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import threading
 import time
@@ -18,6 +19,8 @@ from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
 from typing import Any
+
+from diffexp.errors import DiffexpError
 
 STATUS_FILE = "status.json"
 METRICS_FILE = "metrics.json"
@@ -253,3 +256,30 @@ def job_folders(sweep_dir: Path) -> list[Path]:
         ordered = sorted(recorded.items(), key=lambda kv: int(kv[0]))
         return [sweep_dir / rel for _, rel in ordered if (sweep_dir / rel / ".hydra" / "hydra.yaml").exists()]
     return sorted(p.parent.parent for p in sweep_dir.glob("*/.hydra/hydra.yaml"))
+
+
+def safe_name(text: object) -> str:
+    """A name fit for a folder: only ``[A-Za-z0-9._+-]`` (anything else becomes ``_``), never ``..``, never
+    starting with a dot, never empty."""
+    name = re.sub(r"[^A-Za-z0-9._+-]", "_", str(text))
+    name = re.sub(r"\.{2,}", ".", name).lstrip(".")
+    return name or "_"
+
+
+def check_output_dir(template: str, resolved: str | Path, key: str = "hydra.run.dir") -> None:
+    """Refuse an empty output folder, and one that ends up outside the folder its template's fixed prefix names
+    (``outputs/runs/${now:...}-...`` must stay inside ``outputs/runs``)."""
+    if not str(template).strip():
+        raise DiffexpError(
+            f"{key} is empty: a run needs its own folder (leave {key} out for the default under outputs/)."
+        )
+    prefix = str(template).split("${", 1)[0]
+    if not prefix:  # the template starts with an interpolation: no fixed root to stay in
+        return
+    root = os.path.normpath(os.path.abspath(prefix if prefix.endswith(("/", os.sep)) else os.path.dirname(prefix)))
+    target = os.path.normpath(os.path.abspath(str(resolved)))
+    if target != root and not target.startswith(root.rstrip(os.sep) + os.sep):
+        raise DiffexpError(
+            f"The output folder {target} is outside {root}, the folder that {key}={template} names; a value in "
+            "the folder's name (e.g. a '..') leads out of it. Use names without '/' and '..'."
+        )

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import torch
 
-from diffexp.config import compose
 from diffexp.errors import DiffexpError
 from diffexp.metrics.features import feature_net
 from diffexp.metrics.real_stats import image_files, write_stats
+from diffexp.settings import compose
 
 
 def main(argv: list[str] | None = None) -> int:

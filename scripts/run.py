@@ -24,10 +24,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-import diffexp.catalog  # noqa: F401  (registers the schema and resolvers; light, so config errors come fast)
-from diffexp.config import check_config
+from diffexp.catalog import register
 from diffexp.errors import DiffexpError, exit_on_error
 from diffexp.folders import mark_failed, read_status_record
+from diffexp.settings import read_settings
 from diffexp.signals import stop_on_signals
 
 log = logging.getLogger("diffexp")
@@ -50,19 +50,20 @@ def main(cfg: DictConfig) -> dict | None:
         return run_job(cfg, out_dir)  # a failed job is recorded in its folder; the others still run
     with exit_on_error(out_dir):
         try:
-            check_config(cfg)  # before torch loads, so that a bad value fails in about a second
+            settings = read_settings(cfg)  # before torch loads, so that a bad value fails in about a second
         except DiffexpError as err:
             if unwritten(out_dir):
                 mark_failed(out_dir, err)
             raise
         from diffexp.runner.run import run  # torch and diffusers load only once the config is valid
 
-        m = run(cfg, out_dir)
+        m = run(settings, out_dir)
     log.info(
         "finished %s: %d steps, %d model calls, %.2f s -> %s", m["label"], m["steps"], m["nfe"], m["wall_s"], out_dir
     )
 
 
 if __name__ == "__main__":
+    register()  # the schema and the resolvers the configs use
     with stop_on_signals("each run folder records it (status interrupted)"):  # SIGTERM, SIGUSR2 act as Ctrl-C
         main()

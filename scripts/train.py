@@ -12,9 +12,9 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-import diffexp.training.config  # noqa: F401  (registers the schema)
 from diffexp.errors import exit_on_error
 from diffexp.signals import stop_on_signals
+from diffexp.training.config import register
 
 log = logging.getLogger("diffexp")
 
@@ -30,5 +30,6 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    register()  # the training schema
     with stop_on_signals("the training folder records it (status interrupted); run again to resume"):
         main()

@@ -16,6 +16,7 @@ from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorIncepti
 from torchmetrics.image.fid import _compute_fid
 
 from diffexp.errors import DiffexpError
+from diffexp.images import to_uint8
 from diffexp.metrics.features import FeatureNet, feature_net
 from diffexp.metrics.fid import fid_kid
 from diffexp.metrics.inception import INCEPTION_FILES
@@ -26,7 +27,6 @@ from diffexp.report.jobs import Job, label_rows
 from diffexp.report.tables import table_rows
 from diffexp.runner.run import run
 from diffexp.sampling.ideal import digits_images
-from diffexp.sampling.images import to_uint8
 
 CPU = torch.device("cpu")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from diffexp.report.jobs import Job, _label_rows, options_text
+from diffexp.report.jobs import Job, label_rows, options_text
 from diffexp.report.plots import pareto_front
 from diffexp.report.tables import markdown_table
 
@@ -38,7 +38,7 @@ def test_rows_name_the_scheduler_and_every_other_setting_that_varies() -> None:
         job(1, {"name": "dpmsolver", "use_karras_sigmas": False}, 10, 0.0),
         job(2, {"name": "ddim"}, 5, 0.3),
     ]
-    _label_rows(jobs)
+    label_rows(jobs)
     assert [j.row for j in jobs] == ["dpmsolver-karras model.std=0.0", "dpmsolver model.std=0.0", "ddim model.std=0.3"]
 
 

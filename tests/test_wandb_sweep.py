@@ -13,8 +13,9 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 from wandb.sdk.launch.sweeps import utils as sweep_utils
 
-from diffexp.config import compose, config_dir
+from diffexp.config import config_dir
 from diffexp.sampling.schedulers import split_options
+from diffexp.settings import compose
 
 CONFIG_DIR = config_dir()
 

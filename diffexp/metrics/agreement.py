@@ -10,12 +10,9 @@ import math
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
 
-from diffexp.config import Precision
-from diffexp.metrics.base import Context, Key, Metric, Values
+from diffexp.metrics.base import Chunk, Context, Key, Metric, Values
 from diffexp.metrics.reference import Reference, solve_reference
-from diffexp.sampling.experiment import Experiment
 from diffexp.sampling.loop import StepState
 
 DATA_RANGE = 2.0  # samples live in [-1, 1]
@@ -63,6 +60,7 @@ def agreement_from(sse: torch.Tensor, pixels: int, ssims: torch.Tensor) -> dict[
 class ReferenceAgreement(Metric):
     """Distance to the reference solution (``metrics.reference.enabled``), from the same noise, chunk by chunk."""
 
+    name = "reference"
     keys = (
         Key("ref_rmse", "lower"),
         Key("ref_psnr", "higher"),
@@ -74,40 +72,40 @@ class ReferenceAgreement(Metric):
 
     @classmethod
     def enabled(cls, ctx: Context) -> bool:
-        return bool(ctx.mcfg.reference.enabled)
+        return bool(ctx.settings.reference.enabled)
 
     def __init__(self, ctx: Context) -> None:
         super().__init__(ctx)
-        self.first = ctx.reference = self.solve(ctx.exp)  # the first chunk's, before the clock: its snapshots use it
+        self.first = ctx.reference = self.solve(ctx.run.first)  # before the clock: the first chunk's snapshots use it
 
-    def solve(self, exp: Experiment) -> Reference:
+    def solve(self, chunk: Chunk) -> Reference:
         """The reference of this chunk's samples, solved or read from the cache."""
-        ref, ctx = self.ctx.mcfg.reference, self.ctx
+        ref, run = self.ctx.settings.reference, self.ctx.run
         return solve_reference(
-            OmegaConf.to_container(ref.scheduler, resolve=True),
+            dict(ref.scheduler),
             int(ref.steps),
-            exp.loaded,
-            exp.noise,
-            ctx.cfg.seed,
-            Precision(ctx.cfg.precision).value,
-            ctx.cache_dir,
-            ctx.progress,
-            exp.model,
-            exp.samples.start,
+            run.model,
+            chunk.noise,
+            run.seed,
+            run.precision,
+            self.ctx.cache_dir,
+            self.ctx.progress,
+            chunk.model,
+            chunk.samples.start,
         )
 
     def snapshot(self, state: StepState) -> dict[str, Any]:
         return {"x0_ref_rmse": rmse(state.x0.float().cpu(), self.first.x)}
 
-    def measure(self, exp: Experiment, final: StepState) -> Values:
-        reference = self.first if exp.samples == self.ctx.exp.samples else self.solve(exp)
+    def measure(self, chunk: Chunk, final: StepState) -> Values:
+        reference = self.first if chunk.samples == self.ctx.run.first.samples else self.solve(chunk)
         self.ctx.reference = reference  # for the metrics after this one (landing)
         x, ref = final.x.float().cpu().double(), reference.x.double()
         return {"sse": (x - ref).pow(2).flatten(1).sum(1), "ssim": ssim(x, ref, reduction="none")}
 
     def final(self, values: Values) -> dict[str, Any]:
-        pixels = int(torch.tensor(self.ctx.exp.noise.shape[1:]).prod())
+        pixels = int(torch.tensor(self.ctx.run.first.noise.shape[1:]).prod())
         out: dict[str, Any] = agreement_from(values["sse"], pixels, values["ssim"])
-        out["ref_kind"] = STOCHASTIC if self.ctx.exp.built.stochastic else "deterministic"
+        out["ref_kind"] = STOCHASTIC if self.ctx.run.scheduler.stochastic else "deterministic"
         out["reference"] = self.first.describe()
         return out

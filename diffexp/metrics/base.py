@@ -16,11 +16,13 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
-from omegaconf import DictConfig
 
 from diffexp.config import MetricsConfig
+from diffexp.sampling.adapters import Adapter
 from diffexp.sampling.experiment import Experiment
 from diffexp.sampling.loop import StepState
+from diffexp.sampling.models import LoadedModel
+from diffexp.sampling.schedulers import BuiltScheduler
 
 Better = Literal["lower", "higher"]
 Values = dict[str, torch.Tensor]  # per-sample values: the first dimension runs over samples
@@ -36,21 +38,70 @@ class Key:
     stated_with: tuple[str, ...] = ()  # keys the value depends on, shown beside it wherever it is shown (FID: n)
 
 
+@dataclass(frozen=True)
+class Chunk:
+    """What a metric knows of a chunk: its sample indices, their initial noise and labels, and the adapter that
+    samples them (its condition and guidance)."""
+
+    samples: range
+    noise: torch.Tensor
+    model: Adapter
+    labels: tuple[int, ...] | None  # class-conditional models: each sample's class
+
+    @classmethod
+    def of(cls, exp: Experiment) -> Chunk:
+        return cls(exp.samples, exp.noise, exp.model, None if exp.labels is None else tuple(exp.labels))
+
+
+@dataclass(frozen=True)
+class RunFacts:
+    """What a metric knows of its run."""
+
+    seed: int
+    precision: str
+    num_samples: int
+    device: torch.device
+    model: LoadedModel
+    scheduler: BuiltScheduler
+    pixel_shape: tuple[int, int, int]  # the run's images (a latent model's decoded), known without sampling
+    first: Chunk  # the first chunk, whose snapshots the metrics see
+
+    @classmethod
+    def of(cls, exp: Experiment) -> RunFacts:
+        loaded = exp.loaded
+        if loaded.latent is None:
+            shape = tuple(loaded.sample_shape)
+        else:
+            height, width = (s * loaded.latent.scale for s in loaded.latent.size)
+            shape = (int(loaded.latent.vae.config.out_channels), height, width)
+        return cls(
+            exp.run.seed,
+            exp.run.precision.value,
+            exp.num_samples,
+            exp.device,
+            loaded,
+            exp.built,
+            shape,  # type: ignore[arg-type]
+            Chunk.of(exp),
+        )
+
+
 @dataclass
 class Context:
-    """What every metric of a run shares: the run, its metrics config and what earlier metrics prepared."""
+    """What every metric of a run shares: the run's facts, its metrics config and what earlier metrics prepared."""
 
-    cfg: DictConfig
-    exp: Experiment
-    mcfg: MetricsConfig | DictConfig
+    run: RunFacts
+    settings: MetricsConfig
     cache_dir: Path
     progress: bool
     reference: Any = None  # diffexp.metrics.reference.Reference, once a metric has solved it
 
 
 class Metric(ABC):
-    """One family of values. ``enabled`` decides from the config; the constructor prepares, before the clock."""
+    """One family of values. ``enabled`` decides from the config; the constructor prepares, before the clock.
+    ``name`` keys its per-sample values in chunk files, so it never changes with the class's name."""
 
+    name: ClassVar[str]
     keys: ClassVar[tuple[Key, ...]]
 
     @classmethod
@@ -64,8 +115,8 @@ class Metric(ABC):
         """Values for this snapshot's record (``when="snapshot"`` keys), on the first chunk."""
         return {}
 
-    def measure(self, exp: Experiment, final: StepState) -> Values:
-        """Per-sample values of one chunk (``exp`` is bound to its samples; ``final`` its last state)."""
+    def measure(self, chunk: Chunk, final: StepState) -> Values:
+        """Per-sample values of one chunk (``final``: its last state)."""
         return {}
 
     @abstractmethod

@@ -17,10 +17,9 @@ from typing import Any
 import torch
 
 from diffexp.errors import DiffexpError
-from diffexp.metrics.base import Context, Key, Metric, Values
+from diffexp.metrics.base import Chunk, Context, Key, Metric, Values
 from diffexp.metrics.features import FeatureNet, batches, feature_net
 from diffexp.metrics.real_stats import Precomputed, check_real, fid_kid_metrics, real_set
-from diffexp.sampling.experiment import Experiment
 from diffexp.sampling.loop import StepState
 
 STATED = ("fid_n", "fid_features")  # FID depends on both: shown wherever it is shown
@@ -68,6 +67,7 @@ def fid_kid(
 class FidKid(Metric):
     """``metrics.fid.enabled``: FID and KID of the run's samples (features chunk by chunk) against the real set."""
 
+    name = "fid"
     keys = (
         Key("fid", "lower", stated_with=STATED),
         Key("kid_mean", "lower", stated_with=STATED),
@@ -83,11 +83,11 @@ class FidKid(Metric):
 
     @classmethod
     def enabled(cls, ctx: Context) -> bool:
-        return bool(ctx.mcfg.fid.enabled)
+        return bool(ctx.settings.fid.enabled)
 
     def __init__(self, ctx: Context) -> None:
         super().__init__(ctx)
-        fcfg, total = ctx.mcfg.fid, ctx.exp.num_samples
+        fcfg, total = ctx.settings.fid, ctx.run.num_samples
         if fcfg.n is not None and not 2 <= fcfg.n <= total:
             raise DiffexpError(
                 f"metrics.fid.n={fcfg.n} is not allowed: FID uses the first n samples of the run, so n must be "
@@ -95,31 +95,22 @@ class FidKid(Metric):
             )
         if fcfg.n is None and total < 2:
             raise DiffexpError("FID needs at least 2 samples; raise num_samples (FID at small n is biased).")
-        self.net = feature_net(fcfg, ctx.exp.device, ctx.cache_dir)
+        self.net = feature_net(fcfg, ctx.run.device, ctx.cache_dir)
         check_real(fcfg.real, self.net)
 
-    def measure(self, exp: Experiment, final: StepState) -> Values:
+    def measure(self, chunk: Chunk, final: StepState) -> Values:
         """The features of this chunk's samples among FID's (the first ``metrics.fid.n`` of the run)."""
-        used = len([k for k in exp.samples if k < (self.ctx.mcfg.fid.n or exp.num_samples)])
+        used = len([k for k in chunk.samples if k < (self.ctx.settings.fid.n or self.ctx.run.num_samples)])
         return {"features": self.net.features(final.x_pixels[:used].float()).float()} if used else {}
 
     def final(self, values: Values) -> dict[str, Any]:
-        fcfg = self.ctx.mcfg.fid
+        fcfg = self.ctx.settings.fid
         return fid_kid(
             values["features"],
             self.net,
             fcfg.real,
-            pixel_shape(self.ctx.exp),
+            self.ctx.run.pixel_shape,
             self.ctx.cache_dir,
             fcfg.kid_subset_size,
             fcfg.kid_subsets,
         )
-
-
-def pixel_shape(exp: Experiment) -> tuple[int, int, int]:
-    """The shape of the run's images (a latent model's decoded), known without sampling (a resumed run)."""
-    loaded = exp.loaded
-    if loaded.latent is None:
-        return tuple(loaded.sample_shape)
-    height, width = (s * loaded.latent.scale for s in loaded.latent.size)
-    return (int(loaded.latent.vae.config.out_channels), height, width)

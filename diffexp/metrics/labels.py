@@ -10,35 +10,36 @@ from typing import Any
 
 import torch
 
-from diffexp.metrics.base import Context, Key, Metric, Values
+from diffexp.metrics.base import Chunk, Context, Key, Metric, Values
 from diffexp.metrics.features import feature_name, load_digits_features
-from diffexp.sampling.experiment import Experiment
 from diffexp.sampling.loop import StepState
 
 
 class LabelAccuracy(Metric):
     """``metrics.label_accuracy`` on a run with class labels: agreement of the digits classifier with them."""
 
+    name = "labels"
     keys = (Key("label_accuracy", "higher"), Key("classes_produced"), Key("label_classifier"))
 
     @classmethod
     def enabled(cls, ctx: Context) -> bool:
-        explicit = ctx.exp.labels is not None and ctx.exp.labels != [ctx.exp.loaded.null_class] * len(ctx.exp.labels)
-        return bool(ctx.mcfg.get("label_accuracy", True)) and explicit and ctx.exp.loaded.sample_shape[0] == 1
+        labels, run = ctx.run.first.labels, ctx.run
+        explicit = labels is not None and labels != (run.model.null_class,) * len(labels)
+        return ctx.settings.label_accuracy and explicit and run.model.sample_shape[0] == 1
 
     def __init__(self, ctx: Context) -> None:
         super().__init__(ctx)
         self.net, metadata = load_digits_features()
-        self.name = feature_name(metadata)
+        self.classifier = feature_name(metadata)
 
-    def measure(self, exp: Experiment, final: StepState) -> Values:
+    def measure(self, chunk: Chunk, final: StepState) -> Values:
         read = self.net.classify(final.x_pixels.float().cpu()).argmax(dim=1)
-        return {"read": read, "wanted": torch.tensor(exp.labels)}
+        return {"read": read, "wanted": torch.tensor(chunk.labels)}
 
     def final(self, values: Values) -> dict[str, Any]:
         read = values["read"]
         return {
             "label_accuracy": (read == values["wanted"]).double().mean().item(),
             "classes_produced": int(read.unique().numel()),
-            "label_classifier": self.name,
+            "label_classifier": self.classifier,
         }

@@ -8,8 +8,7 @@ from typing import Any
 
 import torch
 
-from diffexp.metrics.base import Context, Key, Metric, Values
-from diffexp.sampling.experiment import Experiment
+from diffexp.metrics.base import Chunk, Context, Key, Metric, Values
 from diffexp.sampling.ideal import DigitsIdealDenoiser, digits_labels
 from diffexp.sampling.loop import StepState
 
@@ -62,6 +61,7 @@ def landing(
 class Landing(Metric):
     """``metrics.landing`` on digits-ideal: nearest training image, hits and basins (with a reference)."""
 
+    name = "landing"
     keys = (
         Key("nn_dist", "lower"),
         Key("nn_dist_max"),
@@ -75,10 +75,10 @@ class Landing(Metric):
 
     @classmethod
     def enabled(cls, ctx: Context) -> bool:
-        return bool(ctx.mcfg.landing) and isinstance(ctx.exp.loaded.model, DigitsIdealDenoiser)
+        return ctx.settings.landing and isinstance(ctx.run.model.model, DigitsIdealDenoiser)
 
-    def measure(self, exp: Experiment, final: StepState) -> Values:
-        images = self.ctx.exp.loaded.model.images
+    def measure(self, chunk: Chunk, final: StepState) -> Values:
+        images = self.ctx.run.model.model.images
         dist, index = nearest(final.x.float().cpu(), images)
         values = {"dist": dist, "index": index}
         if self.ctx.reference is not None:  # this chunk's, solved by ReferenceAgreement just before
@@ -86,6 +86,7 @@ class Landing(Metric):
         return values
 
     def final(self, values: Values) -> dict[str, Any]:
-        ideal = self.ctx.exp.loaded.model
-        out = landing(values["dist"], values["index"], digits_labels(), self.ctx.mcfg.hit_tol, values.get("ref_index"))
+        ideal = self.ctx.run.model.model
+        hit_tol = self.ctx.settings.hit_tol
+        out = landing(values["dist"], values["index"], digits_labels(), hit_tol, values.get("ref_index"))
         return out | {"ideal_std": float(ideal.config.std)}

@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from diffexp.catalog import option_signatures, resolve_class
 from diffexp.errors import DiffexpError
 from diffexp.folders import atomic
-from diffexp.sampling.denoisers import Denoiser
+from diffexp.sampling.adapters import Adapter, pixel_adapter
 from diffexp.sampling.loop import StepState, iter_steps, sample
 from diffexp.sampling.models import LoadedModel
 from diffexp.sampling.schedulers import BuiltScheduler, build_scheduler
@@ -75,7 +75,7 @@ def reference_key(
     device: torch.device,
     built: BuiltScheduler,
     steps: int,
-    model: Denoiser | None = None,
+    model: Adapter | None = None,
     first: int = 0,
 ) -> tuple[str, dict[str, Any]]:
     """The cache key and what it was made of."""
@@ -101,9 +101,11 @@ def reference_key(
     }
     if first:  # a later chunk of the run: samples first .. first + batch_size - 1
         parts["first"] = first
-    if model is not None and (model.labels is not None or model.guidance.enabled or model.cond):  # conditioned ODE
-        labels = None if model.labels is None else model.labels.tolist()
-        parts["condition"] = {"labels": labels, "null": model.null_label, **asdict(model.guidance)}
+    labels = getattr(model, "labels", None)
+    if model is not None and (labels or model.guidance.settings.enabled or model.cond):  # a conditioned ODE
+        null = getattr(getattr(model, "source", None), "null_class", None)
+        condition = {"labels": None if labels is None else list(labels), "null": null}
+        parts["condition"] = condition | asdict(model.guidance.settings)
         if "encoder_hidden_states" in model.cond:  # a text model: its prompts' and negative prompts' embeddings
             halves = [model.cond, model.uncond or {}]
             data = b"".join(h["encoder_hidden_states"].float().cpu().numpy().tobytes() for h in halves if h)
@@ -134,7 +136,7 @@ def solve_reference(
     precision: str,
     cache_dir: Path,
     progress: bool = False,
-    model: Denoiser | None = None,
+    model: Adapter | None = None,
     first: int = 0,
 ) -> Reference:
     """Load the reference for this model, noise (samples ``first ..`` of ``seed``) and solver, or solve and cache it.
@@ -144,7 +146,8 @@ def solve_reference(
     if steps <= 0:
         raise DiffexpError(f"metrics.reference.steps={steps} is not allowed: it must be a positive integer.")
     built = build_reference_scheduler(spec, loaded.scheduler_config)
-    model = model or Denoiser(loaded.model, loaded.prediction_type)  # a run's: with its labels and guidance
+    # a run passes its own adapter: with its labels and guidance
+    model = model or pixel_adapter(loaded.model, loaded.prediction_type, loaded.scheduler_config)
     key, parts = reference_key(loaded, seed, len(noise), precision, noise.device, built, steps, model, first)
     path = Path(cache_dir) / "reference" / f"{key}.safetensors"
     solver = {"scheduler": built.name, "steps": steps, "options": built.options}

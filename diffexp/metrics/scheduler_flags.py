@@ -20,6 +20,7 @@ def clipping(built: BuiltScheduler) -> dict[str, bool]:
 class SchedulerFlags(Metric):
     """Always on: ``clip_sample``, ``thresholding`` and ``stochastic``."""
 
+    name = "scheduler_flags"
     keys = (Key("clip_sample"), Key("thresholding"), Key("stochastic"))
 
     @classmethod
@@ -27,4 +28,4 @@ class SchedulerFlags(Metric):
         return True
 
     def final(self, values: Values) -> dict[str, Any]:
-        return {**clipping(self.ctx.exp.built), "stochastic": self.ctx.exp.built.stochastic}
+        return {**clipping(self.ctx.run.scheduler), "stochastic": self.ctx.run.scheduler.stochastic}

@@ -6,11 +6,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 
-from diffexp.config import MetricsConfig
 from diffexp.metrics.agreement import ReferenceAgreement
-from diffexp.metrics.base import Context, Metric, Values, quality_keys, stated_with
+from diffexp.metrics.base import Chunk, Context, Metric, RunFacts, Values, quality_keys, stated_with
 from diffexp.metrics.fid import FidKid
 from diffexp.metrics.labels import LabelAccuracy
 from diffexp.metrics.landing import Landing
@@ -28,22 +26,24 @@ class RunMetrics:
     """The enabled metrics of one run: ``snapshot`` adds to the first chunk's records, ``measure`` gives a chunk's
     per-sample values (named ``Metric.value``), ``final`` reduces every sample's values to the final metrics."""
 
-    def __init__(self, cfg: DictConfig, exp: Experiment, progress: bool = False) -> None:
-        mcfg = cfg.get("metrics") or OmegaConf.structured(MetricsConfig)
-        ctx = Context(cfg, exp, mcfg, Path(mcfg.cache_dir).expanduser(), progress)
+    def __init__(self, exp: Experiment, progress: bool = False) -> None:
+        settings = exp.run.metrics
+        ctx = Context(RunFacts.of(exp), settings, Path(settings.cache_dir).expanduser(), progress)
         self.metrics = [m(ctx) for m in METRICS if m.enabled(ctx)]
 
     def snapshot(self, state: StepState) -> dict[str, Any]:
         return {k: v for m in self.metrics for k, v in m.snapshot(state).items()}
 
     def measure(self, exp: Experiment, final: StepState) -> Values:
+        """A chunk's per-sample values, each named ``<metric name>.<value>``."""
+        chunk = Chunk.of(exp)
         with torch.inference_mode():
-            return {f"{type(m).__name__}.{k}": v.cpu() for m in self.metrics for k, v in m.measure(exp, final).items()}
+            return {f"{m.name}.{k}": v.cpu() for m in self.metrics for k, v in m.measure(chunk, final).items()}
 
     def final(self, values: Values) -> dict[str, Any]:
         """``values``: every sample's, in sample order (``measure``'s chunks concatenated)."""
         out: dict[str, Any] = {}
         for m in self.metrics:
-            prefix = f"{type(m).__name__}."
+            prefix = f"{m.name}."
             out |= m.final({k[len(prefix) :]: v for k, v in values.items() if k.startswith(prefix)})
         return out

@@ -22,6 +22,7 @@ import wandb_workspaces.reports.v2 as wr
 import wandb_workspaces.workspaces as ws
 from wandb_workspaces import expr
 
+from diffexp.config import LoggerConfig
 from diffexp.folders import DASHBOARD_FILE, write_json
 from diffexp.metrics.base import Key
 from diffexp.metrics.suite import METRICS, QUALITY
@@ -207,17 +208,17 @@ def offline_reason(mode: str | None = None) -> str | None:
     return None
 
 
-def sweep_dashboard(logger_cfg: Any, sweep_dir: Path) -> dict[str, str] | None:
+def sweep_dashboard(logger: LoggerConfig | None, sweep_dir: Path) -> dict[str, str] | None:
     """``logger.dashboard=true``: at the end of a sweep, write its ``dashboard.json`` and, online, save the
     workspace and report (of the groups its runs logged to); their URLs, or None (said in the log) when it is off,
     offline or W&B fails."""
-    if logger_cfg is None or not logger_cfg.get("dashboard"):
+    if logger is None or not logger.dashboard:
         return None
     try:
         logged = read_logged([sweep_dir])
-        mode = logger_cfg.get("mode")
+        mode = logger.mode
         why = offline_reason(getattr(mode, "value", mode))
-        dashboard = build(logged, logger_cfg.get("entity") or "", logger_cfg.get("project") or "diffexp")
+        dashboard = build(logged, logger.entity or "", logger.project)
         path = dashboard.write(Path(sweep_dir) / DASHBOARD_FILE)
         if why:
             log.info("W&B dashboard not saved (%s); its specification is in %s. Save it once the runs are synced: "

@@ -11,8 +11,8 @@ import torch
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
+from diffexp.images import grid, to_uint8
 from diffexp.report.jobs import Job, facet_title, facets, layout, series_order, stated_text
-from diffexp.sampling.images import grid, to_uint8
 
 SAMPLES_PER_CELL = 4
 MAX_FRAMES = 10  # snapshots per trajectory strip

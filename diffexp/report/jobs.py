@@ -18,8 +18,8 @@ import numpy as np
 import yaml
 from omegaconf import OmegaConf
 
-from diffexp.catalog import non_default_options, scheduler_label
-from diffexp.config import compose
+from diffexp.catalog import scheduler_spec
+from diffexp.config import NO_GUIDANCE
 from diffexp.errors import DiffexpError
 from diffexp.folders import (
     METRICS_FILE,
@@ -31,6 +31,7 @@ from diffexp.folders import (
     read_plan,
     read_status_record,
 )
+from diffexp.settings import compose
 
 FACET = "guidance_scale"  # the config key that becomes the third axis of the report where it varies
 FAILED = (RunStatus.failed, RunStatus.interrupted, RunStatus.died, RunStatus.corrupt)  # started, not finished
@@ -61,7 +62,7 @@ class Job:
     def guidance(self) -> float:
         """The classifier-free guidance scale (1: none; sweeps from before guidance have none)."""
         g = self.config.get("guidance_scale")
-        return 1.0 if g is None else float(g)
+        return NO_GUIDANCE if g is None else float(g)
 
     @property
     def series(self) -> str:
@@ -188,11 +189,10 @@ def label_rows(jobs: Sequence[Job]) -> None:
     varying = [k for k in keys if len({json.dumps(f.get(k), default=str) for f in flats}) > 1 and k != FACET]
     faceted = len({j.guidance for j in jobs}) > 1  # a run without the key (an older one) counts as scale 1
     for job, settings in zip(jobs, flats, strict=True):
-        job.row = " ".join([scheduler_label(job.config["scheduler"]), *(f"{k}={settings.get(k)}" for k in varying)])
+        job.row = " ".join(
+            [scheduler_spec(job.config["scheduler"]).label, *(f"{k}={settings.get(k)}" for k in varying)]
+        )
         job.facet = job.guidance if faceted else None
-
-
-_label_rows = label_rows  # the name tests/test_report.py imports
 
 
 def facets(jobs: Sequence[Job]) -> list[tuple[float | None, list[Job]]]:
@@ -220,7 +220,7 @@ def guided(jobs: Sequence[Job]) -> bool:
 
 def options_text(scheduler: Mapping[str, Any]) -> str:
     """The options that differ from the diffusers class default, as key=value."""
-    return ", ".join(f"{k}={v}" for k, v in non_default_options(scheduler).items())
+    return ", ".join(f"{k}={v}" for k, v in scheduler_spec(scheduler).non_default_options().items())
 
 
 class Layout(NamedTuple):

@@ -49,9 +49,9 @@ def sweep_command(sweep_dir: Path) -> str:
     path = sweep_dir / "multirun.yaml"
     if not path.exists():
         return ""
-    cfg = yaml.safe_load(path.read_text())
-    params = (cfg.get("hydra", {}).get("sweeper") or {}).get("params") or {}
-    task = cfg.get("hydra", {}).get("overrides", {}).get("task") or []
+    hydra = (yaml.safe_load(path.read_text()) or {}).get("hydra", {})
+    params = (hydra.get("sweeper") or {}).get("params") or {}
+    task = hydra.get("overrides", {}).get("task") or []
     args = [a for a in task if not any(a.startswith(f"{k}=") for k in params)]
     args += [f"{k}={v}" for k, v in params.items() if not any(a.startswith(f"{k}=") for a in task)]
     return "python scripts/run.py -m " + " ".join(args)

@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from diffexp.config import guided as guided_scale
 from diffexp.report.jobs import Job, facets, guided, layout, options_text
 
 MEASURES = ("nfe", "wall_s", "images_per_s", "peak_mem_mb")  # metrics.json keys every finished run holds
@@ -42,7 +43,7 @@ def table_rows(
     """The columns, and one row per job in grid order (facet by facet); ``samples`` is the run's samples.png
     relative to ``sweep_dir``, or None for a run that did not finish. The quality columns are followed by the keys
     each is ``stated`` with (FID: its sample count and feature network)."""
-    scale = ["guidance_scale"] if any(j.guidance != 1.0 for j in jobs) else []  # guided or varying
+    scale = ["guidance_scale"] if any(guided_scale(j.guidance) for j in jobs) else []  # guided or varying
     measured = [*measures(jobs), *quality]
     measured += list(dict.fromkeys(s for q in quality for s in (stated or {}).get(q, ()) if s not in measured))
     columns = ["scheduler", "options", "steps", *scale, *measured, "status", "error", *HIDDEN]

@@ -74,7 +74,7 @@ def sample_chunk(
         if not oom_retry or len(exp.samples) == 1:
             raise DeviceOutOfMemory(
                 f"Out of memory on {exp.device} sampling {len(exp.samples)} samples at once (batch_size="
-                f"{exp.cfg.batch_size}, {exp.loaded.name}, {exp.cfg.precision}). Lower batch_size, or set "
+                f"{exp.run.batch_size}, {exp.loaded.name}, {exp.run.precision.value}). Lower batch_size, or set "
                 "oom_retry=true to sample such chunks in halves (the samples stay the same)."
             ) from None
         return split(exp, index, measures, observers, snapshots)

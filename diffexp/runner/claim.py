@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from omegaconf import DictConfig, OmegaConf
 
 from diffexp.errors import DiffexpError
 from diffexp.folders import METRICS_FILE, RunStatus, read_json, read_status_record
 from diffexp.samples import chunk_files
+from diffexp.settings import RunSettings
 
 LOCK_FILE = ".lock"
 KEEP = (".hydra", LOCK_FILE)  # what Hydra and the lock put in a folder before a run starts, with Hydra's *.log
@@ -91,19 +91,19 @@ def clear(out_dir: Path) -> None:
             shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
 
 
-def claim(out_dir: Path, cfg: DictConfig) -> Claim:
+def claim(out_dir: Path, settings: RunSettings) -> Claim:
     """Lock ``out_dir`` for this run, or refuse it with a clear ``FolderTaken``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     fd = lock(out_dir)
     try:
-        return Claim(out_dir, fd, *inspect(out_dir, cfg))
+        return Claim(out_dir, fd, *inspect(out_dir, settings))
     except BaseException:
         os.close(fd)
         raise
 
 
-def inspect(out_dir: Path, cfg: DictConfig) -> tuple[dict[int, Path], dict[str, Any] | None]:
+def inspect(out_dir: Path, settings: RunSettings) -> tuple[dict[int, Path], dict[str, Any] | None]:
     """What this run may reuse in ``out_dir``: finished chunks, or the metrics of a finished run."""
     record = read_status_record(out_dir)  # a damaged status.json reads "corrupt": some run was here
     if record is None:
@@ -114,12 +114,12 @@ def inspect(out_dir: Path, cfg: DictConfig) -> tuple[dict[int, Path], dict[str, 
                 "diffexp run: start the run in an empty or new hydra.run.dir."
             )
         return {}, None
-    if cfg.get("overwrite"):
+    if settings.overwrite:
         clear(out_dir)
         return {}, None
     stored_file = out_dir / "config.yaml"
     stored = yaml.safe_load(stored_file.read_text()) if stored_file.is_file() else {}
-    current = OmegaConf.to_container(cfg, resolve=True)
+    current = settings.config
     changed = differences(comparable(stored or {}), comparable(current))
     status = record.get("status")
     if changed:
@@ -130,7 +130,7 @@ def inspect(out_dir: Path, cfg: DictConfig) -> tuple[dict[int, Path], dict[str, 
         )
     if status == RunStatus.finished:
         return {}, read_json(out_dir / METRICS_FILE)
-    if not cfg.get("resume", True):
+    if not settings.resume:
         raise FolderTaken(
             f"{out_dir} holds an unfinished run of this config ({status}). resume=true continues it from its "
             "finished chunks; overwrite=true deletes it and starts again."

@@ -4,7 +4,7 @@
   torch-fidelity, clean-fid and pytorch-fid's folder modes.
 - ``.npz``: ``arr_0``, uint8 NHWC, the layout guided-diffusion's evaluator reads (clean-fid and torch-fidelity
   take it too). Grey samples are repeated to 3 channels there, since these evaluators expect RGB.
-Pixels are the run's own uint8 conversion (``sampling.images.to_uint8``), as in its grids.
+Pixels are the run's own uint8 conversion (``images.to_uint8``), as in its grids.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from PIL import Image
 
 from diffexp.errors import DiffexpError
 from diffexp.folders import RunStatus, read_status_record
+from diffexp.images import to_uint8
 from diffexp.samples import load_samples
-from diffexp.sampling.images import to_uint8
 
 EXPORT_DIR = "export"  # inside the run folder
 PNG_DIR = "png"

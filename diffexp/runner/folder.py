@@ -24,10 +24,10 @@ from omegaconf import OmegaConf
 
 from diffexp.errors import DiffexpError
 from diffexp.folders import METRICS_FILE, RunStatus, atomic, end_status, heartbeat, now, write_json, write_status
+from diffexp.images import save_grid
 from diffexp.runner.background import Background
 from diffexp.runner.observers import ChunkDone, Observer, RunInfo
 from diffexp.samples import LATENTS_FILE, SAMPLES_FILE
-from diffexp.sampling.images import save_grid
 from diffexp.sampling.loop import StepState
 
 SNAPSHOTS_DIR = ".trajectory"  # the snapshots while the run goes (Trajectory); trajectory.npz at the end
@@ -123,7 +123,7 @@ class RunFiles(Observer):
             (self.dir / METRICS_FILE).unlink(missing_ok=True)  # only beside finished
             self.grids.mkdir(parents=True, exist_ok=True)
             with atomic(self.dir / "config.yaml") as tmp:
-                tmp.write_text(OmegaConf.to_yaml(OmegaConf.create(run.config)))
+                tmp.write_text(OmegaConf.to_yaml(OmegaConf.create(run.settings.config)))
             write_json(self.dir / "scheduler.json", run.scheduler.effective_config())
             if not run.first_done:  # the first chunk is sampled now: its records start afresh
                 (self.dir / "steps.jsonl").write_text("")

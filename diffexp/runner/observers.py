@@ -11,19 +11,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
 
 from diffexp.sampling.loop import StepState
 from diffexp.sampling.models import LoadedModel
 from diffexp.sampling.schedulers import BuiltScheduler
+from diffexp.settings import RunSettings
 
 
 @dataclass
 class RunInfo:
     """Everything known before the first model call."""
 
-    cfg: DictConfig  # the run config
-    config: dict[str, Any]  # the same, resolved
+    settings: RunSettings  # the run's settings, read from its config
     out_dir: Path
     label: str  # e.g. ddim-30, dpmsolver-karras-20
     model: LoadedModel

@@ -16,7 +16,7 @@ class ProgressBar(Observer):
 
     def start(self, run: RunInfo) -> None:
         """A bar over the model calls, unless ``progress=false``."""
-        if not run.cfg.get("progress", True):
+        if not run.settings.progress:
             return
         chunks = f" ({run.todo} chunks)" if run.todo > 1 else ""
         self.bar = tqdm(total=run.total_calls * run.todo, desc=run.label + chunks, unit="call", dynamic_ncols=True)

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from diffexp.errors import DiffexpError
 from diffexp.folders import mark_failed
@@ -29,16 +29,17 @@ from diffexp.samples import ChunkFile, chunk_path, read_chunk, write_chunk
 from diffexp.sampling.device import process_age_s, reset_peak_memory
 from diffexp.sampling.experiment import Experiment, prepare
 from diffexp.sampling.loop import StepState
+from diffexp.settings import RunSettings, read_settings
 from diffexp.startup import end_startup
 
 log = logging.getLogger("diffexp")
 _started: list[float | None] = []  # the process's age at its first run's first model call
 
 
-def build_observers(cfg: DictConfig) -> list[Observer]:
+def build_observers(settings: RunSettings) -> list[Observer]:
     """The config's ``observers``, in order; the run folder (``RunFiles``) must be among them."""
     built = []
-    for name, node in (cfg.get("observers") or {}).items():
+    for name, node in settings.observers.items():
         if node is None:
             continue
         try:
@@ -58,8 +59,7 @@ def build_observers(cfg: DictConfig) -> list[Observer]:
 
 def run_info(exp: Experiment, out_dir: Path, **chunking: Any) -> RunInfo:
     return RunInfo(
-        cfg=exp.cfg,
-        config=OmegaConf.to_container(exp.cfg, resolve=True),
+        settings=exp.run,
         out_dir=Path(out_dir),
         label=exp.label,
         model=exp.loaded,
@@ -72,12 +72,12 @@ def run_info(exp: Experiment, out_dir: Path, **chunking: Any) -> RunInfo:
     )
 
 
-def take(out_dir: Path, cfg: DictConfig, w: World) -> Claim:
+def take(out_dir: Path, settings: RunSettings, w: World) -> Claim:
     """Rank 0 claims the folder (lock, resume, refusal) and tells the others what it found."""
     claim, found = None, None
     if w.main:
         try:
-            claim = claim_folder(out_dir, cfg)
+            claim = claim_folder(out_dir, settings)
             found = {"finished": sorted(claim.finished), "done": claim.done}
         except DiffexpError as err:
             found = {"error": err}
@@ -87,22 +87,24 @@ def take(out_dir: Path, cfg: DictConfig, w: World) -> Claim:
     return claim or Claim(out_dir, finished={i: chunk_path(out_dir, i) for i in found["finished"]}, done=found["done"])
 
 
-def run(cfg: DictConfig, out_dir: Path, observers: Sequence[Observer] = ()) -> dict[str, Any]:
-    """Sample ``num_samples`` as ``cfg`` says, in chunks, writing the run folder ``out_dir``; returns the metrics.
+def run(config: RunSettings | DictConfig, out_dir: Path, observers: Sequence[Observer] = ()) -> dict[str, Any]:
+    """Sample ``num_samples`` as the settings (or a composed config) say, in chunks, writing the run folder
+    ``out_dir``; returns the metrics.
 
     Under torchrun (or a submitit job of several tasks) the chunks are shared among the processes; every process
     returns the same metrics. Started again in its folder, a run continues from its finished chunks."""
-    w = world(use_cuda=str(cfg.device).startswith(("auto", "cuda")) and torch.cuda.is_available())
+    settings = config if isinstance(config, RunSettings) else read_settings(config)
+    w = world(use_cuda=settings.device.startswith(("auto", "cuda")) and torch.cuda.is_available())
     out_dir = shared_dir(Path(out_dir), w)
-    claim = take(out_dir, cfg, w)
+    claim = take(out_dir, settings, w)
     try:
         if claim.done is not None:
             log.info("%s finished before in %s with this config: nothing to do", claim.done.get("label"), out_dir)
             return claim.done
         try:
-            exp = prepare(cfg)
-            everyone = [*build_observers(cfg), *observers] if w.main else []
-            measures = RunMetrics(cfg, exp, bool(cfg.progress) and w.main)  # reference, features: before the clock
+            exp = prepare(settings)
+            everyone = [*build_observers(settings), *observers] if w.main else []
+            measures = RunMetrics(exp, settings.progress and w.main)  # reference, features: before the clock
         except BaseException as err:
             if w.main:
                 mark_failed(out_dir, err)
@@ -179,7 +181,7 @@ def sample_chunks(
     try:
         for i in todo:
             done = sample_chunk(
-                exp if i == 0 else exp.for_samples(chunks[i]), i, measures, everyone, i == 0, bool(exp.cfg.oom_retry)
+                exp if i == 0 else exp.for_samples(chunks[i]), i, measures, everyone, i == 0, exp.run.oom_retry
             )
             if len(chunks) > 1:
                 with writing(chunk_path(out_dir, i)):

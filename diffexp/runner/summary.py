@@ -9,10 +9,9 @@ from typing import Any
 import diffusers
 import torch
 
-from diffexp.config import Precision
 from diffexp.metrics.base import Key
 from diffexp.sampling.device import device_name, peak_memory_mb
-from diffexp.sampling.experiment import Experiment, preview_mode
+from diffexp.sampling.experiment import Experiment
 from diffexp.sampling.loop import StepState
 
 STEP_AXES = ("step", "nfe", "net_evals")  # the x-axes of per-snapshot charts: sampling step and model calls
@@ -86,21 +85,19 @@ def latent_record(exp: Experiment) -> dict[str, Any] | None:
     return {
         "kind": latent.kind,
         "prompts": exp.prompts,
-        "negative_prompt": exp.cfg.get("negative_prompt"),
+        "negative_prompt": exp.run.config["negative_prompt"],
         "height": latent.size[0] * latent.scale,
         "width": latent.size[1] * latent.scale,
         "latent_shape": list(exp.loaded.sample_shape),
         "vae": {"class": type(latent.vae).__name__, "scaling_factor": vae.scaling_factor},
         "vae_shift_factor": getattr(vae, "shift_factor", None),
-        "preview": preview_mode(exp.cfg),
+        "preview": exp.run.preview.value,
     }
 
 
 def speed_record(exp: Experiment) -> dict[str, Any]:
     """channels_last, compile (mode or None), the attention processors; compile_s and compile_reused only from
     runs that compile."""
-    if exp.speed is None:
-        return {}
     record = asdict(exp.speed)
     record.pop("precision")
     if exp.speed.compile is None:
@@ -111,7 +108,7 @@ def speed_record(exp: Experiment) -> dict[str, Any]:
 def run_summary(exp: Experiment, cost: dict[str, Any], env: dict[str, Any]) -> dict[str, Any]:
     """Cost, settings and versions of a finished run; the metrics add their values to it. ``cost`` sums every
     chunk's: ``wall_s`` is sampling time (over all processes), a latent model's ``decode_s`` its decodes, apart."""
-    cfg = exp.cfg
+    run = exp.run
     decode_s = cost["decode_s"]
     decoding = {  # latent models only: decoding cost, as a share of sampling + decoding
         "decode_s": decode_s,
@@ -122,20 +119,20 @@ def run_summary(exp: Experiment, cost: dict[str, Any], env: dict[str, Any]) -> d
         **(decoding if exp.loaded.latent is not None else {}),
         "status": "finished",
         "label": exp.label,
-        "steps": cfg.steps,
+        "steps": run.steps,
         "nfe": cost["nfe"],
         "net_evals": cost["net_evals"],  # network evaluations per sample: a guided call counts two
         "wall_s": cost["sampling_s"],
         "images_per_s": exp.num_samples / cost["sampling_s"],  # per process
         "load_s": exp.loaded.load_s,
         "peak_mem_mb": peak_memory_mb(exp.device),
-        "batch_size": cfg.batch_size,
+        "batch_size": run.batch_size,
         "num_samples": exp.num_samples,
         "chunks": len(exp.chunks()),
         "world_size": cost["world_size"],
         "run_s": cost["run_s"],  # from the first chunk to the last, all processes together
-        "seed": cfg.seed,
-        "precision": Precision(cfg.precision).value,
+        "seed": run.seed,
+        "precision": run.precision.value,
         **speed_record(exp),
         "model": {"name": exp.loaded.name, "id": exp.loaded.id, "revision": exp.loaded.revision},
         "scheduler": exp.built.effective_config(),
@@ -143,7 +140,7 @@ def run_summary(exp: Experiment, cost: dict[str, Any], env: dict[str, Any]) -> d
         "scheduler_options": exp.built.options,
         "prediction_type": exp.loaded.prediction_type,
         "labels": exp.labels,  # the first chunk's
-        "guidance": asdict(exp.model.guidance),
+        "guidance": asdict(run.guidance),
         "warnings": exp.built.warnings,
         **env,
     }

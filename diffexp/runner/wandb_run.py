@@ -22,7 +22,7 @@ SCHEDULER_KEY = "scheduler_label"  # the config key that names a run's scheduler
 def run_config(run: RunInfo) -> dict[str, Any]:
     """The resolved config plus what it resolved to: the scheduler in force, the model, the machine."""
     return {
-        **run.config,
+        **run.settings.config,
         "label": run.label,
         SCHEDULER_KEY: run.scheduler.label,
         "effective_scheduler": run.scheduler.effective_config(),
@@ -39,7 +39,7 @@ class WandbRun(Observer):
 
     def start(self, run: RunInfo) -> None:
         """Starts a W&B run unless ``logger`` is null (``logger=none``)."""
-        self.run = start_run(run.cfg.get("logger"), run.out_dir, run.label, "sample", run_config(run))
+        self.run = start_run(run.settings.logger, run.out_dir, run.label, "sample", run_config(run))
         if self.run is not None:
             self._safely("define metrics", self._define_metrics)
 

@@ -1,73 +1,104 @@
-"""An experiment: the model, the condition, the scheduler and the initial noise that a config names, ready to
-sample. Sample k's noise, label and prompt depend only on k and the seed."""
+"""An experiment: the model, the condition, the scheduler and the initial noise that a run's settings name, ready
+to sample. Sample k's noise, label and prompt depend only on k and the seed."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+import dataclasses
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from diffexp.catalog import run_label
-from diffexp.config import check_config, compile_mode
 from diffexp.errors import DiffexpError
-from diffexp.sampling.denoisers import Denoiser, check_guidance, sample_labels
+from diffexp.sampling.adapters import (
+    Adapter,
+    ClassAdapter,
+    DiTAdapter,
+    LabelSource,
+    Network,
+    PromptSource,
+    TextAdapter,
+    build_adapter,
+)
 from diffexp.sampling.device import resolve_device, resolve_dtype
+from diffexp.sampling.guidance import guidance_for
 from diffexp.sampling.loop import StepState, initial_noise, iter_steps
 from diffexp.sampling.models import LoadedModel, load_model
-from diffexp.sampling.noise import log_sigmas
+from diffexp.sampling.noise import NoiseSchedule
 from diffexp.sampling.schedulers import BuiltScheduler, build_scheduler, split_options
 from diffexp.sampling.speed import SpeedRecord, accelerate, check_compile, check_precision
+from diffexp.settings import RunSettings, read_settings
 
 
-@dataclass
+class Chunks(Sequence[range]):
+    """A run's sample indices in chunks of ``batch_size`` (the last may be smaller), computed on demand."""
+
+    def __init__(self, run: RunSettings) -> None:
+        self.run = run
+
+    def __len__(self) -> int:
+        return self.run.chunk_count()
+
+    def __getitem__(self, index: int) -> range:  # type: ignore[override]
+        if not -len(self) <= index < len(self):
+            raise IndexError(index)
+        return self.run.chunk(index % len(self))
+
+
+@dataclass(frozen=True)
 class Experiment:
-    """A model, a scheduler and the initial noise, ready to sample step by step."""
+    """A model, a scheduler and the initial noise of some samples, ready to sample step by step."""
 
-    cfg: DictConfig
+    run: RunSettings
     device: torch.device
     dtype: torch.dtype
     loaded: LoadedModel
     built: BuiltScheduler
-    model: Denoiser
+    model: Adapter  # the network, its samples' condition and the guidance
     noise: torch.Tensor
     generators: list[torch.Generator]
-    labels: list[int] | None = None  # the class of each sample; None: unconditional
-    prompts: list[str] | None = None  # text models: the prompt of each sample
-    samples: range = range(0)  # the indices of the samples bound here: a chunk of the run (the first, from prepare)
-    embeddings: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # each distinct prompt's, once
-    speed: SpeedRecord | None = None  # precision, channels_last, compile and attention in force; compile time
+    speed: SpeedRecord
+
+    @property
+    def samples(self) -> range:
+        """The indices of the samples bound here: a chunk of the run (the first, from prepare)."""
+        return self.model.samples
+
+    @property
+    def labels(self) -> list[int] | None:
+        """The class of each sample; None: unconditional."""
+        return list(self.model.labels) if isinstance(self.model, ClassAdapter) else None
+
+    @property
+    def prompts(self) -> list[str] | None:
+        """Text models: the prompt of each sample."""
+        return list(self.model.prompts) if isinstance(self.model, TextAdapter) else None
 
     @property
     def num_samples(self) -> int:
-        """Samples in the whole run: ``num_samples``, else one chunk of ``batch_size``."""
-        return int(self.cfg.get("num_samples") or self.cfg.batch_size)
+        return self.run.num_samples
 
-    def chunks(self) -> list[range]:
-        """The run's sample indices in chunks of ``batch_size`` (the last may be smaller)."""
-        n, size = self.num_samples, int(self.cfg.batch_size)
-        return [range(first, min(first + size, n)) for first in range(0, n, size)]
+    def chunks(self) -> Chunks:
+        return Chunks(self.run)
 
     def for_samples(self, samples: range) -> Experiment:
-        """The same model and scheduler bound to other samples: their noise, labels and prompts; the network as
-        this one runs it (compiled, channels-last)."""
-        exp = bind(self.cfg, self.device, self.dtype, self.loaded, self.built, samples, self.embeddings)
-        exp.model.use_network(self.model.net)
-        exp.model.channels_last, exp.model.cudagraphs = self.model.channels_last, self.model.cudagraphs
-        exp.speed = self.speed
-        return exp
+        """The same model and scheduler bound to other samples: their noise, labels and prompts."""
+        noise, generators = initial_noise(
+            self.loaded.sample_shape, self.run.seed, len(samples), self.device, samples.start
+        )
+        return dataclasses.replace(self, model=self.model.with_samples(samples), noise=noise, generators=generators)
 
     def to_pixels(self, x: torch.Tensor, exact: bool = False) -> torch.Tensor:
         """x or x0 as an image in [-1, 1]; a latent model's through its VAE, or ``preview=latent``'s linear map
         unless ``exact``."""
         with torch.inference_mode():
-            return self.loaded.to_pixels(x, "vae" if exact else preview_mode(self.cfg))
+            return self.loaded.to_pixels(x, "vae" if exact else self.run.preview.value)
 
     @property
     def label(self) -> str:
-        return run_label(self.built.spec, self.cfg.steps, self.cfg.get("guidance_scale", 1.0))
+        return self.run.label
 
     @property
     def total_calls(self) -> int:
@@ -76,46 +107,127 @@ class Experiment:
 
     def steps(self) -> Iterator[StepState]:
         """The loop, one model call at a time: x, x0, timestep and NFE at each."""
-        self.model.reset()
+        self.model.counter.reset()
         with torch.inference_mode():
             yield from iter_steps(
                 self.model,
                 self.built.scheduler,
                 self.noise,
-                self.cfg.steps,
+                self.run.steps,
                 self.generators,
                 self.built.step_kwargs,
-                self.cfg.log_every,
+                self.run.log_every,
             )
 
 
-def prepare(cfg: DictConfig, model: LoadedModel | None = None) -> Experiment:
-    """Build what ``cfg`` names. ``model`` replaces the configured one: any module called like UNet2DModel."""
-    check_config(cfg)
-    options = OmegaConf.to_container(cfg.scheduler, resolve=True)
-    name = options.pop("name")
-    split_options(name, options)  # refuse a bad scheduler or option before loading anything
-    device = resolve_device(cfg.device)
-    dtype = resolve_dtype(cfg.precision)
-    check_precision(cfg.precision, device)
-    check_compile(compile_mode(cfg), device)
-    identity = ("model", id(model.model)) if model is not None else ("config", OmegaConf.to_yaml(cfg.model))
-    loaded = model or load_model(cfg.model, device, dtype)
-    built = build_scheduler(name, loaded.scheduler_config, options, seed=cfg.seed)
+def prepare(settings: RunSettings | DictConfig, model: LoadedModel | None = None) -> Experiment:
+    """Build what the settings (or a composed config) name, bound to the first chunk. ``model`` replaces the
+    configured one: any module called like UNet2DModel."""
+    run = settings if isinstance(settings, RunSettings) else read_settings(settings)
+    split_options(run.scheduler)  # refuse a bad scheduler or option before loading anything
+    device = resolve_device(run.device)
+    dtype = resolve_dtype(run.precision)
+    check_precision(run.precision, device)
+    check_compile(run.compile, device)
+    identity = ("model", id(model.model)) if model is not None else ("config", repr(run.model))
+    loaded = model or load_model(run.model, device, dtype)
+    built = build_scheduler(run.scheduler, loaded.scheduler_config, seed=run.seed)
     try:
-        built.scheduler.set_timesteps(cfg.steps, device=device)  # checks the step count before any output
+        built.scheduler.set_timesteps(run.steps, device=device)  # checks the step count before any output
     except (ValueError, IndexError) as err:
-        raise DiffexpError(f"Scheduler '{name}' cannot run {cfg.steps} steps: {err}") from None
-    check_latent(cfg, loaded)
-    embeddings: dict[str, torch.Tensor] = {}
-    check_memory(bind(cfg, device, dtype, loaded, built, range(1), embeddings), int(cfg.batch_size))
-    first = range(min(int(cfg.batch_size), int(cfg.get("num_samples") or cfg.batch_size)))
-    exp = bind(cfg, device, dtype, loaded, built, first, embeddings)
+        raise DiffexpError(f"Scheduler '{run.scheduler.name}' cannot run {run.steps} steps: {err}") from None
+    check_latent(run, loaded)
+    check_memory(adapter_for(run, loaded, built, range(1), device), loaded, device, run.batch_size, built)
+    first = run.chunk(0)
+    adapter = adapter_for(run, loaded, built, first, device)
+    noise, generators = initial_noise(loaded.sample_shape, run.seed, len(first), device, first.start)
     t = built.scheduler.timesteps[:1].cpu()[0]
-    channels_last = bool(cfg.get("channels_last", False))
-    exp.speed = accelerate(exp.model, identity, cfg.precision, channels_last, compile_mode(cfg), exp.noise, t)
-    loaded.model = exp.model.model  # the compiled network of an earlier run of the process, when reused
-    return exp
+    adapter, speed = accelerate(adapter, identity, run.precision, run.channels_last, run.compile, noise, t)
+    return Experiment(run, device, dtype, loaded, built, adapter, noise, generators, speed)
+
+
+def adapter_for(
+    run: RunSettings, loaded: LoadedModel, built: BuiltScheduler, samples: range, device: torch.device
+) -> Adapter:
+    """The adapter of the model's family, bound to ``samples``, or a clear refusal of a condition or guidance it
+    cannot take."""
+    schedule = NoiseSchedule(built.scheduler.alphas_cumprod.cpu())
+    common = {
+        "network": Network(loaded.model),
+        "prediction_type": loaded.prediction_type,
+        "schedule": schedule,
+        "guidance": guidance_for(run.guidance, schedule),
+    }
+    if loaded.kind == "text":
+        if run.labels is not None:
+            raise DiffexpError(
+                f"labels={run.labels} was given, but {loaded.name} is a text-to-image model: give prompt=... instead."
+            )
+        assert loaded.latent is not None
+        latent = loaded.latent
+        source = PromptSource(lambda prompts: latent.encode(prompts, device), run.prompts, run.negative_prompts)
+        return build_adapter(TextAdapter, samples, source=source, **common)
+    if loaded.num_classes is None:
+        if run.labels is not None:
+            raise DiffexpError(
+                f"labels={run.labels} was given, but {loaded.name} is unconditional: it takes no class labels."
+            )
+        refuse_guidance(run, loaded)
+        return build_adapter(Adapter, samples, **common)
+    labels = check_labels(run, loaded)
+    if run.guidance.enabled and (labels is None or loaded.null_class is None):
+        refuse_guidance(run, loaded)
+    source = LabelSource(labels, loaded.num_classes, loaded.null_class, device)
+    if loaded.kind == "class":  # DiT: a transformer that learns sigma has twice the input's channels out
+        config = loaded.model.config
+        learned = config.in_channels if config.out_channels // 2 == config.in_channels else None
+        return build_adapter(DiTAdapter, samples, source=source, learned_channels=learned, **common)
+    return build_adapter(ClassAdapter, samples, source=source, **common)
+
+
+def refuse_guidance(run: RunSettings, loaded: LoadedModel) -> None:
+    if run.guidance.enabled:
+        raise DiffexpError(
+            f"guidance_scale={run.guidance.scale} needs a conditional model with a null class (or unconditional "
+            f"input) for the unconditional half; {loaded.name} has "
+            + ("no class labels." if loaded.num_classes is None else "no known null class (set model.null_class).")
+        )
+
+
+def check_labels(run: RunSettings, loaded: LoadedModel) -> str | tuple[int, ...] | None:
+    """The labels of a class-conditional model, in its range; without labels, its null class (unconditional)."""
+    assert loaded.num_classes is not None
+    if run.labels is None and loaded.null_class is None:
+        raise DiffexpError(
+            f"{loaded.name} is class-conditional without a known null class: set labels=all or labels=[...] "
+            "(or model.null_class=<id> to sample it unconditionally)."
+        )
+    if isinstance(run.labels, tuple):
+        bad = [v for v in run.labels if not 0 <= v < loaded.num_classes]
+        if bad:
+            raise DiffexpError(
+                f"labels {bad} are outside [0, {loaded.num_classes}): this model has {loaded.num_classes} classes."
+            )
+    return run.labels
+
+
+def check_latent(run: RunSettings, loaded: LoadedModel) -> None:
+    """Size, preview, prompts: what only some models take."""
+    if loaded.latent is None:
+        if run.height is not None or run.width is not None:
+            raise DiffexpError(
+                f"height / width apply to latent models (Stable Diffusion); {loaded.name} samples at its own size."
+            )
+    else:
+        loaded.latent.set_size(run.height, run.width)
+        if run.preview.value == "latent":
+            loaded.latent.preview_map()  # refuses a VAE without a known map before sampling
+    if loaded.kind != "text" and (run.prompts is not None or run.negative_prompts is not None):
+        what = "class-conditional (use labels=...)" if loaded.num_classes is not None else "unconditional"
+        raise DiffexpError(
+            f"prompt / negative_prompt was given, but {loaded.name} is {what}: only text-to-image models "
+            "(the StableDiffusionPipeline family) take prompts."
+        )
 
 
 def free_memory(device: torch.device) -> int | None:
@@ -130,10 +242,12 @@ def free_memory(device: torch.device) -> int | None:
     return None
 
 
-def check_memory(one: Experiment, batch_size: int) -> None:
+def check_memory(
+    one: Adapter, loaded: LoadedModel, device: torch.device, batch_size: int, built: BuiltScheduler
+) -> None:
     """Refuse a chunk that cannot fit, before sampling: a lower bound of what a chunk needs is the largest
     activation of one sample's model call, twice (a layer's input and output), times ``batch_size``."""
-    limit = free_memory(one.device)
+    limit = free_memory(device)
     if limit is None:
         return
     largest = 0
@@ -143,143 +257,19 @@ def check_memory(one: Experiment, batch_size: int) -> None:
         if isinstance(output, torch.Tensor):
             largest = max(largest, output.numel() * output.element_size())
 
-    leaves = [m for m in one.model.modules() if next(m.children(), None) is None]
-    hooks = [m.register_forward_hook(record) for m in leaves or [one.model]]
+    leaves = [m for m in one.module.modules() if next(m.children(), None) is None]
+    hooks = [m.register_forward_hook(record) for m in leaves or [one.module]]
+    noise, _ = initial_noise(loaded.sample_shape, 0, 1, device)
     try:
         with torch.inference_mode():
-            one.model(one.noise, one.built.scheduler.timesteps[0])
+            one(noise, built.scheduler.timesteps[0])
     finally:
         for hook in hooks:
             hook.remove()
     needed = 2 * largest * batch_size
     if needed > limit:
         raise DiffexpError(
-            f"batch_size={batch_size} cannot fit on {one.device}: a chunk needs at least {needed / 2**30:.1f} GiB "
+            f"batch_size={batch_size} cannot fit on {device}: a chunk needs at least {needed / 2**30:.1f} GiB "
             f"(the largest activation of one sample, {largest / 2**20:.1f} MiB, twice, times {batch_size}), and "
             f"{limit / 2**30:.1f} GiB are free. Lower batch_size (num_samples sets how many samples the run makes)."
         )
-
-
-def bind(
-    cfg: DictConfig,
-    device: torch.device,
-    dtype: torch.dtype,
-    loaded: LoadedModel,
-    built: BuiltScheduler,
-    samples: range,
-    embeddings: dict[str, torch.Tensor],
-) -> Experiment:
-    """An experiment for these sample indices: sample k's noise, label and prompt depend only on k and the seed."""
-    noise, generators = initial_noise(loaded.sample_shape, cfg.seed, len(samples), device, samples.start)
-    labels = class_labels(cfg, loaded, samples)
-    prompts = sample_prompts(cfg.get("prompt"), samples) if loaded.kind == "text" else None
-    model = denoiser(cfg, loaded, built, labels, device)
-    if prompts is not None:
-        negatives = sample_prompts(cfg.get("negative_prompt"), samples)
-        model.cond = {"encoder_hidden_states": encode(loaded, prompts, device, embeddings)}
-        model.uncond = {"encoder_hidden_states": encode(loaded, negatives, device, embeddings)}
-    return Experiment(cfg, device, dtype, loaded, built, model, noise, generators, labels, prompts, samples, embeddings)
-
-
-def check_latent(cfg: DictConfig, loaded: LoadedModel) -> None:
-    """Size, preview, prompts: what only some models take."""
-    if loaded.latent is None:
-        if cfg.get("height") is not None or cfg.get("width") is not None:
-            raise DiffexpError(
-                f"height / width apply to latent models (Stable Diffusion); {loaded.name} samples at its own size."
-            )
-    else:
-        loaded.latent.set_size(cfg.get("height"), cfg.get("width"))
-        if preview_mode(cfg) == "latent":
-            loaded.latent.preview_map()  # refuses a VAE without a known map before sampling
-    if loaded.kind != "text" and (cfg.get("prompt") is not None or cfg.get("negative_prompt") is not None):
-        what = "class-conditional (use labels=...)" if loaded.num_classes is not None else "unconditional"
-        raise DiffexpError(
-            f"prompt / negative_prompt was given, but {loaded.name} is {what}: only text-to-image models "
-            "(the StableDiffusionPipeline family) take prompts."
-        )
-
-
-def preview_mode(cfg: DictConfig) -> str:
-    """``preview``: vae (the exact decode) or latent (the linear map)."""
-    value = cfg.get("preview", "vae")
-    return str(getattr(value, "value", value))
-
-
-def sample_prompts(prompt: object, samples: range) -> list[str]:
-    """Sample k's prompt: ``prompt[k mod len]`` (a string is a list of one; null is the empty prompt)."""
-    values = OmegaConf.to_container(prompt) if OmegaConf.is_config(prompt) else prompt
-    values = [""] if values is None else [values] if isinstance(values, str) else values
-    if not isinstance(values, list) or not values or not all(isinstance(v, str) for v in values):
-        raise DiffexpError(f"prompt={prompt} is not allowed: use a string or a list of strings.")
-    return [values[k % len(values)] for k in samples]
-
-
-def encode(
-    loaded: LoadedModel, prompts: list[str], device: torch.device, known: dict[str, torch.Tensor]
-) -> torch.Tensor:
-    """Each sample's text embeddings; every distinct prompt is encoded once per run (``known`` keeps them)."""
-    assert loaded.latent is not None
-    new = [p for p in dict.fromkeys(prompts) if p not in known]
-    if new:
-        with torch.inference_mode():
-            known |= dict(zip(new, loaded.latent.encode(new, device), strict=True))
-    return torch.stack([known[p] for p in prompts])
-
-
-def class_labels(cfg: DictConfig, loaded: LoadedModel, samples: range) -> list[int] | None:
-    """Sample k's class; for a class-conditional model without ``labels``, the null class (unconditional)."""
-    labels = OmegaConf.to_container(cfg.labels) if OmegaConf.is_config(cfg.get("labels")) else cfg.get("labels")
-    if loaded.kind == "text" and labels is not None:
-        raise DiffexpError(
-            f"labels={labels} was given, but {loaded.name} is a text-to-image model: give prompt=... instead."
-        )
-    if loaded.num_classes is None:
-        if labels is not None:
-            raise DiffexpError(
-                f"labels={labels} was given, but {loaded.name} is unconditional: it takes no class labels."
-            )
-        return None
-    if labels is None:
-        if loaded.null_class is None:
-            raise DiffexpError(
-                f"{loaded.name} is class-conditional without a known null class: set labels=all or labels=[...] "
-                "(or model.null_class=<id> to sample it unconditionally)."
-            )
-        return [loaded.null_class] * len(samples)
-    return sample_labels(labels, loaded.num_classes, samples.start, len(samples))
-
-
-def denoiser(
-    cfg: DictConfig, loaded: LoadedModel, built: BuiltScheduler, labels: list[int] | None, device: torch.device
-) -> Denoiser:
-    """The model with its labels and guidance bound, or a clear refusal of guidance it cannot do."""
-    interval = cfg.get("guidance_interval")
-    guidance = check_guidance(
-        float(cfg.get("guidance_scale", 1.0)),
-        float(cfg.get("guidance_rescale", 0.0)),
-        None if interval is None else list(interval),
-    )
-    if guidance.enabled and loaded.kind != "text" and (labels is None or loaded.null_class is None):
-        raise DiffexpError(
-            f"guidance_scale={guidance.scale} needs a conditional model with a null class (or unconditional input) "
-            f"for the unconditional half; {loaded.name} has "
-            + ("no class labels." if loaded.num_classes is None else "no known null class (set model.null_class).")
-        )
-    return Denoiser(
-        loaded.model,
-        loaded.prediction_type,
-        None if labels is None else torch.tensor(labels, device=device),
-        loaded.null_class,
-        guidance,
-        log_sigmas(built.scheduler.alphas_cumprod),
-        **(dit_conventions(loaded.model) if loaded.kind == "class" else {}),
-    )
-
-
-def dit_conventions(transformer: torch.nn.Module) -> dict[str, object]:
-    """DiTPipeline's: the halves as [class, null]; guidance and the loop on the eps half of a transformer that
-    learns sigma (its variance channels are dropped); one timestep per sample."""
-    cfg = transformer.config
-    learns_sigma = cfg.out_channels // 2 == cfg.in_channels
-    return {"uncond_first": False, "channels": cfg.in_channels if learns_sigma else None, "expand_t": True}

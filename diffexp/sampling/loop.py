@@ -19,7 +19,7 @@ from diffusers import PNDMScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
 from diffexp.errors import NonFiniteError
-from diffexp.sampling.denoisers import x0_from_output
+from diffexp.sampling.adapters import x0_from_output
 from diffexp.sampling.device import synchronize
 from diffexp.sampling.noise import log_sigmas, sigma_at
 
@@ -113,16 +113,12 @@ def iter_steps(
     """Sample from ``noise`` (unit variance) with ``num_steps`` steps, yielding after every model call.
 
     ``model(x, t)`` returns the model's output in its ``prediction_type`` (epsilon, v or sample; default
-    epsilon): a ``Denoiser`` binds a network's condition and guidance, and counts calls and network evaluations.
-    ``t`` is the schedule's timestep as a CPU scalar tensor, as the scheduler gets it; a ``Denoiser`` moves it to
-    the device without waiting.
+    epsilon): an adapter (``diffexp.sampling.adapters``) binds a network's condition and guidance, and counts
+    calls and network evaluations. ``t`` is the schedule's timestep as a CPU scalar tensor, as the scheduler gets
+    it; an adapter moves it to the device without waiting.
 
-    The loop never waits for the device between snapshots: each call's x, x0 and model output are summed on the
-    device (a sum is finite exactly when every value is), and the sums are read, with one synchronisation, at
-    each snapshot and at the end, so a non-finite value is still traced to its first call. ``elapsed_s`` is
-    exact at snapshots; between them the device may still be working, so a state's ``call_s`` is the host's time
-    for the call there, and at a snapshot the mean time per call since the previous snapshot. Time spent by the
-    consumer between yields is not counted.
+    The loop never waits for the device between snapshots (``Watch``). Time spent by the consumer between yields
+    is not counted.
     """
     device = noise.device
     scheduler.set_timesteps(num_steps, device=device)  # fresh timesteps and internal state for this run
@@ -138,34 +134,22 @@ def iter_steps(
     sigmas = sigma_at(log_sigmas(scheduler.alphas_cumprod), timesteps).tolist()
     set_begin_index(scheduler, timesteps)
     prediction_type = getattr(model, "prediction_type", "epsilon")
-    total = finite_sum_dtype(device)
-    sums: list[torch.Tensor] = []  # x, x0 and the output of each call since the last check, summed
-    reported_steps: list[int] = []  # the step each call belongs to, for the error message
-    step, elapsed, at_snapshot, calls_since = 0, 0.0, 0.0, 0
+    watch = Watch(device, timesteps)
+    step = 0
     for i, (t, t_value) in enumerate(zip(timesteps, timesteps.tolist(), strict=True)):
-        start = time.perf_counter()
+        watch.start()
         # 1. the model predicts noise, v or x0 from the scaled input (Euler-family: x / sqrt(sigma^2 + 1))
         output = model(scheduler.scale_model_input(x, t), t)
         # 2. the scheduler moves x towards t_prev
         out = scheduler.step(output, t, x, **kwargs)
         x0 = predicted_x0(scheduler, out, x, output, t, prediction_type)
         x = out.prev_sample
-        sums += (x.sum(dtype=total), x0.sum(dtype=total), output.sum(dtype=total))
-
+        # 3. where the call stands: a full step ends here (second-order schedulers: after the correction)
         last = i == len(timesteps) - 1
         full = completed_full_step(scheduler) or last
         step += int(full)
-        reported_steps.append(step if full else step + 1)
         snapshot = last or (full and step % log_every == 0)
-        calls_since += 1
-        if snapshot:  # the one synchronisation between snapshots: the sums and the clock
-            synchronize(device)
-            check_finite(torch.stack(sums).view(-1, 3).cpu(), i + 1 - calls_since, reported_steps, timesteps)
-            sums.clear()
-        call_s = time.perf_counter() - start
-        elapsed += call_s
-        if snapshot:
-            call_s, at_snapshot, calls_since = (elapsed - at_snapshot) / calls_since, elapsed, 0
+        elapsed_s, call_s = watch.end(x, x0, output, step if full else step + 1, snapshot)
         yield StepState(
             nfe=i + 1,
             step=step,
@@ -178,9 +162,50 @@ def iter_steps(
             snapshot=snapshot,
             net_evals=getattr(model, "net_evals", i + 1),
             last=last,
-            elapsed_s=elapsed,
+            elapsed_s=elapsed_s,
             call_s=call_s,
         )
+
+
+class Watch:
+    """The loop's bookkeeping, kept out of its maths: the clock, and the non-finite check.
+
+    Each call's x, x0 and model output are summed on the device (a sum is finite exactly when every value is);
+    the sums are read, with one synchronisation, at each snapshot and at the end, so a non-finite value is still
+    traced to its first call without waiting for the device in between. ``elapsed_s`` is exact at snapshots; a
+    call's ``call_s`` is the host's time for it, and at a snapshot the mean time per call since the previous one.
+    """
+
+    def __init__(self, device: torch.device, timesteps: torch.Tensor) -> None:
+        self.device, self.timesteps = device, timesteps
+        self.total = finite_sum_dtype(device)
+        self.sums: list[torch.Tensor] = []  # x, x0 and the output of each call since the last check, summed
+        self.reported_steps: list[int] = []  # the step each call belongs to, for the error message
+        self.calls, self.since, self.elapsed, self.at_snapshot = 0, 0, 0.0, 0.0
+        self.started = 0.0
+
+    def start(self) -> None:
+        self.started = time.perf_counter()
+
+    def end(
+        self, x: torch.Tensor, x0: torch.Tensor, output: torch.Tensor, step: int, snapshot: bool
+    ) -> tuple[float, float]:
+        """Record a call; at a snapshot, wait for the device and check the sums. Returns (elapsed_s, call_s)."""
+        self.sums += (x.sum(dtype=self.total), x0.sum(dtype=self.total), output.sum(dtype=self.total))
+        self.reported_steps.append(step)
+        self.calls += 1
+        self.since += 1
+        if snapshot:  # the one synchronisation between snapshots: the sums and the clock
+            synchronize(self.device)
+            sums = torch.stack(self.sums).view(-1, 3).cpu()
+            check_finite(sums, self.calls - self.since, self.reported_steps, self.timesteps)
+            self.sums.clear()
+        call_s = time.perf_counter() - self.started
+        self.elapsed += call_s
+        if snapshot:
+            call_s, self.at_snapshot = (self.elapsed - self.at_snapshot) / self.since, self.elapsed
+            self.since = 0
+        return self.elapsed, call_s
 
 
 def set_begin_index(scheduler: Any, timesteps: torch.Tensor) -> None:

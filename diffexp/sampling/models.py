@@ -153,9 +153,9 @@ def load_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype = torc
     # torch's own cast: diffusers' ModelMixin.to warns on any dtype, and pretrained models already load in it
     model = torch.nn.Module.to(model, device=device, dtype=dtype).eval().requires_grad_(False)
     num_classes, null_class = classes(model, cfg)
-    loaded = LoadedModel(model, scheduler_config, cfg.name, ident, cfg.revision, time.perf_counter() - start)
-    loaded.num_classes, loaded.null_class = num_classes, null_class
-    return loaded
+    return LoadedModel(
+        model, scheduler_config, cfg.name, ident, cfg.revision, time.perf_counter() - start, num_classes, null_class
+    )
 
 
 def _latent(source: str, cfg: ModelConfig, device: torch.device, dtype: torch.dtype, ident: str) -> LoadedModel | None:
@@ -172,13 +172,14 @@ def _latent(source: str, cfg: ModelConfig, device: torch.device, dtype: torch.dt
     pipe = load_latent(source, cfg.revision, str(class_name), device, dtype)
     kind = LATENT_PIPELINES[str(class_name)]
     denoiser = pipe.unet if kind == "text" else pipe.transformer
-    loaded = LoadedModel(denoiser, dict(pipe.scheduler.config), cfg.name, ident, cfg.revision)
-    loaded.latent = LatentModel(pipe, kind, (0, 0))
-    loaded.latent.set_size(None, None)
-    if kind == "class":  # DiTPipeline: classes 0 .. N-1, the null class N (its label dropout embedding)
-        loaded.num_classes = loaded.null_class = int(denoiser.config.num_embeds_ada_norm)
-    loaded.load_s = time.perf_counter() - start
-    return loaded
+    latent = LatentModel(pipe, kind, (0, 0))
+    latent.set_size(None, None)
+    # DiTPipeline: classes 0 .. N-1, the null class N (its label dropout embedding)
+    num_classes = int(denoiser.config.num_embeds_ada_norm) if kind == "class" else None
+    load_s = time.perf_counter() - start
+    return LoadedModel(
+        denoiser, dict(pipe.scheduler.config), cfg.name, ident, cfg.revision, load_s, num_classes, num_classes, latent
+    )
 
 
 def classes(model: torch.nn.Module, cfg: ModelConfig) -> tuple[int | None, int | None]:

@@ -21,39 +21,39 @@ import torch
 from diffusers import DDPMScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-from diffexp.catalog import (
-    DECLARED,
-    MODEL_KEYS,
-    REQUIRED,
-    check_ranges,
-    option_signatures,
-    resolve_class,
-    scheduler_files,
-    scheduler_label,
-)
+from diffexp.catalog import MODEL_KEYS, SchedulerSpec, option_signatures, resolve_class, scheduler_spec
 from diffexp.errors import DiffexpError
 
 
 @dataclass
 class BuiltScheduler:
-    """A scheduler ready for the loop, with everything needed to record what was actually used."""
+    """A scheduler ready for the loop, with its spec and what it was built with."""
 
-    name: str
+    spec: SchedulerSpec
     scheduler: SchedulerMixin
     step_kwargs: dict[str, Any]
-    options: dict[str, Any]  # what the user set (non-null), config and step options together
-    stochastic: bool  # declared by its file: it injects fresh noise, so its samples are no ODE solution
-    theory_order: int | None  # declared by its file: the global order of accuracy of its ODE solver
     warnings: list[str] = field(default_factory=list)
 
     @property
-    def spec(self) -> dict[str, Any]:
-        """Name, class and the options set: what labels are made of."""
-        return self.options | {"name": self.name, "diffusers_class": self.class_name}
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """What the user set (non-null), config and step options together."""
+        return dict(self.spec.options)
+
+    @property
+    def stochastic(self) -> bool:
+        return self.spec.stochastic
+
+    @property
+    def theory_order(self) -> int | None:
+        return self.spec.theory_order
 
     @property
     def label(self) -> str:
-        return scheduler_label(self.spec)
+        return self.spec.label
 
     @property
     def class_name(self) -> str:
@@ -68,62 +68,51 @@ class BuiltScheduler:
         return {**record, "hash": digest}
 
 
-def scheduler_spec(name: str, options: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Name, declarations and options of scheduler ``name``: ``options`` with the declarations of its file for
-    them (a composed config's node already has them; a spec from elsewhere, e.g. the reference's, gets them)."""
-    options = {k: v for k, v in (options or {}).items() if k != "name"}
-    known = scheduler_files().get(name)
-    if known is None or all(k in options for k in REQUIRED[1:]):
-        return {"name": name, **options}
-    declared = {k: v for k, v in known.spec(options).items() if k in DECLARED}
-    return {**declared, **options, "name": name}
+def as_spec(scheduler: SchedulerSpec | str, options: Mapping[str, Any] | None = None) -> SchedulerSpec:
+    """A spec, or the spec of scheduler ``name`` with ``options`` (its file's declarations filled in)."""
+    if isinstance(scheduler, SchedulerSpec):
+        return scheduler
+    return scheduler_spec({**(options or {}), "name": scheduler})
 
 
-def split_options(name: str, options: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Check every option against the class and split them into config options and step arguments.
-
-    ``None`` means "not set": the model's scheduler config, then the class default, decide.
-    """
-    cls = resolve_class(name, options.get("diffusers_class"))
+def split_options(spec: SchedulerSpec) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Check every option against the class and split them into config options and step arguments."""
+    cls = resolve_class(spec.name, spec.diffusers_class)
     init, step = option_signatures(cls)
     config, step_kwargs = {}, {}
-    for key, value in options.items():
-        if key in DECLARED or value is None:
-            continue
+    for key, value in spec.options.items():
         param = init.get(key) or step.get(key)
         if param is None or key in MODEL_KEYS:
             accepted = ", ".join(sorted(k for k in {**init, **step} if k not in MODEL_KEYS))
             raise DiffexpError(
-                f"Scheduler '{name}' ({cls.__name__}) has no option '{key}'. diffusers would ignore it "
+                f"Scheduler '{spec.name}' ({cls.__name__}) has no option '{key}'. diffusers would ignore it "
                 f"silently, so diffexp refuses it. Options it accepts: {accepted}."
             )
         if not _matches(value, param.annotation):
             raise DiffexpError(
-                f"Scheduler option {name}.{key}={value!r} has the wrong type or value; "
+                f"Scheduler option {spec.name}.{key}={value!r} has the wrong type or value; "
                 f"{cls.__name__} expects {_describe(param.annotation)}."
             )
         (config if key in init else step_kwargs)[key] = value
-    check_ranges(name, options, options.get("ranges"))
     return config, step_kwargs
 
 
 def build_scheduler(
-    name: str,
+    scheduler: SchedulerSpec | str,
     model_scheduler_config: Mapping[str, Any],
     options: Mapping[str, Any] | None = None,
     seed: int = 0,
 ) -> BuiltScheduler:
-    """Build scheduler ``name`` from the model's scheduler config, with the user's options on top."""
-    options = scheduler_spec(name, options)
-    cls = resolve_class(name, options.get("diffusers_class"))
-    config, step_kwargs = split_options(name, options)
+    """Build a scheduler (a spec, or a name with ``options``) from the model's scheduler config."""
+    spec = as_spec(scheduler, options)
+    cls = resolve_class(spec.name, spec.diffusers_class)
+    config, step_kwargs = split_options(spec)
     init, _ = option_signatures(cls)
     model_prediction = str(model_scheduler_config.get("prediction_type") or "epsilon")
-    takes = options.get("prediction_types") or ["epsilon"]
-    if model_prediction not in takes:
+    if model_prediction not in spec.prediction_types:
         raise DiffexpError(
-            f"Scheduler '{name}' ({cls.__name__}) cannot sample a model that predicts {model_prediction}: diffusers "
-            f"implements only {', '.join(takes)} for it. Choose another scheduler."
+            f"Scheduler '{spec.name}' ({cls.__name__}) cannot sample a model that predicts {model_prediction}: "
+            f"diffusers implements only {', '.join(spec.prediction_types)} for it. Choose another scheduler."
         )
     if config.get("prediction_type", model_prediction) != model_prediction:
         raise DiffexpError(
@@ -133,35 +122,28 @@ def build_scheduler(
     if "noise_sampler_seed" in init and config.get("noise_sampler_seed") is None:
         config["noise_sampler_seed"] = seed  # DPMSolverSDE draws its noise from a Brownian tree seeded here
     try:
-        scheduler = cls.from_config(dict(model_scheduler_config), **config)
+        built = cls.from_config(dict(model_scheduler_config), **config)
     except (ValueError, NotImplementedError, TypeError) as err:
-        raise DiffexpError(f"diffusers refused scheduler '{name}' ({cls.__name__}) with these options: {err}") from None
+        raise DiffexpError(
+            f"diffusers refused scheduler '{spec.name}' ({cls.__name__}) with these options: {err}"
+        ) from None
 
     # the betas must be the ones the model was trained with (from_config drops keys left at defaults)
     expected = DDPMScheduler.from_config(dict(model_scheduler_config)).alphas_cumprod
-    if not torch.allclose(scheduler.alphas_cumprod, expected, rtol=1e-5, atol=1e-7):
+    if not torch.allclose(built.alphas_cumprod, expected, rtol=1e-5, atol=1e-7):
         raise DiffexpError(
-            f"Scheduler '{name}' does not reproduce the model's noise schedule (alphas_cumprod differ). "
+            f"Scheduler '{spec.name}' does not reproduce the model's noise schedule (alphas_cumprod differ). "
             "Set the model's beta_start, beta_end and beta_schedule in its scheduler config."
         )
     warnings = []
-    inherited = [
-        k for k in ("clip_sample", "thresholding") if scheduler.config.get(k) and k in init and k not in config
-    ]
+    inherited = [k for k in ("clip_sample", "thresholding") if built.config.get(k) and k in init and k not in config]
     if inherited:
         source = "from the model's scheduler config" if inherited[0] in model_scheduler_config else "by class default"
         warnings.append(
             f"{cls.__name__} inherits {', '.join(inherited)}=True {source}: x0 is clipped, so it follows a different "
             f"ODE from unclipped schedulers (set scheduler.{inherited[0]}=false to compare)."
         )
-    set_options = {k: v for k, v in options.items() if k not in DECLARED and v is not None}
-    stochastic, order = options.get("stochastic"), options.get("theory_order")
-    if not isinstance(stochastic, bool):
-        raise DiffexpError(
-            f"Scheduler '{name}' declares no 'stochastic: true|false' in its file; every scheduler file must say "
-            "whether the scheduler injects fresh noise (see configs/scheduler/ddim.yaml)."
-        )
-    return BuiltScheduler(name, scheduler, step_kwargs, set_options, stochastic, order, warnings)
+    return BuiltScheduler(spec, built, step_kwargs, warnings)
 
 
 def _plain(value: Any) -> Any:

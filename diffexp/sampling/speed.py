@@ -1,4 +1,4 @@
-"""Speed settings of a run: TF32, channels-last, SDPA attention and torch.compile of the network in the denoiser.
+"""Speed settings of a run: TF32, channels-last, SDPA attention and torch.compile of the network in the adapter.
 
 Each is refused, with the reason, where the device cannot do it. Compilation happens in warm-up calls before
 the timed loop and is timed apart (``compile_s``). A compiled network is kept for the life of the process: the jobs
@@ -15,7 +15,7 @@ import torch
 
 from diffexp.config import Precision
 from diffexp.errors import DiffexpError
-from diffexp.sampling.denoisers import Denoiser
+from diffexp.sampling.adapters import Adapter, Network
 from diffexp.sampling.device import synchronize
 
 # (identity of the model, device, dtype, input shape, guidance, mode, channels_last) -> (network, compiled network)
@@ -100,45 +100,46 @@ def reason(err: BaseException) -> str:
 
 
 def accelerate(
-    denoiser: Denoiser,
+    adapter: Adapter,
     identity: Hashable,
     precision: Precision | str,
     channels_last: bool,
     mode: str | None,
     x: torch.Tensor,
     t: torch.Tensor,
-) -> SpeedRecord:
-    """Apply the settings to ``denoiser``'s network (``identity`` names its weights for the process cache);
-    with ``mode``, compile it and warm it up on ``x`` (the initial noise) at timestep ``t``."""
+) -> tuple[Adapter, SpeedRecord]:
+    """The adapter with the settings applied to its network (``identity`` names its weights for the process
+    cache); with ``mode``, compiled and warmed up on ``x`` (the initial noise) at timestep ``t``."""
     record = SpeedRecord(Precision(precision).value, channels_last, mode)
     set_tf32(precision, x.device)
-    key = (identity, str(x.device), denoiser.dtype, tuple(x.shape), denoiser.guidance, mode, channels_last)
+    cudagraphs = mode == "reduce-overhead"
+    key = (identity, str(x.device), adapter.dtype, tuple(x.shape), adapter.guidance.settings, mode, channels_last)
     if mode is not None and key in _COMPILED:
-        denoiser.model, compiled = _COMPILED[key]
-        denoiser.use_network(compiled)
-        denoiser.channels_last, denoiser.cudagraphs = channels_last, mode == "reduce-overhead"
-        record.attention, record.compile_s, record.compile_reused = use_sdpa(denoiser.model), 0.0, True
-        return record
-    record.attention = use_sdpa(denoiser.model)
+        module, compiled = _COMPILED[key]
+        record.attention, record.compile_s, record.compile_reused = use_sdpa(module), 0.0, True
+        return adapter.with_network(Network(module, compiled, channels_last, cudagraphs)), record
+    module = adapter.module
+    record.attention = use_sdpa(module)
     if channels_last:
-        denoiser.model.to(memory_format=torch.channels_last)
-        denoiser.channels_last = True
+        module.to(memory_format=torch.channels_last)
+    adapter = adapter.with_network(Network(module, None, channels_last))
     if mode is None:
-        return record
+        return adapter, record
     probe_compiler(mode, x.device)
-    denoiser.use_network(torch.compile(denoiser.model, mode=mode, dynamic=False))
-    denoiser.cudagraphs = mode == "reduce-overhead"
+    adapter = adapter.with_network(
+        Network(module, torch.compile(module, mode=mode, dynamic=False), channels_last, cudagraphs)
+    )
     start = time.perf_counter()
     try:
         with torch.inference_mode():
-            for _ in range(3 if denoiser.cudagraphs else 1):  # CUDA graphs are recorded on the third call
-                denoiser.warm_up(x, t)
+            for _ in range(3 if cudagraphs else 1):  # CUDA graphs are recorded on the third call
+                adapter.warm_up(x, t)
         synchronize(x.device)
     except Exception as err:
         raise DiffexpError(
-            f"compile={mode} failed on {type(denoiser.model).__name__} ({type(err).__name__}: {reason(err)}). "
+            f"compile={mode} failed on {type(module).__name__} ({type(err).__name__}: {reason(err)}). "
             "Use compile=false."
         ) from None
     record.compile_s = time.perf_counter() - start
-    _COMPILED[key] = (denoiser.model, denoiser.net)
-    return record
+    _COMPILED[key] = (module, adapter.network.compiled)
+    return adapter, record

@@ -21,10 +21,10 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from diffexp.config import check_output_dir
 from diffexp.errors import DiffexpError
 from diffexp.folders import (
     RunStatus,
+    check_output_dir,
     job_folders,
     read_plan,
     read_status,
@@ -194,7 +194,9 @@ class SweepReport(Callback):
         from diffexp.tracking.session import sweep_group
 
         sweep_dir = Path(config.hydra.sweep.dir)
-        links = sweep_dashboard(config.get("logger"), sweep_dir)  # logger.dashboard=true: dashboard.json, saved online
+        logger = config.logger if "logger" in config else None
+        logger = None if logger is None else OmegaConf.to_object(logger)
+        links = sweep_dashboard(logger, sweep_dir)  # logger.dashboard=true: dashboard.json, saved online
         try:
             report = write_report(sweep_dir)
         except (DiffexpError, OSError) as err:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
+from diffexp.catalog import scheduler_spec
 from diffexp.metrics.agreement import rmse
 from diffexp.metrics.landing import nearest
 from diffexp.metrics.reference import Reference
@@ -25,14 +26,13 @@ from diffexp.sampling.experiment import Experiment, prepare
 from diffexp.sampling.ideal import DigitsIdealDenoiser
 from diffexp.sampling.loop import iter_steps, sample
 from diffexp.sampling.models import LoadedModel
-from diffexp.sampling.schedulers import scheduler_spec
 
 TOLERANCE = 0.3  # a fitted order within this of the theory counts as a match
 
 
 def theory_order(name: str, options: Mapping[str, Any]) -> int | None:
     """The global order of accuracy that the scheduler's file declares for these options (null: none)."""
-    return scheduler_spec(name, options).get("theory_order")
+    return scheduler_spec({**options, "name": name}).theory_order
 
 
 def steps_for_nfe(exp: Experiment, target: int) -> int:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from diffexp.config import LoggerConfig, WandbMode
-from diffexp.sampling.images import MIN_TILE, grid
+from diffexp.images import MIN_TILE, grid
 
 if TYPE_CHECKING:
     from wandb.sdk.wandb_run import Run

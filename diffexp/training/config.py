@@ -11,7 +11,7 @@ from omegaconf import MISSING, DictConfig
 
 from diffexp.config import LoggerConfig
 from diffexp.errors import DiffexpError
-from diffexp.sampling.denoisers import PREDICTION_TYPES
+from diffexp.sampling.adapters import PREDICTION_TYPES
 from diffexp.sampling.ideal import DDPM_SCHEDULER_CONFIG
 
 
@@ -60,10 +60,8 @@ class TrainConfig:
 
 
 def register() -> None:
+    """Store the training schema (``scripts/train.py`` and the tests call it before composing ``train``)."""
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
-
-
-register()
 
 
 def check_config(cfg: TrainConfig | DictConfig) -> None:

@@ -10,7 +10,7 @@ from typing import Any, Protocol
 import torch
 
 from diffexp.config import LoggerConfig
-from diffexp.sampling.images import save_grid
+from diffexp.images import save_grid
 from diffexp.tracking.session import finish_run, image, reason, start_run
 
 log = logging.getLogger("diffexp")

@@ -46,7 +46,7 @@ def train(cfg: DictConfig, out_dir: Path, loggers: Sequence[TrainLogger] = ()) -
     wandb_id = (read_status_record(out_dir) or {}).get("wandb_id") if trainer.step else None
     status = write_status(out_dir, RunStatus.running, started=now(), step=trainer.step)
     everyone: list[TrainLogger] = [JsonlLogger(out_dir), *loggers]
-    if cfg.get("logger") is not None:
+    if cfg.logger is not None:
         resolved = OmegaConf.to_container(cfg, resolve=True)
         train_run = TrainRun(cfg.logger, out_dir, cfg.name, resolved | {"resumed_at_step": trainer.step}, wandb_id)
         everyone.append(train_run)

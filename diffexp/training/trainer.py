@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from diffexp.errors import DiffexpError
 from diffexp.sampling import models
-from diffexp.sampling.denoisers import Denoiser
+from diffexp.sampling.adapters import pixel_adapter
 from diffexp.sampling.loop import initial_noise, iter_steps, sample
 from diffexp.sampling.schedulers import build_scheduler
 from diffexp.training.config import TrainConfig, check_resumable
@@ -43,7 +43,7 @@ def build_unet(cfg: TrainConfig | DictConfig) -> UNet2DModel:
             f"unet.{unknown[0]} is not a UNet2DModel option (sample_size and channels come from the dataset, "
             f"num_class_embeds from num_classes). Options: {', '.join(sorted(allowed))}."
         )
-    if cfg.get("num_classes"):
+    if cfg.num_classes:
         options["num_class_embeds"] = cfg.num_classes + 1  # the classes and the null class (id num_classes)
     ds = cfg.dataset
     try:
@@ -70,7 +70,7 @@ class Trainer:
 
     @property
     def num_classes(self) -> int | None:
-        return self.cfg.get("num_classes")
+        return self.cfg.num_classes
 
     @property
     def prediction_type(self) -> str:
@@ -84,7 +84,7 @@ class Trainer:
         if self.num_classes:
             if labels is None:
                 raise DiffexpError("a class-conditional model (num_classes) needs labels with every batch.")
-            labels = drop_labels(labels, self.cfg.get("label_dropout", 0.0), self.num_classes, self.generator)
+            labels = drop_labels(labels, self.cfg.label_dropout, self.num_classes, self.generator)
             kwargs["class_labels"] = labels.to(self.device)
         x0, t, eps = x0.to(self.device), t.to(self.device), eps.to(self.device)
         xt = self.noise_scheduler.add_noise(x0, eps, t)
@@ -122,8 +122,8 @@ class Trainer:
         built = build_scheduler(scheduler, dict(self.noise_scheduler.config), {}, seed=seed)
         shape = (model.config.in_channels, model.config.sample_size, model.config.sample_size)
         noise, generators = initial_noise(shape, seed, n, self.device)
-        labels = (torch.arange(n) % self.num_classes).to(self.device) if self.num_classes else None
-        denoiser = Denoiser(model, self.prediction_type, labels)
+        labels = [k % self.num_classes for k in range(n)] if self.num_classes else None
+        denoiser = pixel_adapter(model, self.prediction_type, self.noise_scheduler.config, labels)
         final = sample(iter_steps(denoiser, built.scheduler, noise, steps, generators, built.step_kwargs))
         return final.x.clamp(-1, 1).cpu()
 
@@ -176,7 +176,7 @@ def new_trainer(cfg: DictConfig, device: torch.device) -> Trainer:
     unet = build_unet(cfg).to(device)
     ema_unet = copy.deepcopy(unet).requires_grad_(False)
     scheduler_config = dict(OmegaConf.to_container(cfg.noise_schedule, resolve=True))
-    scheduler_config["prediction_type"] = cfg.get("prediction_type", "epsilon")  # saved with the model
+    scheduler_config["prediction_type"] = cfg.prediction_type  # saved with the model
     return _assemble(cfg, device, unet, ema_unet, scheduler_config)
 
 
@@ -200,7 +200,7 @@ def resume_trainer(cfg: DictConfig, device: torch.device, checkpoint: Path) -> T
 def _assemble(
     cfg: DictConfig, device: torch.device, unet: UNet2DModel, ema_unet: UNet2DModel, scheduler_config: dict[str, Any]
 ) -> Trainer:
-    data = load_dataset(cfg.dataset, labels=bool(cfg.get("num_classes")))
+    data = load_dataset(cfg.dataset, labels=bool(cfg.num_classes))
     noise_scheduler = DDPMScheduler.from_config(scheduler_config)
     optimizer, lr_scheduler = _optimizer(cfg, unet)
     ema = EMAModel(ema_unet.parameters(), decay=cfg.ema_decay, use_ema_warmup=True, foreach=True)

@@ -1,0 +1,201 @@
+"""The typed run: a composed config read once into resolved values.
+
+``read_settings`` checks a composed config and turns it into a ``RunSettings`` whose fields are what a run uses:
+the number of samples, the guidance, the compile mode, the preview, the scheduler spec. Everything below the
+config layer reads those fields. ``compose`` builds the config the CLI would build (it calls
+``diffexp.catalog.register``, as ``scripts/run.py`` does). Light to import (no torch), so config errors come fast.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from diffexp.catalog import SchedulerSpec, register, run_label, scheduler_spec
+from diffexp.config import (
+    NO_GUIDANCE,
+    LoggerConfig,
+    MetricsConfig,
+    ModelConfig,
+    Precision,
+    Preview,
+    RunConfig,
+    SweepConfig,
+    check_config,
+    compile_mode,
+    config_dir,
+    guided,
+)
+from diffexp.errors import DiffexpError
+
+SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes [0, 2**64 - 1] (negative seeds wrap around)
+
+
+def compose(overrides: Sequence[str] = (), config_name: str = "run") -> DictConfig:
+    """The config the CLI would build from these overrides (Hydra's compose API), for notebooks and tests."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    register()
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        return hydra_compose(config_name=config_name, overrides=list(overrides))
+
+
+@dataclass(frozen=True)
+class GuidanceSettings:
+    """Classifier-free guidance: the scale (1 is none), the rescale (0 is none) and the noise levels it acts at."""
+
+    scale: float = NO_GUIDANCE
+    rescale: float = 0.0
+    interval: tuple[float, float] | None = None  # [sigma_lo, sigma_hi]; None: every noise level
+
+    @property
+    def enabled(self) -> bool:
+        return guided(self.scale)
+
+    def applies_at(self, sigma: float) -> bool:
+        if not self.enabled:
+            return False
+        return self.interval is None or self.interval[0] <= sigma <= self.interval[1]
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """A run's config as resolved values, read once by ``read_settings``; nothing below it reads the DictConfig."""
+
+    model: ModelConfig
+    scheduler: SchedulerSpec
+    steps: int
+    batch_size: int  # samples per model call: a chunk
+    num_samples: int  # samples of the run (``num_samples``, else one chunk of ``batch_size``)
+    seed: int
+    device: str
+    precision: Precision
+    channels_last: bool
+    compile: str | None  # torch.compile's mode; None: not compiled
+    log_every: int
+    progress: bool
+    labels: str | tuple[int, ...] | None  # "all", class ids, or None (unconditional)
+    guidance: GuidanceSettings
+    prompts: tuple[str, ...] | None  # None: no prompt given
+    negative_prompts: tuple[str, ...] | None
+    height: int | None
+    width: int | None
+    preview: Preview
+    resume: bool
+    overwrite: bool
+    oom_retry: bool
+    logger: LoggerConfig | None
+    metrics: MetricsConfig
+    observers: dict[str, Any]  # name -> its ``_target_`` node, in order (None removes one)
+    sweep: SweepConfig
+    config: dict[str, Any] = field(repr=False)  # the composed config, resolved: what the run folder records
+
+    @property
+    def label(self) -> str:
+        """What the run is, e.g. ``dpmsolver-karras-20-cfg3``."""
+        return run_label(self.scheduler, self.steps, self.guidance.scale)
+
+    def chunk_count(self) -> int:
+        return -(-self.num_samples // self.batch_size)
+
+    def chunk(self, index: int) -> range:
+        """The sample indices of chunk ``index`` (the last may be smaller)."""
+        first = index * self.batch_size
+        return range(first, min(first + self.batch_size, self.num_samples))
+
+
+def read_settings(cfg: DictConfig) -> RunSettings:
+    """Check a composed run config and read it into resolved values, or refuse it with a clear message."""
+    check_config(cfg)
+    node = OmegaConf.to_object(cfg)
+    assert isinstance(node, RunConfig)
+    for key in ("steps", "batch_size", "log_every", "num_samples"):
+        value = getattr(node, key)
+        if value is not None and value <= 0:
+            raise DiffexpError(f"{key}={value} is not allowed: {key} must be a positive integer.")
+    total = node.num_samples or node.batch_size
+    if not 0 <= node.seed <= SEED_MAX - (total - 1):
+        raise DiffexpError(
+            f"seed={node.seed} is not allowed: sample k uses the generator seed + k, and torch's generators take "
+            f"seeds in [0, 2**64 - 1], so seed must be in [0, {SEED_MAX - (total - 1)}] for {total} samples."
+        )
+    std = node.model.std
+    if not (std >= 0 and math.isfinite(std * std)):  # also refuses NaN
+        raise DiffexpError(
+            f"model.std={std} is not allowed: a standard deviation is a number >= 0 whose square is finite."
+        )
+    return RunSettings(
+        model=node.model,
+        scheduler=scheduler_spec(node.scheduler),
+        steps=node.steps,
+        batch_size=node.batch_size,
+        num_samples=total,
+        seed=node.seed,
+        device=node.device,
+        precision=Precision(node.precision),
+        channels_last=node.channels_last,
+        compile=compile_mode(node.compile),
+        log_every=node.log_every,
+        progress=node.progress,
+        labels=read_labels(node.labels),
+        guidance=read_guidance(node.guidance_scale, node.guidance_rescale, node.guidance_interval),
+        prompts=read_prompts("prompt", node.prompt),
+        negative_prompts=read_prompts("negative_prompt", node.negative_prompt),
+        height=node.height,
+        width=node.width,
+        preview=Preview(node.preview),
+        resume=node.resume,
+        overwrite=node.overwrite,
+        oom_retry=node.oom_retry,
+        logger=node.logger,
+        metrics=node.metrics,
+        observers=dict(node.observers),
+        sweep=node.sweep,
+        config=OmegaConf.to_container(cfg, resolve=True),  # type: ignore[arg-type]
+    )
+
+
+def read_guidance(scale: float, rescale: float, interval: Sequence[float] | None) -> GuidanceSettings:
+    """The guidance settings, or a clear refusal."""
+    if scale < 0:
+        raise DiffexpError(f"guidance_scale={scale} is not allowed: it must be >= 0 (1 is no guidance).")
+    if not 0 <= rescale <= 1:
+        raise DiffexpError(f"guidance_rescale={rescale} is not allowed: it must be in [0, 1] (0 is no rescaling).")
+    if interval is None:
+        return GuidanceSettings(float(scale), float(rescale))
+    values = list(interval)
+    if len(values) != 2 or not all(isinstance(v, (int, float)) for v in values) or not 0 <= values[0] < values[1]:
+        raise DiffexpError(
+            f"guidance_interval={values} is not allowed: it must be two increasing noise levels "
+            "[sigma_lo, sigma_hi] with 0 <= sigma_lo < sigma_hi (sigma = sqrt((1 - abar) / abar))."
+        )
+    return GuidanceSettings(float(scale), float(rescale), (float(values[0]), float(values[1])))
+
+
+def read_labels(labels: Any) -> str | tuple[int, ...] | None:
+    """``labels``: null, all, one class id or a list of them (their range is checked against the model)."""
+    if labels is None or labels == "all":
+        return labels
+    values = [labels] if isinstance(labels, int) and not isinstance(labels, bool) else labels
+    if (
+        not isinstance(values, list)
+        or not values
+        or not all(isinstance(v, int) and not isinstance(v, bool) for v in values)
+    ):
+        raise DiffexpError(f"labels={labels} is not allowed: use null, all, or a list of class ids.")
+    return tuple(values)
+
+
+def read_prompts(key: str, prompt: Any) -> tuple[str, ...] | None:
+    """``prompt`` / ``negative_prompt``: a string is a list of one; null is none given."""
+    if prompt is None:
+        return None
+    values = [prompt] if isinstance(prompt, str) else prompt
+    if not isinstance(values, list) or not values or not all(isinstance(v, str) for v in values):
+        raise DiffexpError(f"{key}={prompt} is not allowed: use a string or a list of strings.")
+    return tuple(values)
