@@ -13,7 +13,9 @@ import torch
 from omegaconf import DictConfig
 
 import diffexp
+from diffexp.catalog import register
 
+register()  # the schema and resolvers, as scripts/run.py registers them
 ROOT = Path(__file__).resolve().parent.parent
 # test tensors are small: one thread is fastest, and avoids oversubscribing a busy CPU
 torch.set_num_threads(1)

@@ -11,8 +11,14 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
-from diffexp.catalog import SCHEDULERS, option_signatures, options_of, resolve_class
+from diffexp.catalog import DECLARED, SCHEDULERS, option_signatures, resolve_class
 from diffexp.config import unknown_keys
+
+
+def options_of(node: dict) -> dict:
+    """A scheduler node without its declarations (class, stochastic, theory_order ...)."""
+    return {k: v for k, v in node.items() if k not in DECLARED}
+
 
 SCHEDULER_FILES = sorted(p.stem for p in (ROOT / "configs" / "scheduler").glob("*.yaml"))
 MODEL_FILES = sorted(p.stem for p in (ROOT / "configs" / "model").glob("*.yaml"))
@@ -26,7 +32,7 @@ def test_there_is_one_scheduler_file_per_usable_scheduler() -> None:
 def test_scheduler_file_values_are_diffusers_defaults(name: str) -> None:
     spec = OmegaConf.to_container(compose(f"scheduler={name}").scheduler, resolve=True)
     assert spec["name"] == name
-    options = options_of(spec)  # without the declarations (class, stochastic, theory_order)
+    options = options_of(spec)
     init, step = option_signatures(resolve_class(name))
     for key, value in options.items():
         param = init.get(key) or step.get(key)

@@ -3,6 +3,7 @@ snapshots, compiled CUDA graphs sample what eager does, bf16 stays within 1e-2 o
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import pytest
@@ -11,6 +12,7 @@ from conftest import compose
 from test_speed import bf16_matches_fp32
 
 import diffexp
+from diffexp.sampling.adapters import Network
 from diffexp.sampling.loop import sample
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -37,7 +39,7 @@ def test_the_loop_does_not_synchronise_between_snapshots() -> None:
 
 def test_non_finite_values_are_caught_on_the_device_with_their_call() -> None:
     exp = diffexp.prepare(compose("model=tiny", "device=cuda", "scheduler=ddim", "steps=6", "log_every=100"))
-    network = exp.model.net
+    network = exp.model.module
     calls = []
 
     def poisoned(x: torch.Tensor, t: torch.Tensor, **condition: torch.Tensor) -> torch.Tensor:
@@ -45,7 +47,7 @@ def test_non_finite_values_are_caught_on_the_device_with_their_call() -> None:
         out = network(x, t, **condition).sample
         return out * float("nan") if len(calls) == 3 else out
 
-    exp.model.use_network(poisoned)
+    exp = dataclasses.replace(exp, model=exp.model.with_network(Network(network, poisoned)))
     with pytest.raises(diffexp.NonFiniteError, match="at step 3 \\(model call 3\\)"):
         sample(exp.steps())
 

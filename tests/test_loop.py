@@ -93,7 +93,7 @@ def test_the_sums_name_the_first_bad_call_what_went_bad_and_who() -> None:
 
 def test_observer_callbacks_do_not_change_the_maths() -> None:
     built = diffexp.build_scheduler("euler-ancestral", DDPM_SCHEDULER_CONFIG)
-    model = diffexp.Denoiser(DigitsIdealDenoiser())
+    model = diffexp.pixel_adapter(DigitsIdealDenoiser())
     seen: list[int] = []
     noise, gens = diffexp.initial_noise((1, 32, 32), 0, 2, torch.device("cpu"))
     with_callback = sample(iter_steps(model, built.scheduler, noise, 6, gens), lambda s: seen.append(s.nfe)).x

@@ -217,7 +217,7 @@ def test_stochastic_samplers_are_labelled_and_clipping_is_recorded(tmp_path: Pat
 def test_the_stochastic_label_matches_what_the_scheduler_does(name: str, options: dict[str, Any]) -> None:
     from diffexp.sampling.ideal import DDPM_SCHEDULER_CONFIG
 
-    model = diffexp.Denoiser(
+    model = diffexp.pixel_adapter(
         load_model(compose("model=digits-ideal", "model.sample_size=8").model, torch.device("cpu")).model
     )
     noise, _ = diffexp.initial_noise((1, 8, 8), 0, 2, torch.device("cpu"))

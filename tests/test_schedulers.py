@@ -7,11 +7,11 @@ import torch
 from conftest import compose
 
 import diffexp
-from diffexp.catalog import SCHEDULERS, scheduler_label
+from diffexp.catalog import SCHEDULERS, scheduler_spec
 from diffexp.errors import DiffexpError
 from diffexp.sampling.ideal import DDPM_SCHEDULER_CONFIG, digits_images
 from diffexp.sampling.loop import iter_steps
-from diffexp.sampling.schedulers import build_scheduler, scheduler_spec
+from diffexp.sampling.schedulers import build_scheduler
 
 SECOND_ORDER = {"heun", "kdpm2", "kdpm2-ancestral", "dpmsolver-sde"}
 
@@ -81,7 +81,7 @@ def test_x0_is_exact_with_an_oracle_model(name: str, prediction_type: str) -> No
     y = digits_images(32)[[3, 11]].double()
     options = {"clip_sample": False} if name in ("ddpm", "ddim") else {}
     model_config = DDPM_SCHEDULER_CONFIG | {"prediction_type": prediction_type}
-    if prediction_type not in scheduler_spec(name)["prediction_types"]:
+    if prediction_type not in scheduler_spec({"name": name}).prediction_types:
         with pytest.raises(DiffexpError, match=f"cannot sample a model that predicts {prediction_type}"):
             build_scheduler(name, model_config, options)
         return
@@ -140,6 +140,6 @@ def test_betas_come_from_the_model_even_where_the_class_defaults_differ() -> Non
 
 
 def test_labels_name_only_what_differs_from_the_defaults() -> None:
-    assert scheduler_label({"name": "ddim", "eta": 0.0, "timestep_spacing": "leading"}) == "ddim"
-    assert scheduler_label({"name": "dpmsolver", "use_karras_sigmas": True}) == "dpmsolver-karras"
-    assert scheduler_label({"name": "ddim", "eta": 1.0}) == "ddim-eta1"
+    assert scheduler_spec({"name": "ddim", "eta": 0.0, "timestep_spacing": "leading"}).label == "ddim"
+    assert scheduler_spec({"name": "dpmsolver", "use_karras_sigmas": True}).label == "dpmsolver-karras"
+    assert scheduler_spec({"name": "ddim", "eta": 1.0}).label == "ddim-eta1"
