@@ -109,7 +109,7 @@ def flops_per_image(exp: Any) -> float:
     """FLOPs of one forward per image, counted on the eager network (torch.utils.flop_counter)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from diffexp.sampling.adapters import Network
+    from diffexp.sampling.network import Network
 
     eager = exp.model.with_network(Network(exp.model.module))
     with torch.inference_mode(), FlopCounterMode(display=False) as counter:

@@ -137,6 +137,7 @@ def class_name_of(name: str, declared: str | None = None) -> str:
     return class_name
 
 
+@functools.cache
 def resolve_class(name: str, declared: str | None = None) -> type:
     """The diffusers scheduler class of ``name``, or a clear refusal that lists the valid names."""
     import diffusers
@@ -158,7 +159,7 @@ def option_signatures(cls: type) -> tuple[dict[str, inspect.Parameter], dict[str
     return init, step
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class SchedulerSpec:
     """A scheduler resolved once from its config node: name, class, declarations and the options in force.
 

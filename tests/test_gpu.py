@@ -12,8 +12,8 @@ from conftest import compose
 from test_speed import bf16_matches_fp32
 
 import diffexp
-from diffexp.sampling.adapters import Network
 from diffexp.sampling.loop import sample
+from diffexp.sampling.network import Network
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 

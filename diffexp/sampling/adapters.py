@@ -25,47 +25,10 @@ import torch
 
 from diffexp.errors import DiffexpError
 from diffexp.sampling.guidance import Guidance, no_guidance
+from diffexp.sampling.network import Condition, Counter, Network
 from diffexp.sampling.noise import NoiseSchedule
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-Condition = Mapping[str, torch.Tensor]  # keyword arguments of the network, one row per sample
-
-
-@dataclass
-class Counter:
-    """Model calls (NFE) and network evaluations per sample (a guided call makes two) since the last reset."""
-
-    calls: int = 0
-    net_evals: int = 0
-
-    def reset(self) -> None:
-        self.calls = self.net_evals = 0
-
-
-@dataclass(frozen=True)
-class Network:
-    """What evaluates the network: the module, or its torch.compile'd form (``diffexp.sampling.speed``).
-
-    Casts the input to the module's precision and returns float32, so the loop stays in float32."""
-
-    module: torch.nn.Module
-    compiled: Callable[..., Any] | None = None
-    channels_last: bool = False  # inputs in channels-last memory format, like the weights
-    cudagraphs: bool = False  # outputs live in a CUDA graph's memory until copied
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return getattr(self.module, "dtype", None) or next((p.dtype for p in self.module.parameters()), torch.float32)
-
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, condition: Condition, channels: int | None) -> torch.Tensor:
-        memory_format = torch.channels_last if self.channels_last else torch.preserve_format
-        if self.cudagraphs:
-            torch.compiler.cudagraph_mark_step_begin()  # each call is a new step of the recorded graph
-        out = (self.compiled or self.module)(x.to(self.dtype, memory_format=memory_format), t, **condition)
-        out = out.sample if hasattr(out, "sample") else out
-        out = (out if channels is None else out[:, :channels]).float()
-        # a CUDA graph overwrites its outputs at the next replay; schedulers keep past outputs
-        return out.clone(memory_format=torch.contiguous_format) if self.cudagraphs else out
 
 
 def x0_from_output(

@@ -17,7 +17,6 @@ from diffexp.sampling.adapters import (
     ClassAdapter,
     DiTAdapter,
     LabelSource,
-    Network,
     PromptSource,
     TextAdapter,
     build_adapter,
@@ -26,6 +25,7 @@ from diffexp.sampling.device import resolve_device, resolve_dtype
 from diffexp.sampling.guidance import guidance_for
 from diffexp.sampling.loop import StepState, initial_noise, iter_steps
 from diffexp.sampling.models import LoadedModel, load_model
+from diffexp.sampling.network import Network
 from diffexp.sampling.noise import NoiseSchedule
 from diffexp.sampling.schedulers import BuiltScheduler, build_scheduler, split_options
 from diffexp.sampling.speed import SpeedRecord, accelerate, check_compile, check_precision

@@ -7,6 +7,7 @@ theoretical order), comes from its file in ``configs/scheduler/`` (``diffexp.cat
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import json
@@ -76,7 +77,14 @@ def as_spec(scheduler: SchedulerSpec | str, options: Mapping[str, Any] | None = 
 
 
 def split_options(spec: SchedulerSpec) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Check every option against the class and split them into config options and step arguments."""
+    """Check every option against the class and split them into config options and step arguments (once per
+    spec; copies, so a caller may add to them)."""
+    config, step_kwargs = _split(spec)
+    return dict(config), dict(step_kwargs)
+
+
+@functools.cache
+def _split(spec: SchedulerSpec) -> tuple[dict[str, Any], dict[str, Any]]:
     cls = resolve_class(spec.name, spec.diffusers_class)
     init, step = option_signatures(cls)
     config, step_kwargs = {}, {}

@@ -15,8 +15,9 @@ import torch
 
 from diffexp.config import Precision
 from diffexp.errors import DiffexpError
-from diffexp.sampling.adapters import Adapter, Network
+from diffexp.sampling.adapters import Adapter
 from diffexp.sampling.device import synchronize
+from diffexp.sampling.network import Network
 
 # (identity of the model, device, dtype, input shape, guidance, mode, channels_last) -> (network, compiled network)
 _COMPILED: dict[Hashable, tuple[torch.nn.Module, Callable[..., object]]] = {}

@@ -102,34 +102,9 @@ def start_run(
 
         mode, offline_reason = resolve_mode(logger_cfg.mode)
         run_dir.mkdir(parents=True, exist_ok=True)
-        run = wandb.init(
-            project=logger_cfg.project,
-            entity=logger_cfg.entity,
-            group=logger_cfg.group or group or default_group(),
-            name=logger_cfg.name or name,
-            tags=list(logger_cfg.tags),
-            job_type=logger_cfg.job_type or job_type,
-            config=config,
-            dir=run_dir,
-            mode=mode,
-            reinit="finish_previous",  # a run a crashed job left open never takes this job's data
-            id=run_id,
-            resume="allow" if run_id else None,
-            settings=wandb.Settings(
-                init_timeout=float(logger_cfg.init_timeout),
-                finish_timeout=float(logger_cfg.finish_timeout),
-                silent=True,  # diffexp says what matters below; W&B's banner would look up the user, unbounded
-            ),
-        )
-        if run.offline:
-            log.info(
-                "W&B: %s, so this run is logged offline in %s. Upload it later with: wandb sync %s",
-                offline_reason or "offline mode",
-                run.settings.sync_dir,
-                run.settings.sync_dir,
-            )
-        elif run.url:
-            log.info("W&B: %s", run.url)
+        options = init_options(logger_cfg, run_dir, name, job_type, config, group, run_id)
+        run = wandb.init(mode=mode, **options)
+        announce(run, offline_reason)
     except KeyboardInterrupt:  # Ctrl-C (or SIGTERM) while W&B waits for its server: stop now, not at its timeout
         stop_service()
         raise
@@ -142,6 +117,51 @@ def start_run(
         )
         return None
     return run
+
+
+def init_options(
+    logger_cfg: LoggerConfig | Any,
+    run_dir: Path,
+    name: str,
+    job_type: str,
+    config: dict[str, Any],
+    group: str | None,
+    run_id: str | None,
+) -> dict[str, Any]:
+    """``wandb.init``'s arguments: the logger's settings, else the caller's defaults; a run id resumes that run."""
+    import wandb
+
+    return {
+        "project": logger_cfg.project,
+        "entity": logger_cfg.entity,
+        "group": logger_cfg.group or group or default_group(),
+        "name": logger_cfg.name or name,
+        "tags": list(logger_cfg.tags),
+        "job_type": logger_cfg.job_type or job_type,
+        "config": config,
+        "dir": run_dir,
+        "reinit": "finish_previous",  # a run a crashed job left open never takes this job's data
+        "id": run_id,
+        "resume": "allow" if run_id else None,
+        "settings": wandb.Settings(
+            init_timeout=float(logger_cfg.init_timeout),
+            finish_timeout=float(logger_cfg.finish_timeout),
+            silent=True,  # diffexp says what matters below; W&B's banner would look up the user, unbounded
+        ),
+    }
+
+
+def announce(run: Run, offline_reason: str | None) -> None:
+    """Say once where the run's data goes: the offline folder and how to upload it, or the run's page."""
+    if run.offline:
+        log.info(
+            "W&B: %s, so this run is logged offline in %s. Upload it later with: wandb sync %s",
+            offline_reason or "offline mode",
+            run.settings.sync_dir,
+            run.settings.sync_dir,
+        )
+    elif run.url:
+        log.info("W&B: %s", run.url)
 
 
 def stop_service() -> None:

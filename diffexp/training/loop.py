@@ -13,6 +13,7 @@ import math
 import shutil
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,75 +44,107 @@ def train(cfg: DictConfig, out_dir: Path, loggers: Sequence[TrainLogger] = ()) -
     out_dir.mkdir(parents=True, exist_ok=True)
     trainer = (resume(cfg, device, out_dir) if cfg.resume else None) or new_trainer(cfg, device)
     (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
-    wandb_id = (read_status_record(out_dir) or {}).get("wandb_id") if trainer.step else None
-    status = write_status(out_dir, RunStatus.running, started=now(), step=trainer.step)
-    everyone: list[TrainLogger] = [JsonlLogger(out_dir), *loggers]
-    if cfg.logger is not None:
-        resolved = OmegaConf.to_container(cfg, resolve=True)
-        train_run = TrainRun(cfg.logger, out_dir, cfg.name, resolved | {"resumed_at_step": trainer.step}, wandb_id)
-        everyone.append(train_run)
-        if train_run.run is not None:  # a resumed training resumes this W&B run: one curve
-            status = heartbeat(out_dir, status, wandb_id=train_run.run.id)
+    progress = Progress.start(cfg, out_dir, trainer, loggers)
     end_startup()  # a command's start-up ends before the first step (diffexp/startup.py)
-    start_step, start = trainer.step, time.perf_counter()
     error: BaseException | None = None
-    bar = tqdm(total=cfg.steps, initial=trainer.step, desc=cfg.name, unit="step", disable=not cfg.progress)
     try:
-        running = []
         while trainer.step < cfg.steps:
+            # 1. one optimisation step of the denoising objective
             loss = trainer.train_step()
-            if not math.isfinite(loss):
-                raise DiffexpError(f"The loss became {loss} at step {trainer.step}; try a lower lr.")
-            running.append(loss)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-            step, done = trainer.step, trainer.step == cfg.steps
-            images = None
-            if cfg.sample_every and (step % cfg.sample_every == 0 or done):
-                images = {"samples": trainer.samples(cfg.sample_batch, cfg.sample_steps, cfg.sample_scheduler)}
-            if step % cfg.log_every == 0 or done or images:
-                metrics = {
-                    "loss": sum(running) / len(running),
-                    "lr": trainer.lr_scheduler.get_last_lr()[0],
-                    "ema_decay": trainer.ema.cur_decay_value or 0.0,
-                    "elapsed_s": time.perf_counter() - start,
-                }
-                running = []
-                for lg in everyone:
-                    lg.log(metrics, step, images)
-                status = heartbeat(out_dir, status, step=step)
-            if step % cfg.checkpoint_every == 0 or done:
-                trainer.save(out_dir / "checkpoints" / f"step-{step:06d}")
-                for old in checkpoints(out_dir)[: -cfg.keep_checkpoints]:
-                    shutil.rmtree(old)
-                status = heartbeat(out_dir, status, step=step, checkpoint=step)
-        bar.close()
-        model_dir = out_dir / "model"
+            # 2. the loss, sample grids and checkpoints, each on its own schedule
+            progress.after_step(loss)
+        return progress.finish(device)
+    except BaseException as err:
+        error = err
+        end_status(out_dir, progress.status, err, step=trainer.step)
+        raise
+    finally:
+        progress.close(error)
+
+
+@dataclass
+class Progress:
+    """A training's bookkeeping, kept out of its loop: the bar, the loggers, the status file, checkpoints."""
+
+    cfg: DictConfig
+    out_dir: Path
+    trainer: Trainer
+    loggers: list[TrainLogger]
+    status: dict[str, Any]
+    bar: Any
+    start_step: int
+    started: float = field(default_factory=time.perf_counter)
+    running: list[float] = field(default_factory=list)  # losses since the last log
+
+    @classmethod
+    def start(cls, cfg: DictConfig, out_dir: Path, trainer: Trainer, loggers: Sequence[TrainLogger]) -> Progress:
+        """The status file (running), the JSONL log, the W&B run (a resumed training resumes its W&B run)."""
+        wandb_id = (read_status_record(out_dir) or {}).get("wandb_id") if trainer.step else None
+        status = write_status(out_dir, RunStatus.running, started=now(), step=trainer.step)
+        everyone: list[TrainLogger] = [JsonlLogger(out_dir), *loggers]
+        if cfg.logger is not None:
+            resolved = OmegaConf.to_container(cfg, resolve=True)
+            train_run = TrainRun(cfg.logger, out_dir, cfg.name, resolved | {"resumed_at_step": trainer.step}, wandb_id)
+            everyone.append(train_run)
+            if train_run.run is not None:  # one curve across resumes
+                status = heartbeat(out_dir, status, wandb_id=train_run.run.id)
+        bar = tqdm(total=cfg.steps, initial=trainer.step, desc=cfg.name, unit="step", disable=not cfg.progress)
+        return cls(cfg, out_dir, trainer, everyone, status, bar, trainer.step)
+
+    def after_step(self, loss: float) -> None:
+        cfg, trainer = self.cfg, self.trainer
+        if not math.isfinite(loss):
+            raise DiffexpError(f"The loss became {loss} at step {trainer.step}; try a lower lr.")
+        self.running.append(loss)
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+        step, done = trainer.step, trainer.step == cfg.steps
+        images = None
+        if cfg.sample_every and (step % cfg.sample_every == 0 or done):
+            images = {"samples": trainer.samples(cfg.sample_batch, cfg.sample_steps, cfg.sample_scheduler)}
+        if step % cfg.log_every == 0 or done or images:
+            metrics = {
+                "loss": sum(self.running) / len(self.running),
+                "lr": trainer.lr_scheduler.get_last_lr()[0],
+                "ema_decay": trainer.ema.cur_decay_value or 0.0,
+                "elapsed_s": time.perf_counter() - self.started,
+            }
+            self.running = []
+            for lg in self.loggers:
+                lg.log(metrics, step, images)
+            self.status = heartbeat(self.out_dir, self.status, step=step)
+        if step % cfg.checkpoint_every == 0 or done:
+            trainer.save(self.out_dir / "checkpoints" / f"step-{step:06d}")
+            for old in checkpoints(self.out_dir)[: -cfg.keep_checkpoints]:
+                shutil.rmtree(old)
+            self.status = heartbeat(self.out_dir, self.status, step=step, checkpoint=step)
+
+    def finish(self, device: torch.device) -> dict[str, Any]:
+        """The EMA pipeline in ``model/``, the summary, the status finished."""
+        self.bar.close()
+        trainer, model_dir = self.trainer, self.out_dir / "model"
         shutil.rmtree(model_dir, ignore_errors=True)
         trainer.save_pipeline(model_dir)
-        elapsed = time.perf_counter() - start
+        elapsed = time.perf_counter() - self.started
         summary = {
             "status": RunStatus.finished.value,
             "steps": trainer.step,
-            "steps_this_session": trainer.step - start_step,
+            "steps_this_session": trainer.step - self.start_step,
             "wall_s": elapsed,
-            "step_s": elapsed / max(trainer.step - start_step, 1),
+            "step_s": elapsed / max(trainer.step - self.start_step, 1),
             "parameters": sum(p.numel() for p in trainer.unet.parameters()),
             "device": str(device),
             "device_name": device_name(device),
             "threads": torch.get_num_threads(),
             "model": str(model_dir),
         }
-        write_json(out_dir / "summary.json", summary)
-        end_status(out_dir, status, None, step=trainer.step)
+        write_json(self.out_dir / "summary.json", summary)
+        end_status(self.out_dir, self.status, None, step=trainer.step)
         return summary
-    except BaseException as err:
-        error = err
-        end_status(out_dir, status, err, step=trainer.step)
-        raise
-    finally:
-        bar.close()
-        for lg in everyone:
+
+    def close(self, error: BaseException | None) -> None:
+        self.bar.close()
+        for lg in self.loggers:
             try:
                 lg.close(error)
             except Exception as close_err:
