@@ -264,9 +264,13 @@ def run_label(spec: SchedulerSpec, steps: int, guidance_scale: float = NO_GUIDAN
 
 def run_label_resolver(scheduler: Any, steps: int, guidance_scale: float = NO_GUIDANCE) -> str:
     """The run label as a folder name (``${run_label:...}`` in hydra.run.dir): ``safe_name`` keeps a '/' or '..'
-    in an option value out of the path."""
+    in an option value out of the path. A scheduler the run will refuse is named as given: the run says why."""
     node = OmegaConf.to_container(scheduler, resolve=True) if OmegaConf.is_config(scheduler) else scheduler
-    return safe_name(run_label(scheduler_spec(node), steps, guidance_scale))  # type: ignore[arg-type]
+    try:
+        label = run_label(scheduler_spec(node), steps, guidance_scale)  # type: ignore[arg-type]
+    except DiffexpError:
+        label = f"{node.get('name')}-{steps}"  # type: ignore[union-attr]
+    return safe_name(label)
 
 
 _PROCESS_ID = uuid.uuid4().hex[:6]

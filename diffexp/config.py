@@ -26,6 +26,24 @@ def guided(scale: float) -> bool:
     return scale != NO_GUIDANCE
 
 
+@dataclass(frozen=True)
+class GuidanceSettings:
+    """Classifier-free guidance: the scale (1 is none), the rescale (0 is none) and the noise levels it acts at."""
+
+    scale: float = NO_GUIDANCE
+    rescale: float = 0.0
+    interval: tuple[float, float] | None = None  # [sigma_lo, sigma_hi]; None: every noise level
+
+    @property
+    def enabled(self) -> bool:
+        return guided(self.scale)
+
+    def applies_at(self, sigma: float) -> bool:
+        if not self.enabled:
+            return False
+        return self.interval is None or self.interval[0] <= sigma <= self.interval[1]
+
+
 class Precision(str, Enum):
     fp32 = "fp32"  # true float32 (TF32 off on CUDA)
     tf32 = "tf32"  # float32 weights, TF32 tensor-core matmuls and convolutions (CUDA, Ampere and newer)

@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from diffexp.catalog import SchedulerSpec, register, run_label, scheduler_spec
 from diffexp.config import (
-    NO_GUIDANCE,
+    GuidanceSettings,
     LoggerConfig,
     MetricsConfig,
     ModelConfig,
@@ -28,7 +28,6 @@ from diffexp.config import (
     check_config,
     compile_mode,
     config_dir,
-    guided,
 )
 from diffexp.errors import DiffexpError
 
@@ -43,24 +42,6 @@ def compose(overrides: Sequence[str] = (), config_name: str = "run") -> DictConf
     register()
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         return hydra_compose(config_name=config_name, overrides=list(overrides))
-
-
-@dataclass(frozen=True)
-class GuidanceSettings:
-    """Classifier-free guidance: the scale (1 is none), the rescale (0 is none) and the noise levels it acts at."""
-
-    scale: float = NO_GUIDANCE
-    rescale: float = 0.0
-    interval: tuple[float, float] | None = None  # [sigma_lo, sigma_hi]; None: every noise level
-
-    @property
-    def enabled(self) -> bool:
-        return guided(self.scale)
-
-    def applies_at(self, sigma: float) -> bool:
-        if not self.enabled:
-            return False
-        return self.interval is None or self.interval[0] <= sigma <= self.interval[1]
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,10 @@ from omegaconf import DictConfig
 
 import diffexp
 from diffexp.catalog import register
+from diffexp.training.config import register as register_training
 
 register()  # the schema and resolvers, as scripts/run.py registers them
+register_training()  # the training schema, as scripts/train.py registers it
 ROOT = Path(__file__).resolve().parent.parent
 # test tensors are small: one thread is fastest, and avoids oversubscribing a busy CPU
 torch.set_num_threads(1)

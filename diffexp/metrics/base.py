@@ -19,7 +19,6 @@ import torch
 
 from diffexp.config import MetricsConfig
 from diffexp.sampling.adapters import Adapter
-from diffexp.sampling.experiment import Experiment
 from diffexp.sampling.loop import StepState
 from diffexp.sampling.models import LoadedModel
 from diffexp.sampling.schedulers import BuiltScheduler
@@ -48,10 +47,6 @@ class Chunk:
     model: Adapter
     labels: tuple[int, ...] | None  # class-conditional models: each sample's class
 
-    @classmethod
-    def of(cls, exp: Experiment) -> Chunk:
-        return cls(exp.samples, exp.noise, exp.model, None if exp.labels is None else tuple(exp.labels))
-
 
 @dataclass(frozen=True)
 class RunFacts:
@@ -65,25 +60,6 @@ class RunFacts:
     scheduler: BuiltScheduler
     pixel_shape: tuple[int, int, int]  # the run's images (a latent model's decoded), known without sampling
     first: Chunk  # the first chunk, whose snapshots the metrics see
-
-    @classmethod
-    def of(cls, exp: Experiment) -> RunFacts:
-        loaded = exp.loaded
-        if loaded.latent is None:
-            shape = tuple(loaded.sample_shape)
-        else:
-            height, width = (s * loaded.latent.scale for s in loaded.latent.size)
-            shape = (int(loaded.latent.vae.config.out_channels), height, width)
-        return cls(
-            exp.run.seed,
-            exp.run.precision.value,
-            exp.num_samples,
-            exp.device,
-            loaded,
-            exp.built,
-            shape,  # type: ignore[arg-type]
-            Chunk.of(exp),
-        )
 
 
 @dataclass

@@ -28,7 +28,7 @@ class RunMetrics:
 
     def __init__(self, exp: Experiment, progress: bool = False) -> None:
         settings = exp.run.metrics
-        ctx = Context(RunFacts.of(exp), settings, Path(settings.cache_dir).expanduser(), progress)
+        ctx = Context(run_facts(exp), settings, Path(settings.cache_dir).expanduser(), progress)
         self.metrics = [m(ctx) for m in METRICS if m.enabled(ctx)]
 
     def snapshot(self, state: StepState) -> dict[str, Any]:
@@ -36,7 +36,7 @@ class RunMetrics:
 
     def measure(self, exp: Experiment, final: StepState) -> Values:
         """A chunk's per-sample values, each named ``<metric name>.<value>``."""
-        chunk = Chunk.of(exp)
+        chunk = chunk_of(exp)
         with torch.inference_mode():
             return {f"{m.name}.{k}": v.cpu() for m in self.metrics for k, v in m.measure(chunk, final).items()}
 
@@ -47,3 +47,28 @@ class RunMetrics:
             prefix = f"{m.name}."
             out |= m.final({k[len(prefix) :]: v for k, v in values.items() if k.startswith(prefix)})
         return out
+
+
+def chunk_of(exp: Experiment) -> Chunk:
+    """What a metric knows of the chunk ``exp`` is bound to."""
+    return Chunk(exp.samples, exp.noise, exp.model, None if exp.labels is None else tuple(exp.labels))
+
+
+def run_facts(exp: Experiment) -> RunFacts:
+    """What a metric knows of the run: its first chunk, and the shape of its images (a latent model's decoded)."""
+    loaded = exp.loaded
+    if loaded.latent is None:
+        shape = tuple(loaded.sample_shape)
+    else:
+        height, width = (s * loaded.latent.scale for s in loaded.latent.size)
+        shape = (int(loaded.latent.vae.config.out_channels), height, width)
+    return RunFacts(
+        exp.run.seed,
+        exp.run.precision.value,
+        exp.num_samples,
+        exp.device,
+        loaded,
+        exp.built,
+        shape,  # type: ignore[arg-type]
+        chunk_of(exp),
+    )

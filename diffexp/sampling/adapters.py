@@ -27,21 +27,7 @@ from diffexp.errors import DiffexpError
 from diffexp.sampling.guidance import Guidance, no_guidance
 from diffexp.sampling.network import Condition, Counter, Network
 from diffexp.sampling.noise import NoiseSchedule
-
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-
-
-def x0_from_output(
-    output: torch.Tensor, x: torch.Tensor, alpha_t: Any, sigma_t: Any, prediction_type: str
-) -> torch.Tensor:
-    """The clean image a model output implies, for x = alpha_t x0 + sigma_t eps (variance preserving)."""
-    if prediction_type == "epsilon":
-        return (x - sigma_t * output) / alpha_t
-    if prediction_type == "v_prediction":  # v = alpha_t eps - sigma_t x0 (Salimans & Ho 2022)
-        return alpha_t * x - sigma_t * output
-    if prediction_type == "sample":
-        return output
-    raise DiffexpError(f"Unknown prediction_type '{prediction_type}'; diffexp knows {', '.join(PREDICTION_TYPES)}.")
+from diffexp.sampling.parameterisation import x0_from_output
 
 
 @dataclass(frozen=True, eq=False)

@@ -142,7 +142,13 @@ def prepare(settings: RunSettings | DictConfig, model: LoadedModel | None = None
     adapter = adapter_for(run, loaded, built, first, device)
     noise, generators = initial_noise(loaded.sample_shape, run.seed, len(first), device, first.start)
     t = built.scheduler.timesteps[:1].cpu()[0]
-    adapter, speed = accelerate(adapter, identity, run.precision, run.channels_last, run.compile, noise, t)
+    key = (identity, tuple(noise.shape), run.guidance)  # the compiled network of an earlier run of the process
+
+    def warm_up(network: Network) -> None:
+        adapter.with_network(network).warm_up(noise, t)
+
+    network, speed = accelerate(adapter.network, warm_up, key, run.precision, run.channels_last, run.compile, device)
+    adapter = adapter.with_network(network)
     return Experiment(run, device, dtype, loaded, built, adapter, noise, generators, speed)
 
 

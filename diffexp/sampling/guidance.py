@@ -15,8 +15,8 @@ from typing import Protocol
 import torch
 from diffusers.guiders.guider_utils import rescale_noise_cfg
 
+from diffexp.config import GuidanceSettings
 from diffexp.sampling.noise import NoiseSchedule
-from diffexp.settings import GuidanceSettings
 
 
 class Guided(Protocol):

@@ -19,9 +19,9 @@ from diffusers import PNDMScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
 from diffexp.errors import NonFiniteError
-from diffexp.sampling.adapters import x0_from_output
 from diffexp.sampling.device import synchronize
 from diffexp.sampling.noise import log_sigmas, sigma_at
+from diffexp.sampling.parameterisation import x0_from_output
 
 
 @dataclass

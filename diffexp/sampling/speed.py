@@ -15,7 +15,6 @@ import torch
 
 from diffexp.config import Precision
 from diffexp.errors import DiffexpError
-from diffexp.sampling.adapters import Adapter
 from diffexp.sampling.device import synchronize
 from diffexp.sampling.network import Network
 
@@ -101,46 +100,43 @@ def reason(err: BaseException) -> str:
 
 
 def accelerate(
-    adapter: Adapter,
+    network: Network,
+    warm_up: Callable[[Network], None],
     identity: Hashable,
     precision: Precision | str,
     channels_last: bool,
     mode: str | None,
-    x: torch.Tensor,
-    t: torch.Tensor,
-) -> tuple[Adapter, SpeedRecord]:
-    """The adapter with the settings applied to its network (``identity`` names its weights for the process
-    cache); with ``mode``, compiled and warmed up on ``x`` (the initial noise) at timestep ``t``."""
+    device: torch.device,
+) -> tuple[Network, SpeedRecord]:
+    """The network with the settings applied (``identity`` names its weights, input and guidance for the process
+    cache); with ``mode``, compiled and warmed up by ``warm_up`` (every batch shape the run calls it with)."""
     record = SpeedRecord(Precision(precision).value, channels_last, mode)
-    set_tf32(precision, x.device)
+    set_tf32(precision, device)
     cudagraphs = mode == "reduce-overhead"
-    key = (identity, str(x.device), adapter.dtype, tuple(x.shape), adapter.guidance.settings, mode, channels_last)
+    key = (identity, str(device), network.dtype, mode, channels_last)
     if mode is not None and key in _COMPILED:
         module, compiled = _COMPILED[key]
         record.attention, record.compile_s, record.compile_reused = use_sdpa(module), 0.0, True
-        return adapter.with_network(Network(module, compiled, channels_last, cudagraphs)), record
-    module = adapter.module
+        return Network(module, compiled, channels_last, cudagraphs), record
+    module = network.module
     record.attention = use_sdpa(module)
     if channels_last:
         module.to(memory_format=torch.channels_last)
-    adapter = adapter.with_network(Network(module, None, channels_last))
     if mode is None:
-        return adapter, record
-    probe_compiler(mode, x.device)
-    adapter = adapter.with_network(
-        Network(module, torch.compile(module, mode=mode, dynamic=False), channels_last, cudagraphs)
-    )
+        return Network(module, None, channels_last), record
+    probe_compiler(mode, device)
+    network = Network(module, torch.compile(module, mode=mode, dynamic=False), channels_last, cudagraphs)
     start = time.perf_counter()
     try:
         with torch.inference_mode():
             for _ in range(3 if cudagraphs else 1):  # CUDA graphs are recorded on the third call
-                adapter.warm_up(x, t)
-        synchronize(x.device)
+                warm_up(network)
+        synchronize(device)
     except Exception as err:
         raise DiffexpError(
             f"compile={mode} failed on {type(module).__name__} ({type(err).__name__}: {reason(err)}). "
             "Use compile=false."
         ) from None
     record.compile_s = time.perf_counter() - start
-    _COMPILED[key] = (module, adapter.network.compiled)
-    return adapter, record
+    _COMPILED[key] = (module, network.compiled)
+    return network, record

@@ -11,8 +11,8 @@ from omegaconf import MISSING, DictConfig
 
 from diffexp.config import LoggerConfig
 from diffexp.errors import DiffexpError
-from diffexp.sampling.adapters import PREDICTION_TYPES
 from diffexp.sampling.ideal import DDPM_SCHEDULER_CONFIG
+from diffexp.sampling.parameterisation import PREDICTION_TYPES
 
 
 @dataclass

@@ -15,7 +15,7 @@ from diffusers import DDPMScheduler
 from diffusers.training_utils import compute_snr
 
 from diffexp.errors import DiffexpError
-from diffexp.sampling.adapters import PREDICTION_TYPES
+from diffexp.sampling.parameterisation import PREDICTION_TYPES
 
 
 def _unknown(prediction_type: str) -> DiffexpError:
