@@ -15,7 +15,7 @@ from wandb.sdk.launch.sweeps import utils as sweep_utils
 
 from diffexp.config import config_dir
 from diffexp.sampling.schedulers import split_options
-from diffexp.settings import compose
+from diffexp.settings import compose, read_settings
 
 CONFIG_DIR = config_dir()
 
@@ -80,8 +80,7 @@ def test_agent_command_lines_parse_into_the_intended_types(path: Path) -> None:
             assert type(parsed[key]) is type(want) and parsed[key] == pytest.approx(want), (key, value, parsed[key])
         # the config composes, and every option has a type diffusers' scheduler class accepts
         cfg = compose(command[3:])
-        options = OmegaConf.to_container(cfg.scheduler, resolve=True)
-        split_options(options.pop("name"), options)
+        split_options(read_settings(cfg).scheduler)
         for key, value in values.items():
             key = f"{key}.name" if key in ("model", "scheduler") else key  # a group: the file chosen
             assert OmegaConf.select(cfg, key) == pytest.approx(intended(value))
