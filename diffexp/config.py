@@ -22,6 +22,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from diffexp.errors import DiffexpError
+from diffexp.targets import guard_hydra_callbacks
 
 
 class Precision(str, Enum):
@@ -213,6 +214,7 @@ def register() -> None:
     for name, function in RESOLVERS.items():
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, function)
+    guard_hydra_callbacks()  # Hydra builds hydra.callbacks itself: each is checked first
 
 
 register()

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from diffexp.errors import DiffexpError
@@ -30,6 +29,7 @@ from diffexp.sampling.device import process_age_s, reset_peak_memory
 from diffexp.sampling.experiment import Experiment, prepare
 from diffexp.sampling.loop import StepState
 from diffexp.startup import end_startup
+from diffexp.targets import build
 
 log = logging.getLogger("diffexp")
 _started: list[float | None] = []  # the process's age at its first run's first model call
@@ -41,13 +41,7 @@ def build_observers(cfg: DictConfig) -> list[Observer]:
     for name, node in (cfg.get("observers") or {}).items():
         if node is None:
             continue
-        try:
-            observer = instantiate(node)
-        except Exception as err:  # Hydra wraps import and constructor errors
-            raise DiffexpError(f"observers.{name} could not be built: {err}") from None
-        if not isinstance(observer, Observer):
-            raise DiffexpError(f"observers.{name} is a {type(observer).__name__}, not a diffexp Observer.")
-        built.append(observer)
+        built.append(build(node, Observer, f"observers.{name}"))  # the class is checked before it is called
     if not any(isinstance(o, RunFiles) for o in built):
         raise DiffexpError(
             "observers.files (diffexp.runner.folder.RunFiles) is missing: the run folder is the source of truth "

@@ -1,0 +1,55 @@
+"""Bad input refused before anything runs: config-named callables, huge or non-finite requests, damaged chunks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import compose
+
+from diffexp.errors import DiffexpError
+from diffexp.folders import read_status
+
+
+def victim(tmp_path: Path) -> Path:
+    path = tmp_path / "victim.txt"
+    path.write_text("data\n")
+    return path
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["+observers.x._target_=builtins.open"],  # a function, not an Observer class
+        ["+observers.x._target_=diffexp.runner.progress.ProgressBar", "+observers.x.y._target_=builtins.open"],
+        ["+observers.x._target_=diffexp.runner.progress.ProgressBar", "+observers.x._partial_=true"],
+    ],
+)
+def test_an_observer_target_is_checked_before_anything_is_called(tmp_path: Path, extra: list[str]) -> None:
+    from diffexp.runner.run import run
+
+    path = victim(tmp_path)
+    file = [f"+observers.x.{k}={v}" for k, v in (("file", path), ("mode", "w"))] if "open" in extra[-1] else []
+    cfg = compose("model=digits-ideal", "steps=3", *extra, *file)
+    with pytest.raises(DiffexpError, match=r"observers\.x") as err:
+        run(cfg, tmp_path / "run")
+    assert "nothing was built or called" in str(err.value)
+    assert path.read_text() == "data\n"
+    assert read_status(tmp_path / "run") == "failed"
+
+
+def test_a_hydra_callback_target_is_checked_before_hydra_builds_it(tmp_path: Path) -> None:
+    from hydra._internal.callbacks import Callbacks
+    from omegaconf import OmegaConf
+
+    import diffexp.config  # noqa: F401  (installs the check)
+
+    path = victim(tmp_path)
+    node = {"_target_": "builtins.open", "file": str(path), "mode": "w"}
+    cfg = OmegaConf.create({"hydra": {"callbacks": {"x": node}}})
+    with pytest.raises(SystemExit) as stop:
+        Callbacks(cfg)
+    assert stop.value.code == 2
+    assert path.read_text() == "data\n"
+    ok = OmegaConf.create({"hydra": {"callbacks": {"f": {"_target_": "diffexp.sweep.callbacks.OutputFolder"}}}})
+    assert len(Callbacks(ok).callbacks) == 1
