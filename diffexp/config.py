@@ -264,6 +264,7 @@ def check_config(cfg: DictConfig) -> None:
             f"seed={cfg.seed} is not allowed: sample k uses the generator seed + k, and torch's generators take "
             f"seeds in [0, 2**64 - 1], so seed must be in [0, {SEED_MAX - (total - 1)}] for {total} samples."
         )
+    check_finite_floats(cfg)
     std = cfg.model.get("std", 0.0)
     if not (std >= 0 and math.isfinite(std * std)):  # also refuses NaN
         raise DiffexpError(
@@ -271,6 +272,33 @@ def check_config(cfg: DictConfig) -> None:
         )
     if "name" not in cfg.scheduler:
         raise DiffexpError("The scheduler config has no 'name'; choose one with scheduler=<name>.")
+
+
+# scheduler options whose infinity means "no bound" (euler's s_tmax: .inf, the DPM solvers' -inf clipping)
+INFINITY_ALLOWED = {"s_tmax": math.inf, "lambda_min_clipped": -math.inf}
+
+
+def check_finite_floats(cfg: DictConfig, allowed: dict[str, float] | None = None) -> None:
+    """Refuse a NaN or infinite float anywhere in the config (typed keys, the free-form scheduler options, list
+    items), naming the key; ``allowed``: keys whose given infinity means "no bound"."""
+    allowed = INFINITY_ALLOWED if allowed is None else allowed
+    values = OmegaConf.to_container(cfg, resolve=True)
+    for key, value in float_values({k: v for k, v in values.items() if k != "hydra"}):
+        if math.isfinite(value) or allowed.get(key.rsplit(".", 1)[-1]) == value:
+            continue
+        raise DiffexpError(
+            f"{key}={value} is not allowed: every number in the config must be finite (no nan or inf), so that a "
+            "run never records a result of a value it could not use."
+        )
+
+
+def float_values(node: Any, prefix: str = "") -> list[tuple[str, float]]:
+    """The dotted keys and values of every float in a plain container."""
+    if isinstance(node, dict):
+        return [kv for k, v in node.items() for kv in float_values(v, f"{prefix}{k}.")]
+    if isinstance(node, list):
+        return [kv for i, v in enumerate(node) for kv in float_values(v, f"{prefix}{i}.")]
+    return [(prefix.rstrip("."), node)] if isinstance(node, float) else []
 
 
 def compile_mode(cfg: DictConfig) -> str | None:

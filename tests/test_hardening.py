@@ -53,3 +53,32 @@ def test_a_hydra_callback_target_is_checked_before_hydra_builds_it(tmp_path: Pat
     assert path.read_text() == "data\n"
     ok = OmegaConf.create({"hydra": {"callbacks": {"f": {"_target_": "diffexp.sweep.callbacks.OutputFolder"}}}})
     assert len(Callbacks(ok).callbacks) == 1
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "guidance_scale=inf",
+        "guidance_scale=nan",
+        "guidance_rescale=-inf",
+        "guidance_interval=[0.1,inf]",
+        "scheduler=ddim scheduler.eta=nan",
+        "model.std=inf",
+        "metrics.hit_tol=nan",
+        "scheduler=euler scheduler.s_noise=inf",
+    ],
+)
+def test_a_non_finite_float_is_refused_by_name(override: str) -> None:
+    from diffexp.config import check_config
+
+    cfg = compose("model=digits-ideal", *override.split())
+    key = override.split()[-1].split("=")[0].replace("[", "").replace("]", "")
+    with pytest.raises(DiffexpError, match="must be finite") as err:
+        check_config(cfg)
+    assert key.split(".")[0] in str(err.value)
+
+
+def test_an_infinity_that_means_no_bound_is_kept() -> None:
+    from diffexp.config import check_config
+
+    check_config(compose("model=digits-ideal", "scheduler=euler"))  # s_tmax: .inf
