@@ -254,7 +254,7 @@ def check_config(cfg: DictConfig) -> None:
             f"Unknown config key(s): {', '.join(unknown)}. The schema (diffexp/config.py) has no such key; "
             "check the spelling, or see configs/ for the keys each group takes."
         )
-    for key in ("steps", "batch_size", "log_every", "num_samples"):
+    for key in ("steps", "batch_size", "log_every", "num_samples", "height", "width"):
         if cfg.get(key) is not None and cfg[key] <= 0:
             raise DiffexpError(f"{key}={cfg[key]} is not allowed: {key} must be a positive integer.")
     compile_mode(cfg)

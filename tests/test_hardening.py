@@ -82,3 +82,11 @@ def test_an_infinity_that_means_no_bound_is_kept() -> None:
     from diffexp.config import check_config
 
     check_config(compose("model=digits-ideal", "scheduler=euler"))  # s_tmax: .inf
+
+
+@pytest.mark.parametrize("override", ["height=0", "width=-8"])
+def test_a_size_of_zero_is_refused_not_replaced(override: str) -> None:
+    from diffexp.config import check_config
+
+    with pytest.raises(DiffexpError, match=override.split("=")[0] + ".*positive"):
+        check_config(compose("model=digits-ideal", override))
