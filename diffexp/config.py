@@ -140,7 +140,9 @@ class RunConfig:
     scheduler: dict[str, Any] = field(default_factory=dict)
     steps: int = 30
     batch_size: int = 4  # samples per model call (a chunk)
-    num_samples: int | None = None  # samples per run, in chunks of batch_size; null: one chunk of batch_size
+    # samples per run, in chunks of batch_size (null: one chunk of batch_size); at most MAX_SAMPLES, and the
+    # chunk files (about num_samples x one float32 image) must fit on the output folder's disk
+    num_samples: int | None = None
     seed: int = 0
     resume: bool = True  # a run started again in its own folder continues from its finished chunks
     overwrite: bool = False  # clear a folder that holds another run before starting this one
@@ -243,6 +245,7 @@ def compose(overrides: Sequence[str] = (), config_name: str = "run") -> DictConf
         return hydra_compose(config_name=config_name, overrides=list(overrides))
 
 
+MAX_SAMPLES = 10**8  # samples per run: the cap on num_samples (checked with the disk before sampling)
 SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes [0, 2**64 - 1] (negative seeds wrap around)
 
 

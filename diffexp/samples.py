@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,26 @@ _CHUNK_NAME = re.compile(r"chunk-(\d{6})\.npz")
 
 def chunk_path(run_dir: Path, index: int) -> Path:
     return Path(run_dir) / CHUNKS_DIR / f"chunk-{index:06d}.npz"
+
+
+class Chunks(Sequence[range]):
+    """A run's sample indices in chunks of ``size`` (the last may be smaller), each computed when asked for: a
+    run of many chunks never lists them all."""
+
+    def __init__(self, num_samples: int, size: int) -> None:
+        self.num_samples, self.size = int(num_samples), int(size)
+
+    def __len__(self) -> int:
+        return -(-self.num_samples // self.size)
+
+    def __getitem__(self, i: int) -> range:  # type: ignore[override]
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"chunk {i} of {len(self)}")
+        first = (i % len(self)) * self.size
+        return range(first, min(first + self.size, self.num_samples))
+
+    def __iter__(self) -> Iterator[range]:
+        return (self[i] for i in range(len(self)))
 
 
 @dataclass

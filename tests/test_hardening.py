@@ -90,3 +90,41 @@ def test_a_size_of_zero_is_refused_not_replaced(override: str) -> None:
 
     with pytest.raises(DiffexpError, match=override.split("=")[0] + ".*positive"):
         check_config(compose("model=digits-ideal", override))
+
+
+def test_chunks_are_computed_on_demand() -> None:
+    from diffexp.samples import Chunks
+
+    chunks = Chunks(10**12, 1)
+    assert len(chunks) == 10**12 and chunks[-1] == range(10**12 - 1, 10**12)
+    assert list(Chunks(10, 4)) == [range(0, 4), range(4, 8), range(8, 10)]
+    with pytest.raises(IndexError):
+        Chunks(10, 4)[3]
+
+
+def test_a_run_above_the_cap_is_refused_before_sampling(tmp_path: Path) -> None:
+    from diffexp.runner.run import run
+
+    cfg = compose("model=digits-ideal", "steps=3", "num_samples=1000000000000", "batch_size=1")
+    with pytest.raises(DiffexpError, match="above the cap") as err:
+        run(cfg, tmp_path / "run")
+    assert "GiB" in str(err.value) and "model calls" in str(err.value)
+    assert read_status(tmp_path / "run") == "failed"
+    assert not (tmp_path / "run" / "chunks").exists()
+
+
+def test_a_run_that_cannot_fit_on_disk_is_refused_before_sampling(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+
+    from diffexp.runner import budget
+    from diffexp.runner.run import run
+
+    real = shutil.disk_usage(tmp_path)  # the disk's free space cannot be set: this one reports 100 kB free
+    monkeypatch.setattr(budget.shutil, "disk_usage", lambda _p: real._replace(free=100_000))
+    cfg = compose("model=digits-ideal", "steps=3", "num_samples=1000", "batch_size=100")
+    with pytest.raises(DiffexpError, match="GiB free") as err:
+        run(cfg, tmp_path / "run")
+    assert "1,000 samples" in str(err.value)
+    assert read_status(tmp_path / "run") == "failed"

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from diffexp.errors import DiffexpError
 from diffexp.folders import mark_failed
 from diffexp.metrics.suite import RunMetrics
+from diffexp.runner.budget import check_budget
 from diffexp.runner.chunks import sample_chunk
 from diffexp.runner.claim import Claim
 from diffexp.runner.claim import claim as claim_folder
@@ -97,6 +98,7 @@ def run(cfg: DictConfig, out_dir: Path, observers: Sequence[Observer] = ()) -> d
             exp = prepare(cfg)
             everyone = [*build_observers(cfg), *observers] if w.main else []
             measures = RunMetrics(cfg, exp, bool(cfg.progress) and w.main)  # reference, features: before the clock
+            check_budget(exp, out_dir, claim.finished)  # the samples' disk and the cap, before sampling
         except BaseException as err:
             if w.main:
                 mark_failed(out_dir, err)
@@ -115,8 +117,9 @@ def sample_run(
 ) -> dict[str, Any]:
     """Every chunk of this process, then (rank 0) the metrics from every chunk's values, told to the observers."""
     chunks = exp.chunks()
-    todo = [i for i in range(len(chunks)) if w.owns(i) and i not in claim.finished]
-    info = run_info(exp, claim.out_dir, chunks=len(chunks), todo=len(todo), first_done=0 in claim.finished)
+    todo = (i for i in range(w.rank, len(chunks), w.size) if i not in claim.finished)  # this process's, lazily
+    left = len(range(w.rank, len(chunks), w.size)) - sum(1 for i in claim.finished if w.owns(i))
+    info = run_info(exp, claim.out_dir, chunks=len(chunks), todo=left, first_done=0 in claim.finished)
     error: BaseException | None = None
     try:
         for o in everyone:
@@ -158,8 +161,8 @@ def sample_run(
 
 def sample_chunks(
     exp: Experiment,
-    chunks: list[range],
-    todo: list[int],
+    chunks: Sequence[range],
+    todo: Iterable[int],
     measures: RunMetrics,
     everyone: Sequence[Observer],
     out_dir: Path,

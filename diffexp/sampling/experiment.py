@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from diffexp.catalog import run_label
 from diffexp.config import check_config, compile_mode
 from diffexp.errors import DiffexpError
+from diffexp.samples import Chunks
 from diffexp.sampling.denoisers import Denoiser, check_guidance, sample_labels
 from diffexp.sampling.device import resolve_device, resolve_dtype
 from diffexp.sampling.loop import StepState, initial_noise, iter_steps
@@ -45,10 +46,9 @@ class Experiment:
         """Samples in the whole run: ``num_samples``, else one chunk of ``batch_size``."""
         return int(self.cfg.get("num_samples") or self.cfg.batch_size)
 
-    def chunks(self) -> list[range]:
-        """The run's sample indices in chunks of ``batch_size`` (the last may be smaller)."""
-        n, size = self.num_samples, int(self.cfg.batch_size)
-        return [range(first, min(first + size, n)) for first in range(0, n, size)]
+    def chunks(self) -> Chunks:
+        """The run's sample indices in chunks of ``batch_size`` (the last may be smaller), computed lazily."""
+        return Chunks(self.num_samples, int(self.cfg.batch_size))
 
     def for_samples(self, samples: range) -> Experiment:
         """The same model and scheduler bound to other samples: their noise, labels and prompts; the network as
