@@ -9,6 +9,8 @@ sample of a run as one float32 NCHW array in [-1, 1], sample k at index k.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import re
 from collections.abc import Iterator, Sequence
@@ -19,11 +21,12 @@ from typing import Any
 import numpy as np
 
 from diffexp.errors import DiffexpError
-from diffexp.folders import atomic
+from diffexp.folders import CorruptFile, atomic, read_json, write_json
 
 SAMPLES_FILE = "samples.npy"
 LATENTS_FILE = "latents.npy"
 CHUNKS_DIR = "chunks"
+MANIFEST_FILE = "chunks.json"  # a chunked run's chunk files, each with its size and sha256 (written at its end)
 VALUE_PREFIX = "value:"
 _CHUNK_NAME = re.compile(r"chunk-(\d{6})\.npz")
 
@@ -60,6 +63,7 @@ class ChunkFile:
     samples: range
     values: dict[str, np.ndarray]
     cost: dict[str, Any]
+    digest: dict[str, Any] | None = None  # the file's size and sha256, taken when it was written
 
 
 def write_chunk(
@@ -118,9 +122,12 @@ def load_samples(run_dir: Path | str, key: str = "samples") -> np.ndarray:
     files = chunk_files(run_dir)
     if not files:
         raise DiffexpError(f"{run_dir} holds no samples ({single.name} and {CHUNKS_DIR}/ are missing).")
+    damaged = damaged_chunks(run_dir)
+    if damaged:
+        raise DiffexpError(damage_message(run_dir, damaged))
     parts, expected = [], 0
     for number in sorted(files):
-        with np.load(files[number], allow_pickle=False) as data:
+        with open_chunk(files[number]) as data:
             index = data["index"]
             if len(index) == 0 or int(index[0]) != expected:
                 raise DiffexpError(
@@ -130,3 +137,66 @@ def load_samples(run_dir: Path | str, key: str = "samples") -> np.ndarray:
             parts.append(data[key].astype(np.float32, copy=False))
             expected = int(index[-1]) + 1
     return np.concatenate(parts)
+
+
+def open_chunk(path: Path) -> Any:
+    """A chunk file's arrays (``np.load``), or a clear error naming the file and what to do."""
+    try:
+        return np.load(io.BytesIO(Path(path).read_bytes()), allow_pickle=False)
+    except Exception as err:  # a truncated or overwritten file: BadZipFile, EOFError, ValueError, OSError
+        raise DiffexpError(
+            f"The chunk file {path} cannot be read ({type(err).__name__}: {err}): it is damaged or cut short. "
+            "Start the run again with the same config and folder: resume samples the damaged chunks again."
+        ) from None
+
+
+def file_digest(path: Path) -> dict[str, Any]:
+    """A file's size and sha256."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return {"bytes": Path(path).stat().st_size, "sha256": digest.hexdigest()}
+
+
+def write_manifest(run_dir: Path, digests: dict[int, dict[str, Any]]) -> None:
+    """``chunks.json``: every chunk file of a finished run with its size and sha256."""
+    files = {chunk_path(run_dir, i).name: digests[i] for i in sorted(digests)}
+    write_json(Path(run_dir) / MANIFEST_FILE, {"chunks": len(files), "files": files})
+
+
+def damaged_chunks(run_dir: Path, count: int | None = None) -> dict[int, str]:
+    """The chunks of a finished run that no longer verify against ``chunks.json`` (missing, another size, another
+    sha256), by number, with why; without the manifest, the missing ones of ``count`` chunks."""
+    run_dir = Path(run_dir)
+    try:
+        manifest = read_json(run_dir / MANIFEST_FILE)
+    except CorruptFile as err:
+        return {-1: str(err)}
+    found = chunk_files(run_dir)
+    if manifest is None:
+        expected = range(count) if count and count > 1 else range(0)
+        return {i: "missing" for i in expected if i not in found}
+    bad = {}
+    for name, recorded in (manifest.get("files") or {}).items():
+        number = int(_CHUNK_NAME.fullmatch(name).group(1))  # type: ignore[union-attr]
+        path = found.get(number)
+        if path is None:
+            bad[number] = "missing"
+        elif (size := path.stat().st_size) != recorded.get("bytes"):
+            bad[number] = f"{size} bytes, {recorded.get('bytes')} when written"
+        elif file_digest(path)["sha256"] != recorded.get("sha256"):
+            bad[number] = "its sha256 differs from the one recorded when it was written"
+    return bad
+
+
+def damage_message(run_dir: Path, damaged: dict[int, str]) -> str:
+    names = [
+        f"{MANIFEST_FILE} ({why})" if i < 0 else f"{CHUNKS_DIR}/{chunk_path(run_dir, i).name} ({why})"
+        for i, why in sorted(damaged.items())
+    ]
+    more = f" and {len(names) - 5} more" if len(names) > 5 else ""
+    return (
+        f"{run_dir} is not complete: {', '.join(names[:5])}{more} no longer match what the run wrote. Start the "
+        "run again with the same config and folder: resume keeps the good chunks and samples the damaged ones again."
+    )

@@ -128,3 +128,80 @@ def test_a_run_that_cannot_fit_on_disk_is_refused_before_sampling(
         run(cfg, tmp_path / "run")
     assert "1,000 samples" in str(err.value)
     assert read_status(tmp_path / "run") == "failed"
+
+
+@pytest.fixture(scope="module")
+def chunked_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from diffexp.runner.run import run
+
+    folder = tmp_path_factory.mktemp("chunked") / "run"
+    run(compose("model=digits-ideal", "steps=2", "num_samples=12", "batch_size=4"), folder)
+    return folder
+
+
+def copy_run(run: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(run, tmp_path / "run"))
+
+
+@pytest.mark.parametrize("damage", ["truncate", "delete", "flip"])
+def test_a_damaged_chunk_of_a_finished_run_is_named_and_resampled(
+    chunked_run: Path, tmp_path: Path, damage: str
+) -> None:
+    import os
+
+    from diffexp.runner.run import run
+    from diffexp.samples import load_samples
+
+    folder = copy_run(chunked_run, tmp_path)
+    before = load_samples(folder)
+    chunk = folder / "chunks" / "chunk-000001.npz"
+    good = folder / "chunks" / "chunk-000002.npz"
+    os.utime(good, (1, 1))  # a good chunk is kept, never written again
+    data = chunk.read_bytes()
+    if damage == "truncate":
+        chunk.write_bytes(data[: len(data) // 2])
+    elif damage == "delete":
+        chunk.unlink()
+    else:
+        chunk.write_bytes(data[:-100] + bytes(100))  # same size: only the hash tells
+    with pytest.raises(DiffexpError, match=r"chunk-000001\.npz") as err:
+        load_samples(folder)
+    assert "Start the run again" in str(err.value)
+    metrics = run(compose("model=digits-ideal", "steps=2", "num_samples=12", "batch_size=4"), folder)
+    assert metrics["num_samples"] == 12 and read_status(folder) == "finished"
+    assert good.stat().st_mtime == 1
+    assert (load_samples(folder) == before).all()
+
+
+def test_a_truncated_chunk_without_a_manifest_names_its_file(chunked_run: Path, tmp_path: Path) -> None:
+    from diffexp.samples import load_samples
+
+    folder = copy_run(chunked_run, tmp_path)
+    (folder / "chunks.json").unlink()  # a run written before chunk files were recorded
+    chunk = folder / "chunks" / "chunk-000000.npz"
+    chunk.write_bytes(chunk.read_bytes()[:100])
+    with pytest.raises(DiffexpError, match=r"chunk-000000\.npz.*damaged"):
+        load_samples(folder)
+
+
+def test_export_names_a_damaged_chunk_and_an_npz_path_it_cannot_write(
+    chunked_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import runpy
+
+    from conftest import ROOT
+
+    export = runpy.run_path(str(ROOT / "scripts" / "export.py"))["main"]
+    folder = copy_run(chunked_run, tmp_path)
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert export([str(folder), "--no-png", "--npz", str(blocker / "x.npz")]) == 2
+    assert f"Could not write {blocker / 'x.npz'}" in capsys.readouterr().err
+    assert export([str(folder), "--no-png", "--npz", str(tmp_path / "ok.npz")]) == 0
+    chunk = folder / "chunks" / "chunk-000002.npz"
+    chunk.write_bytes(chunk.read_bytes()[:-10])
+    assert export([str(folder), "--no-png", "--npz", str(tmp_path / "ok.npz")]) == 2
+    assert "chunk-000002.npz" in capsys.readouterr().err
+    assert (tmp_path / "ok.npz").stat().st_size > 0  # the earlier export is kept

@@ -25,7 +25,7 @@ from diffexp.runner.distributed import World, broadcast, gather, shared_dir, wor
 from diffexp.runner.folder import RunFiles, writing
 from diffexp.runner.observers import Observer, RunInfo
 from diffexp.runner.summary import environment, run_summary
-from diffexp.samples import ChunkFile, chunk_path, read_chunk, write_chunk
+from diffexp.samples import ChunkFile, chunk_path, file_digest, read_chunk, write_chunk, write_manifest
 from diffexp.sampling.device import process_age_s, reset_peak_memory
 from diffexp.sampling.experiment import Experiment, prepare
 from diffexp.sampling.loop import StepState
@@ -138,6 +138,8 @@ def sample_run(
                 done = {i: c for r in results for i, c in r["chunks"].items()}
                 metrics = summarise(exp, measures, claim, done, info.environment, w)
                 metrics |= {} if startup_s is None else {"startup_s": startup_s}
+                if len(chunks) > 1:  # before finished is written: a finished run's chunks can be verified
+                    write_manifest(claim.out_dir, digests(done, claim.finished))
                 for o in everyone:
                     o.finish(first, metrics)
             failure = "; ".join(failed) or None
@@ -182,11 +184,12 @@ def sample_chunks(
                 with writing(chunk_path(out_dir, i)):
                     values = {k: v.numpy() for k, v in done.values.items()}
                     latents = None if done.latents is None else done.latents.numpy()
-                    write_chunk(out_dir, i, done.samples, done.images.numpy(), values, done.cost, latents)
+                    path = write_chunk(out_dir, i, done.samples, done.images.numpy(), values, done.cost, latents)
             for o in everyone:
                 o.chunk(done)
             cost = done.cost | {"run_s": time.perf_counter() - started}
-            mine[i] = ChunkFile(i, done.samples, done.values, cost)
+            digest = file_digest(path) if len(chunks) > 1 else None  # read back from the page cache
+            mine[i] = ChunkFile(i, done.samples, done.values, cost, digest)
             first = done.final if i == 0 else first
     except Exception as err:
         if w.size == 1:
@@ -194,6 +197,12 @@ def sample_chunks(
         log.error("rank %d: %s", w.rank, err)
         return mine, first, f"rank {w.rank} failed: {err}"
     return mine, first, None
+
+
+def digests(sampled: dict[int, ChunkFile], finished: dict[int, Path]) -> dict[int, dict[str, Any]]:
+    """Every chunk file's size and sha256: taken when written, or now for chunks of an earlier try."""
+    now = {i: c.digest for i, c in sampled.items() if c.digest is not None}
+    return {i: file_digest(p) for i, p in finished.items() if i not in now} | now
 
 
 def summarise(
