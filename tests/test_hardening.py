@@ -205,3 +205,39 @@ def test_export_names_a_damaged_chunk_and_an_npz_path_it_cannot_write(
     assert export([str(folder), "--no-png", "--npz", str(tmp_path / "ok.npz")]) == 2
     assert "chunk-000002.npz" in capsys.readouterr().err
     assert (tmp_path / "ok.npz").stat().st_size > 0  # the earlier export is kept
+
+
+def fid_stats_main() -> object:
+    import runpy
+
+    from conftest import ROOT
+
+    return runpy.run_path(str(ROOT / "scripts" / "fid_stats.py"))["main"]
+
+
+@pytest.mark.parametrize("files", [1, 3])
+def test_fid_stats_on_files_that_are_not_images_names_the_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], files: int
+) -> None:
+    folder = tmp_path / "real"
+    folder.mkdir()
+    for k in range(files):
+        (folder / f"{k}.png").write_text("not an image")
+    assert fid_stats_main()([str(folder), str(tmp_path / "x.npz")]) == 2  # type: ignore[operator]
+    err = capsys.readouterr().err
+    assert "0.png is not an image" in err and "Traceback" not in err
+    assert "metrics.fid.real" not in err and "1 images" not in err
+    assert not (tmp_path / "x.npz").exists()
+
+
+def test_fid_stats_names_its_own_argument_and_refuses_size_zero(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    main = fid_stats_main()
+    assert main([str(tmp_path / "missing"), str(tmp_path / "x.npz")]) == 2  # type: ignore[operator]
+    err = capsys.readouterr().err
+    assert "REAL=" in err and "metrics.fid.real" not in err
+    with pytest.raises(SystemExit) as stop:
+        main(["digits", str(tmp_path / "x.npz"), "--size", "0"])  # type: ignore[operator]
+    assert stop.value.code == 2 and "not a positive integer" in capsys.readouterr().err
+    assert not (tmp_path / "x.npz").exists()
