@@ -241,3 +241,26 @@ def test_fid_stats_names_its_own_argument_and_refuses_size_zero(
         main(["digits", str(tmp_path / "x.npz"), "--size", "0"])  # type: ignore[operator]
     assert stop.value.code == 2 and "not a positive integer" in capsys.readouterr().err
     assert not (tmp_path / "x.npz").exists()
+
+
+@pytest.mark.parametrize("subdir", ["../../../../x", "${hydra.job.num}/../../x", "/tmp/x"])
+def test_a_sweep_subdir_that_leaves_the_sweep_folder_is_refused(
+    tmp_path: Path, subdir: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf
+
+    from diffexp.sweep.callbacks import OutputFolder
+
+    sweep = tmp_path / "outputs" / "sweeps" / "s"
+    hydra = {"sweep": {"dir": str(sweep), "subdir": subdir}, "mode": RunMode.MULTIRUN}
+    config = OmegaConf.create({"hydra": hydra})
+    with pytest.raises(SystemExit) as stop:
+        OutputFolder().on_multirun_start(config)
+    assert stop.value.code == 2 and "hydra.sweep.subdir" in capsys.readouterr().err
+    job = OmegaConf.create({"hydra": {**hydra, "runtime": {"output_dir": str(tmp_path / "x")}}})
+    with pytest.raises(SystemExit):
+        OutputFolder().on_job_start(job)
+    fine = OmegaConf.create({"hydra": {**hydra, "subdir": "0-a", "runtime": {"output_dir": str(sweep / "0-a")}}})
+    fine.hydra.sweep.subdir = "0-a"
+    OutputFolder().on_job_start(fine)
