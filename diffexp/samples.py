@@ -122,32 +122,58 @@ def load_samples(run_dir: Path | str, key: str = "samples") -> np.ndarray:
     files = chunk_files(run_dir)
     if not files:
         raise DiffexpError(f"{run_dir} holds no samples ({single.name} and {CHUNKS_DIR}/ are missing).")
-    damaged = damaged_chunks(run_dir)
-    if damaged:
-        raise DiffexpError(damage_message(run_dir, damaged))
-    parts, expected = [], 0
+    recorded = read_manifest(run_dir)
+    parts, expected, previous = [], 0, -1
     for number in sorted(files):
-        with open_chunk(files[number]) as data:
-            index = data["index"]
+        data = files[number].read_bytes()
+        why = None if recorded is None else mismatch(data, recorded.pop(files[number].name, None))
+        if why:
+            raise DiffexpError(damage_message(run_dir, {number: why}))
+        with open_chunk(files[number], data) as arrays:
+            index = arrays["index"]
             if len(index) == 0 or int(index[0]) != expected:
+                gone = ", ".join(chunk_path(run_dir, k).name for k in range(previous + 1, number)) or "a chunk"
                 raise DiffexpError(
-                    f"{run_dir} is missing samples {expected}..{int(index[0]) - 1 if len(index) else '?'} (a chunk "
-                    "is not finished yet): resume the run to complete it."
+                    f"{run_dir} is missing samples {expected}..{int(index[0]) - 1 if len(index) else '?'} ({gone}: "
+                    "not finished yet, or deleted). Start the run again with the same config and folder: resume "
+                    "samples the missing chunks."
                 )
-            parts.append(data[key].astype(np.float32, copy=False))
-            expected = int(index[-1]) + 1
+            parts.append(arrays[key].astype(np.float32, copy=False))
+            expected, previous = int(index[-1]) + 1, number
+    if recorded:  # chunks after the last one found
+        raise DiffexpError(damage_message(run_dir, {int(n[6:12]): "missing" for n in recorded}))
     return np.concatenate(parts)
 
 
-def open_chunk(path: Path) -> Any:
-    """A chunk file's arrays (``np.load``), or a clear error naming the file and what to do."""
+def open_chunk(path: Path, data: bytes | None = None) -> Any:
+    """A chunk file's arrays (``np.load``) from its bytes, or a clear error naming the file and what to do."""
     try:
-        return np.load(io.BytesIO(Path(path).read_bytes()), allow_pickle=False)
+        return np.load(io.BytesIO(Path(path).read_bytes() if data is None else data), allow_pickle=False)
     except Exception as err:  # a truncated or overwritten file: BadZipFile, EOFError, ValueError, OSError
         raise DiffexpError(
             f"The chunk file {path} cannot be read ({type(err).__name__}: {err}): it is damaged or cut short. "
             "Start the run again with the same config and folder: resume samples the damaged chunks again."
         ) from None
+
+
+def read_manifest(run_dir: Path) -> dict[str, dict[str, Any]] | None:
+    """``chunks.json``'s files (name -> size and sha256); None without one, a clear error for a damaged one."""
+    try:
+        manifest = read_json(Path(run_dir) / MANIFEST_FILE)
+    except CorruptFile as err:
+        raise DiffexpError(f"{err}. Start the run again with the same config and folder to rewrite it.") from None
+    return None if manifest is None else dict(manifest.get("files") or {})
+
+
+def mismatch(data: bytes, recorded: dict[str, Any] | None) -> str | None:
+    """Why a chunk file's bytes differ from what was recorded when it was written; None when they match."""
+    if recorded is None:
+        return "not recorded when the run finished"
+    if len(data) != recorded.get("bytes"):
+        return f"{len(data)} bytes, {recorded.get('bytes')} when written"
+    if hashlib.sha256(data).hexdigest() != recorded.get("sha256"):
+        return "its sha256 differs from the one recorded when it was written"
+    return None
 
 
 def file_digest(path: Path) -> dict[str, Any]:
@@ -170,23 +196,20 @@ def damaged_chunks(run_dir: Path, count: int | None = None) -> dict[int, str]:
     sha256), by number, with why; without the manifest, the missing ones of ``count`` chunks."""
     run_dir = Path(run_dir)
     try:
-        manifest = read_json(run_dir / MANIFEST_FILE)
-    except CorruptFile as err:
+        recorded = read_manifest(run_dir)
+    except DiffexpError as err:
         return {-1: str(err)}
     found = chunk_files(run_dir)
-    if manifest is None:
+    if recorded is None:
         expected = range(count) if count and count > 1 else range(0)
         return {i: "missing" for i in expected if i not in found}
     bad = {}
-    for name, recorded in (manifest.get("files") or {}).items():
-        number = int(_CHUNK_NAME.fullmatch(name).group(1))  # type: ignore[union-attr]
+    for name, record in recorded.items():
+        number = int(name[6:12])  # chunk-NNNNNN.npz
         path = found.get(number)
-        if path is None:
-            bad[number] = "missing"
-        elif (size := path.stat().st_size) != recorded.get("bytes"):
-            bad[number] = f"{size} bytes, {recorded.get('bytes')} when written"
-        elif file_digest(path)["sha256"] != recorded.get("sha256"):
-            bad[number] = "its sha256 differs from the one recorded when it was written"
+        why = "missing" if path is None else mismatch(path.read_bytes(), record)
+        if why:
+            bad[number] = why
     return bad
 
 
