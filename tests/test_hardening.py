@@ -264,3 +264,37 @@ def test_a_sweep_subdir_that_leaves_the_sweep_folder_is_refused(
     fine = OmegaConf.create({"hydra": {**hydra, "subdir": "0-a", "runtime": {"output_dir": str(sweep / "0-a")}}})
     fine.hydra.sweep.subdir = "0-a"
     OutputFolder().on_job_start(fine)
+
+
+def test_an_interrupt_while_a_sweep_writes_its_report_says_only_the_report_was_interrupted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import signal
+
+    from omegaconf import OmegaConf
+
+    from diffexp.folders import RunStatus, record_job_folder, write_json, write_plan, write_status
+    from diffexp.report import write
+    from diffexp.signals import Terminated, interrupt_message
+    from diffexp.sweep.callbacks import SweepReport
+
+    sweep = tmp_path / "sweep"
+    write_plan(sweep, [["steps=2"]])
+    job = sweep / "0-job"
+    (job / ".hydra").mkdir(parents=True)
+    (job / ".hydra" / "hydra.yaml").write_text("{}\n")  # Hydra's record: a job of the sweep
+    write_json(job / "metrics.json", {"label": "ddim-2"})
+    write_status(job, RunStatus.finished)
+    record_job_folder(sweep, 0, job)
+
+    def signalled(_sweep_dir: Path) -> None:  # where SIGTERM lands: while the report is written
+        raise Terminated(signal.SIGTERM)
+
+    monkeypatch.setattr(write, "write_report", signalled)
+    config = OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep)}, "runtime": {"choices": {}}}, "logger": None})
+    with pytest.raises(KeyboardInterrupt) as stop:
+        SweepReport().on_multirun_end(config)
+    message = interrupt_message(stop.value, "each run folder records it (status interrupted)")
+    assert "SIGTERM" in message and f"python scripts/compare.py {sweep} rebuilds it" in message
+    assert "1 finished" in message and "status interrupted" not in message
+    assert interrupt_message(Terminated(signal.SIGTERM), "X") == "stopped by SIGTERM; X"

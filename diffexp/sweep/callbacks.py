@@ -210,15 +210,27 @@ class SweepReport(Callback):
         from diffexp.tracking.session import sweep_group
 
         sweep_dir = Path(config.hydra.sweep.dir)
-        links = sweep_dashboard(config.get("logger"), sweep_dir)  # logger.dashboard=true: dashboard.json, saved online
         try:
-            report = write_report(sweep_dir)
-        except (DiffexpError, OSError) as err:
-            log.error("no comparison report: %s", err)
-            return
-        log.info("comparison report: %s", report.html)
-        group = sweep_group(config.hydra.runtime.choices.get("experiment"), sweep_dir)
-        log_report(config.get("logger"), report, group, links)
+            links = sweep_dashboard(config.get("logger"), sweep_dir)  # logger.dashboard=true: dashboard.json
+            try:
+                report = write_report(sweep_dir)
+            except (DiffexpError, OSError) as err:
+                log.error("no comparison report: %s", err)
+                return
+            log.info("comparison report: %s", report.html)
+            group = sweep_group(config.hydra.runtime.choices.get("experiment"), sweep_dir)
+            log_report(config.get("logger"), report, group, links)
+        except KeyboardInterrupt as err:  # the jobs had ended: only the report was interrupted
+            err.outputs = report_interrupted(sweep_dir)  # type: ignore[attr-defined]
+            raise
+
+
+def report_interrupted(sweep_dir: Path) -> str:
+    """What an interrupt during a sweep's report leaves: the jobs as they ended, the report to rebuild."""
+    return (
+        f"the sweep's jobs had all ended ({progress_line(sweep_dir)}); only its comparison report was interrupted: "
+        f"python scripts/compare.py {sweep_dir} rebuilds it"
+    )
 
 
 def check_same_sweep(config: DictConfig, sweep_dir: Path) -> None:
