@@ -298,3 +298,13 @@ def test_an_interrupt_while_a_sweep_writes_its_report_says_only_the_report_was_i
     assert "SIGTERM" in message and f"python scripts/compare.py {sweep} rebuilds it" in message
     assert "1 finished" in message and "status interrupted" not in message
     assert interrupt_message(Terminated(signal.SIGTERM), "X") == "stopped by SIGTERM; X"
+
+
+def test_digits_features_on_colour_samples_are_refused_before_sampling(tmp_path: Path) -> None:
+    from diffexp.runner.run import run
+
+    cfg = compose("model=tiny", "steps=2", "metrics=fid", "batch_size=4")
+    with pytest.raises(DiffexpError, match="features=digits does not fit this model's 3x16x16 samples"):
+        run(cfg, tmp_path / "run")
+    assert read_status(tmp_path / "run") == "failed"
+    assert not (tmp_path / "run" / "samples.npy").exists()
