@@ -7,6 +7,7 @@ named in a config ever runs. Light to import (no torch).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
@@ -75,12 +76,75 @@ def build(node: Any, base: type[T], key: str) -> T:
         raise DiffexpError(f"{key} ({node[TARGET]}) could not be built: {err}") from None
 
 
+def check_logging(conf: Mapping[str, Any], key: str) -> None:
+    """A logging configuration (``hydra.job_logging``, ``hydra.hydra_logging``) names only logging classes: each
+    handler, formatter and filter's ``class`` or ``()`` a subclass of what its section builds, and no other
+    ``()`` factory anywhere (``logging.config`` would call whatever they name)."""
+    from hydra._internal.utils import _locate
+
+    sections = {"handlers": logging.Handler, "formatters": logging.Formatter, "filters": logging.Filter}
+    for section, base in sections.items():
+        for name, entry in (conf.get(section) or {}).items():
+            if not isinstance(entry, Mapping):
+                continue
+            for field in ("class", "()"):
+                target = entry.get(field)
+                if target is None:
+                    continue
+                try:
+                    cls = _locate(target) if isinstance(target, str) else None
+                except Exception:
+                    cls = None
+                if not (isinstance(cls, type) and issubclass(cls, base)):
+                    raise DiffexpError(
+                        f"{key}: {section}.{name}.{field}={target} is not allowed: {section} of a logging config "
+                        f"are {base.__module__}.{base.__qualname__} subclasses; nothing was built or called."
+                    )
+            factories = nested_keys({k: v for k, v in entry.items() if k != "()"}, "()", f"{section}.{name}.")
+            if factories:
+                raise DiffexpError(f"{key}: {', '.join(factories)} is not allowed; nothing was built or called.")
+    rest = {k: v for k, v in conf.items() if k not in sections}
+    if factories := nested_keys(rest, "()", ""):
+        raise DiffexpError(f"{key}: {', '.join(factories)} is not allowed; nothing was built or called.")
+
+
+def nested_keys(node: Any, name: str, prefix: str) -> list[str]:
+    """The dotted keys called ``name`` inside a plain container."""
+    if isinstance(node, Mapping):
+        return [f"{prefix}{k}" for k in node if k == name] + [
+            found for k, v in node.items() if k != name for found in nested_keys(v, name, f"{prefix}{k}.")
+        ]
+    if isinstance(node, (list, tuple)):
+        return [found for i, v in enumerate(node) for found in nested_keys(v, name, f"{prefix}{i}.")]
+    return []
+
+
+def guard_hydra_logging() -> None:
+    """Make Hydra check a logging config before ``logging.config`` builds what it names."""
+    from hydra._internal import logging_config
+
+    original = logging_config.configure_logging
+    if getattr(original, "checked", False):
+        return
+
+    def checked(config: dict[str, Any]) -> None:
+        try:
+            check_logging(config, "the logging config (hydra.job_logging or hydra.hydra_logging)")
+        except DiffexpError as err:
+            exit_with(err, "none yet (the config was refused before Hydra made it)")
+        original(config)
+
+    checked.checked = True  # type: ignore[attr-defined]
+    logging_config.configure_logging = checked
+
+
 def guard_hydra_callbacks() -> None:
     """Make Hydra check ``hydra.callbacks`` before it builds them: each must name a Hydra ``Callback`` subclass
-    with plain arguments (Hydra alone would call any ``_target_``)."""
+    with plain arguments (Hydra alone would call any ``_target_``); its logging configs likewise."""
     from hydra._internal import callbacks
     from hydra.experimental.callback import Callback
 
+    guard_hydra_logging()
     original = callbacks.Callbacks.__init__
     if getattr(original, "checked", False):
         return

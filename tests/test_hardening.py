@@ -308,3 +308,46 @@ def test_digits_features_on_colour_samples_are_refused_before_sampling(tmp_path:
         run(cfg, tmp_path / "run")
     assert read_status(tmp_path / "run") == "failed"
     assert not (tmp_path / "run" / "samples.npy").exists()
+
+
+@pytest.mark.parametrize(
+    "conf",
+    [
+        {"handlers": {"x": {"class": "io.FileIO", "file": "VICTIM", "mode": "w"}}},
+        {"handlers": {"x": {"()": "io.FileIO", "file": "VICTIM", "mode": "w"}}},
+        {"formatters": {"x": {"class": "io.FileIO"}}},
+        {"handlers": {"x": {"class": "logging.StreamHandler", "stream": {"()": "io.FileIO", "file": "VICTIM"}}}},
+        {"loggers": {"a": {"x": {"()": "io.FileIO", "file": "VICTIM"}}}},
+    ],
+)
+def test_a_logging_config_names_only_logging_classes(
+    tmp_path: Path, conf: dict, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    from hydra._internal import logging_config
+
+    import diffexp.config  # noqa: F401  (installs the check)
+
+    path = victim(tmp_path)
+    full = {"version": 1, "root": {"handlers": []}, **json.loads(json.dumps(conf).replace("VICTIM", str(path)))}
+    with pytest.raises(SystemExit) as stop:
+        logging_config.configure_logging(full)
+    assert stop.value.code == 2 and "nothing was built or called" in capsys.readouterr().err
+    assert path.read_text() == "data\n"
+
+
+def test_hydras_own_logging_configs_pass_the_check() -> None:
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from diffexp.config import config_dir
+    from diffexp.targets import check_logging
+
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = hydra_compose(config_name="run", overrides=[], return_hydra_config=True)
+    for key in ("job_logging", "hydra_logging"):
+        node = OmegaConf.to_container(cfg.hydra[key], resolve=True)
+        assert node["handlers"]
+        check_logging(node, key)
