@@ -22,7 +22,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from diffexp.errors import DiffexpError
-from diffexp.targets import guard_hydra_callbacks
+from diffexp.numbers import non_finite
 
 
 class Precision(str, Enum):
@@ -140,9 +140,7 @@ class RunConfig:
     scheduler: dict[str, Any] = field(default_factory=dict)
     steps: int = 30
     batch_size: int = 4  # samples per model call (a chunk)
-    # samples per run, in chunks of batch_size (null: one chunk of batch_size); at most MAX_SAMPLES, and the
-    # chunk files (about num_samples x one float32 image) must fit on the output folder's disk
-    num_samples: int | None = None
+    num_samples: int | None = None  # samples per run in chunks of batch_size (null: one); <= 10**8, fitting on disk
     seed: int = 0
     resume: bool = True  # a run started again in its own folder continues from its finished chunks
     overwrite: bool = False  # clear a folder that holds another run before starting this one
@@ -216,7 +214,6 @@ def register() -> None:
     for name, function in RESOLVERS.items():
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, function)
-    guard_hydra_callbacks()  # Hydra builds hydra.callbacks itself: each is checked first
 
 
 register()
@@ -245,7 +242,6 @@ def compose(overrides: Sequence[str] = (), config_name: str = "run") -> DictConf
         return hydra_compose(config_name=config_name, overrides=list(overrides))
 
 
-MAX_SAMPLES = 10**8  # samples per run: the cap on num_samples (checked with the disk before sampling)
 SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes [0, 2**64 - 1] (negative seeds wrap around)
 
 
@@ -267,41 +263,13 @@ def check_config(cfg: DictConfig) -> None:
             f"seed={cfg.seed} is not allowed: sample k uses the generator seed + k, and torch's generators take "
             f"seeds in [0, 2**64 - 1], so seed must be in [0, {SEED_MAX - (total - 1)}] for {total} samples."
         )
-    check_finite_floats(cfg)
+    if why := non_finite(cfg):  # NaN or inf anywhere, by key (diffexp/numbers.py)
+        raise DiffexpError(why)
     std = cfg.model.get("std", 0.0)
-    if not (std >= 0 and math.isfinite(std * std)):  # also refuses NaN
-        raise DiffexpError(
-            f"model.std={std} is not allowed: a standard deviation is a number >= 0 whose square is finite."
-        )
+    if not (std >= 0 and math.isfinite(std * std)):
+        raise DiffexpError(f"model.std={std} is not allowed: a standard deviation is >= 0 with a finite square.")
     if "name" not in cfg.scheduler:
         raise DiffexpError("The scheduler config has no 'name'; choose one with scheduler=<name>.")
-
-
-# scheduler options whose infinity means "no bound" (euler's s_tmax: .inf, the DPM solvers' -inf clipping)
-INFINITY_ALLOWED = {"s_tmax": math.inf, "lambda_min_clipped": -math.inf}
-
-
-def check_finite_floats(cfg: DictConfig, allowed: dict[str, float] | None = None) -> None:
-    """Refuse a NaN or infinite float anywhere in the config (typed keys, the free-form scheduler options, list
-    items), naming the key; ``allowed``: keys whose given infinity means "no bound"."""
-    allowed = INFINITY_ALLOWED if allowed is None else allowed
-    values = OmegaConf.to_container(cfg, resolve=True)
-    for key, value in float_values({k: v for k, v in values.items() if k != "hydra"}):
-        if math.isfinite(value) or allowed.get(key.rsplit(".", 1)[-1]) == value:
-            continue
-        raise DiffexpError(
-            f"{key}={value} is not allowed: every number in the config must be finite (no nan or inf), so that a "
-            "run never records a result of a value it could not use."
-        )
-
-
-def float_values(node: Any, prefix: str = "") -> list[tuple[str, float]]:
-    """The dotted keys and values of every float in a plain container."""
-    if isinstance(node, dict):
-        return [kv for k, v in node.items() for kv in float_values(v, f"{prefix}{k}.")]
-    if isinstance(node, list):
-        return [kv for i, v in enumerate(node) for kv in float_values(v, f"{prefix}{i}.")]
-    return [(prefix.rstrip("."), node)] if isinstance(node, float) else []
 
 
 def compile_mode(cfg: DictConfig) -> str | None:

@@ -138,13 +138,18 @@ def guard_hydra_logging() -> None:
     logging_config.configure_logging = checked
 
 
+def guard_hydra() -> None:
+    """For the commands (``hydra.main``): Hydra checks its callbacks and logging configs before building them."""
+    guard_hydra_logging()
+    guard_hydra_callbacks()
+
+
 def guard_hydra_callbacks() -> None:
     """Make Hydra check ``hydra.callbacks`` before it builds them: each must name a Hydra ``Callback`` subclass
-    with plain arguments (Hydra alone would call any ``_target_``); its logging configs likewise."""
+    with plain arguments (Hydra alone would call any ``_target_``)."""
     from hydra._internal import callbacks
     from hydra.experimental.callback import Callback
 
-    guard_hydra_logging()
     original = callbacks.Callbacks.__init__
     if getattr(original, "checked", False):
         return

@@ -15,8 +15,10 @@ from omegaconf import DictConfig
 import diffexp.training.config  # noqa: F401  (registers the schema)
 from diffexp.errors import exit_on_error
 from diffexp.signals import stop_on_signals
+from diffexp.targets import guard_hydra
 
 log = logging.getLogger("diffexp")
+guard_hydra()  # Hydra builds hydra.callbacks and its logging config itself: each is checked first
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="train")

@@ -42,7 +42,9 @@ def test_a_hydra_callback_target_is_checked_before_hydra_builds_it(tmp_path: Pat
     from hydra._internal.callbacks import Callbacks
     from omegaconf import OmegaConf
 
-    import diffexp.config  # noqa: F401  (installs the check)
+    from diffexp.targets import guard_hydra
+
+    guard_hydra()  # as the commands do
 
     path = victim(tmp_path)
     node = {"_target_": "builtins.open", "file": str(path), "mode": "w"}
@@ -327,7 +329,9 @@ def test_a_logging_config_names_only_logging_classes(
 
     from hydra._internal import logging_config
 
-    import diffexp.config  # noqa: F401  (installs the check)
+    from diffexp.targets import guard_hydra
+
+    guard_hydra()  # as the commands do
 
     path = victim(tmp_path)
     full = {"version": 1, "root": {"handlers": []}, **json.loads(json.dumps(conf).replace("VICTIM", str(path)))}

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import torch
 
-from diffexp.config import MAX_SAMPLES
 from diffexp.errors import DiffexpError
 from diffexp.sampling.experiment import Experiment
 
+MAX_SAMPLES = 10**8  # samples per run: the cap on num_samples (README: caps and refusals)
 VALUES_BYTES = 256  # a sample's metric values and index in its chunk file, generously
 
 

@@ -9,8 +9,9 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from diffexp.config import SEED_MAX, LoggerConfig, check_finite_floats
+from diffexp.config import SEED_MAX, LoggerConfig
 from diffexp.errors import DiffexpError
+from diffexp.numbers import non_finite
 from diffexp.sampling.denoisers import PREDICTION_TYPES
 from diffexp.sampling.ideal import DDPM_SCHEDULER_CONFIG
 
@@ -94,7 +95,8 @@ BELOW_HIGHEST = ("label_dropout", "ema_decay")  # their highest value itself is 
 
 def check_ranges(cfg: TrainConfig | DictConfig) -> None:
     """Refuse a number outside its key's range (``RANGES``), or one that is not finite, naming the key."""
-    check_finite_floats(cfg, allowed={})  # type: ignore[arg-type]
+    if why := non_finite(cfg, allowed={}):  # type: ignore[arg-type]
+        raise DiffexpError(why)
     for key, (low, high, low_ok) in RANGES.items():
         value = OmegaConf.select(cfg, key)  # type: ignore[arg-type]
         if value is None:
