@@ -40,8 +40,17 @@ __all__ = sorted(_EXPORTS)
 # The layers, bottom to top: a module imports only from its own layer or those below, also inside functions
 # (tests/test_architecture.py checks it, and that no import circle exists).
 LAYERS: tuple[tuple[str, ...], ...] = (
-    # errors; on-disk formats; signals; the commands' start-up
-    ("diffexp.errors", "diffexp.folders", "diffexp.images", "diffexp.samples", "diffexp.signals", "diffexp.startup"),
+    # errors; on-disk formats; image grids; signals; the commands' start-up; config-named classes and numbers checked
+    (
+        "diffexp.errors",
+        "diffexp.folders",
+        "diffexp.images",
+        "diffexp.samples",
+        "diffexp.signals",
+        "diffexp.startup",
+        "diffexp.targets",
+        "diffexp.numbers",
+    ),
     ("diffexp.config", "diffexp.catalog", "diffexp.settings"),  # the schema; scheduler files; the typed run
     ("diffexp.sampling",),  # the loop, schedulers, models, noise, the experiment
     ("diffexp.metrics",),  # the Metric contract and each metric

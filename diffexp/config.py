@@ -17,6 +17,7 @@ from typing import Any
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from diffexp.errors import DiffexpError
+from diffexp.numbers import non_finite
 
 NO_GUIDANCE = 1.0  # a guidance scale of 1 is the model's own output: no guidance
 
@@ -159,7 +160,7 @@ class RunConfig:
     scheduler: dict[str, Any] = field(default_factory=dict)
     steps: int = 30
     batch_size: int = 4  # samples per model call (a chunk)
-    num_samples: int | None = None  # samples per run, in chunks of batch_size; null: one chunk of batch_size
+    num_samples: int | None = None  # samples per run in chunks of batch_size (null: one); <= 10**8, fitting on disk
     seed: int = 0
     resume: bool = True  # a run started again in its own folder continues from its finished chunks
     overwrite: bool = False  # clear a folder that holds another run before starting this one
@@ -214,6 +215,8 @@ def check_config(cfg: DictConfig) -> None:
             f"Unknown config key(s): {', '.join(unknown)}. The schema (diffexp/config.py) has no such key; "
             "check the spelling, or see configs/ for the keys each group takes."
         )
+    if why := non_finite(cfg):  # NaN or inf anywhere, by key (diffexp/numbers.py)
+        raise DiffexpError(why)
 
 
 def compile_mode(value: str) -> str | None:

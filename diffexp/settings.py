@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from diffexp.catalog import SchedulerSpec, register, run_label, scheduler_spec
 from diffexp.config import (
+    SEED_MAX,
     GuidanceSettings,
     LoggerConfig,
     MetricsConfig,
@@ -30,8 +31,7 @@ from diffexp.config import (
     config_dir,
 )
 from diffexp.errors import DiffexpError
-
-SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes [0, 2**64 - 1] (negative seeds wrap around)
+from diffexp.samples import Chunks
 
 
 def compose(overrides: Sequence[str] = (), config_name: str = "run") -> DictConfig:
@@ -81,13 +81,9 @@ class RunSettings:
         """What the run is, e.g. ``dpmsolver-karras-20-cfg3``."""
         return run_label(self.scheduler, self.steps, self.guidance.scale)
 
-    def chunk_count(self) -> int:
-        return -(-self.num_samples // self.batch_size)
-
-    def chunk(self, index: int) -> range:
-        """The sample indices of chunk ``index`` (the last may be smaller)."""
-        first = index * self.batch_size
-        return range(first, min(first + self.batch_size, self.num_samples))
+    def chunks(self) -> Chunks:
+        """The run's sample indices in chunks of ``batch_size`` (the last may be smaller), computed lazily."""
+        return Chunks(self.num_samples, self.batch_size)
 
 
 def read_settings(cfg: DictConfig) -> RunSettings:
@@ -95,7 +91,7 @@ def read_settings(cfg: DictConfig) -> RunSettings:
     check_config(cfg)
     node = OmegaConf.to_object(cfg)
     assert isinstance(node, RunConfig)
-    for key in ("steps", "batch_size", "log_every", "num_samples"):
+    for key in ("steps", "batch_size", "log_every", "num_samples", "height", "width"):
         value = getattr(node, key)
         if value is not None and value <= 0:
             raise DiffexpError(f"{key}={value} is not allowed: {key} must be a positive integer.")

@@ -69,8 +69,14 @@ def stop_on_signals(outputs: str) -> Iterator[None]:
         with signals_as_interrupts():
             yield
     except KeyboardInterrupt as err:
-        print(f"\ndiffexp: {str(err) or 'interrupted (Ctrl-C)'}; {outputs}", file=sys.stderr)
+        print(f"\ndiffexp: {interrupt_message(err, outputs)}", file=sys.stderr)
         exit_now(exit_code(err))
+
+
+def interrupt_message(error: KeyboardInterrupt, outputs: str) -> str:
+    """What stopped the process and where its outputs are; an interrupt that says what it interrupted (its
+    ``outputs`` attribute, e.g. a sweep's report) says that instead."""
+    return f"{str(error) or 'interrupted (Ctrl-C)'}; {getattr(error, 'outputs', None) or outputs}"
 
 
 def exit_now(code: int) -> None:

@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"dashboard of {', '.join(dashboard.groups)}: {sections}; specification: {path}")
     if args.dry_run:
         return 0
+    urls = None
     try:
         urls = None if why else dashboard.save()
     except Exception as err:  # no network, a wrong entity, ...: W&B says why

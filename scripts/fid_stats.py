@@ -20,10 +20,10 @@ from diffexp.settings import compose
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("real", help="a folder of images, or 'digits' (the scikit-learn digits)")
+    parser.add_argument("real", metavar=REAL, help="a folder of images, or 'digits' (the scikit-learn digits)")
     parser.add_argument("out", type=Path, help="the .npz to write")
     parser.add_argument("--features", choices=["digits", "inception"], default="digits")
-    parser.add_argument("--size", type=int, default=None, help="resolution (default: the first image's width)")
+    parser.add_argument("--size", type=positive, default=None, help="resolution (default: the first image's width)")
     parser.add_argument("--channels", type=int, choices=[1, 3], default=None, help="default: digits 1, inception 3")
     parser.add_argument("--inception-weights", default=None, help="a local copy of the Inception weights")
     parser.add_argument("--cache-dir", type=Path, default=Path("outputs/cache"), help="where weights are looked for")
@@ -34,14 +34,28 @@ def main(argv: list[str] | None = None) -> int:
         if args.inception_weights:
             overrides.append(f"metrics.fid.inception_weights={args.inception_weights}")
         net = feature_net(compose(overrides).metrics.fid, torch.device(args.device), args.cache_dir)
-        size = args.size or (32 if args.real == "digits" else _width(image_files(args.real)[0]))
+        size = args.size or (32 if args.real == "digits" else _width(image_files(args.real, REAL)[0]))
         channels = args.channels or (1 if args.features == "digits" else 3)
-        info = write_stats(args.out, net, args.real, (channels, size, size))
+        info = write_stats(args.out, net, args.real, (channels, size, size), REAL)
     except DiffexpError as err:
         print(f"diffexp: {err}", file=sys.stderr)
         return 2
     print(f"{info['n']} images, {info['features']}, {channels}x{size}x{size}: {args.out}")
     return 0
+
+
+REAL = "REAL"  # the argument that names the real set, as messages name it
+
+
+def positive(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive integer (a resolution in pixels)")
+    return value
 
 
 def _width(path: Path) -> int:

@@ -29,8 +29,10 @@ from diffexp.errors import DiffexpError, exit_on_error
 from diffexp.folders import mark_failed, read_status_record
 from diffexp.settings import read_settings
 from diffexp.signals import stop_on_signals
+from diffexp.targets import guard_hydra
 
 log = logging.getLogger("diffexp")
+guard_hydra()  # Hydra builds hydra.callbacks and its logging config itself: each is checked first
 
 
 def unwritten(folder: Path) -> bool:

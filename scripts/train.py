@@ -14,9 +14,11 @@ from omegaconf import DictConfig
 
 from diffexp.errors import exit_on_error
 from diffexp.signals import stop_on_signals
+from diffexp.targets import guard_hydra
 from diffexp.training.config import register
 
 log = logging.getLogger("diffexp")
+guard_hydra()  # Hydra builds hydra.callbacks and its logging config itself: each is checked first
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="train")

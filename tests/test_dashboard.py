@@ -212,3 +212,28 @@ def test_jobs_logged_without_wandb_are_read_from_their_folders(sweeps: dict[str,
     assert from_folders.swept() == from_wandb.swept() == ["scheduler_label", "steps"]
     assert from_folders.summary <= from_wandb.summary
     assert dash.build(from_folders, "E", "diffexp").to_json()["outline"][0]["panels"][0] == "ref_rmse vs nfe"
+
+
+@pytest.mark.parametrize("entity", [[], ["--entity", "E"]])
+def test_script_on_a_dead_wandb_server_writes_the_specification_and_says_why(
+    sweeps: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    entity: list[str],
+) -> None:
+    import time
+
+    main = runpy.run_path(str(ROOT / "scripts" / "dashboard.py"))["main"]
+    no_wandb_key(monkeypatch, tmp_path / "home")
+    monkeypatch.setenv("WANDB_API_KEY", "a" * 40)
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # nothing listens there: refused at once
+    monkeypatch.setenv("WANDB_HTTP_TIMEOUT", "5")
+    target = tmp_path / "dashboard.json"
+    started = time.monotonic()
+    assert main([*entity, str(sweeps["ref"]), "--out", str(target)]) == 1
+    assert time.monotonic() - started < 120
+    err = capsys.readouterr().err
+    assert "not saved to W&B: W&B refused or could not be reached" in err and str(target) in err
+    assert len(err.strip().splitlines()) == 1  # one paragraph
+    assert json.loads(target.read_text())["groups"]

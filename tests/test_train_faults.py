@@ -95,4 +95,29 @@ def test_a_resumed_training_resumes_its_wandb_run(tmp_path: Path) -> None:
 def test_the_sample_scheduler_is_checked_before_training(tmp_path: Path, overrides: list[str], message: str) -> None:
     with pytest.raises(DiffexpError, match=message):  # the first grid would be at step 4, after a log at step 2
         train(train_cfg("steps=4", "sample_every=4", "log_every=2", *overrides), tmp_path)
-    assert not (tmp_path / "train.jsonl").exists() and not (tmp_path / "status.json").exists()
+    assert not (tmp_path / "train.jsonl").exists() and read_status_record(tmp_path)["status"] == "failed"
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("lr=-1", "lr=-1.0 is not allowed: lr must be > 0"),
+        ("lr=0", "lr=0.0 is not allowed"),
+        ("lr=nan", "lr=nan is not allowed"),
+        ("weight_decay=-0.1", "weight_decay=-0.1 is not allowed"),
+        ("grad_clip=-1", "grad_clip=-1.0 is not allowed"),
+        ("warmup_steps=-1", "warmup_steps=-1 is not allowed"),
+        ("seed=-1", "seed=-1 is not allowed"),
+        ("threads=0", "threads=0 is not allowed"),
+        ("ema_decay=1", "ema_decay=1.0 is not allowed: ema_decay must be >= 0 and < 1"),
+        ("label_dropout=1.5", "label_dropout=1.5 is not allowed"),
+        ("dataset.sample_size=0", "dataset.sample_size=0 is not allowed"),
+        ("noise_schedule.beta_end=inf", "noise_schedule.beta_end=inf is not allowed"),
+    ],
+)
+def test_every_numeric_training_key_is_checked_before_training(tmp_path: Path, override: str, message: str) -> None:
+    with pytest.raises(DiffexpError, match=message.replace(".", r"\.").replace("(", r"\(")):
+        train(train_cfg("steps=4", override), tmp_path)
+    record = read_status_record(tmp_path)
+    assert record["status"] == "failed" and override.split("=")[0] in record["error"]
+    assert not (tmp_path / "train.jsonl").exists() and not (tmp_path / "checkpoints").exists()

@@ -95,6 +95,7 @@ class FidKid(Metric):
             )
         if fcfg.n is None and total < 2:
             raise DiffexpError("FID needs at least 2 samples; raise num_samples (FID at small n is biased).")
+        check_features_fit(str(getattr(fcfg.features, "value", fcfg.features)), ctx.run.pixel_shape)
         self.net = feature_net(fcfg, ctx.run.device, ctx.cache_dir)
         check_real(fcfg.real, self.net)
 
@@ -113,4 +114,14 @@ class FidKid(Metric):
             self.ctx.cache_dir,
             fcfg.kid_subset_size,
             fcfg.kid_subsets,
+        )
+
+
+def check_features_fit(features: str, shape: tuple[int, ...]) -> None:
+    """Refuse, before sampling, features that cannot describe these images: the digits network reads 1-channel
+    digit images, so its FID of colour images would be a number without meaning."""
+    if features == "digits" and shape[0] != 1:
+        raise DiffexpError(
+            f"metrics.fid.features=digits does not fit this model's {shape[0]}x{shape[1]}x{shape[2]} samples: the "
+            "digits network reads 1-channel digit images. Use metrics.fid.features=inception for colour images."
         )

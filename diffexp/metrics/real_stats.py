@@ -49,7 +49,7 @@ def is_stats(source: str) -> bool:
     return source.lower().endswith(STATS_SUFFIX)
 
 
-def real_images(source: str, shape: tuple[int, ...]) -> torch.Tensor:
+def real_images(source: str, shape: tuple[int, ...], key: str = "metrics.fid.real") -> torch.Tensor:
     """The real set in [-1, 1] at the given channels and resolution: the digits, or a folder of images."""
     channels, size = shape[0], shape[1]
     if source == "digits":
@@ -57,27 +57,39 @@ def real_images(source: str, shape: tuple[int, ...]) -> torch.Tensor:
 
         x = digits_images(size)
         return x.repeat(1, channels, 1, 1) if channels != 1 else x
-    files = image_files(source)
+    files = image_files(source, key)
     from PIL import Image
 
     mode = "L" if channels == 1 else "RGB"
     out = []
     for f in files:
-        with Image.open(f) as im:
-            v = torch.from_numpy(np.array(im.convert(mode).resize((size, size)))).float()
+        try:
+            with Image.open(f) as im:
+                v = torch.from_numpy(np.array(im.convert(mode).resize((size, size)))).float()
+        except (OSError, ValueError, Image.DecompressionBombError) as err:
+            raise DiffexpError(f"{key}={source}: {f} cannot be read as an image ({err}); remove it.") from None
         out.append((v[None] if v.ndim == 2 else v.permute(2, 0, 1)) / 127.5 - 1)
     return torch.stack(out)
 
 
-def image_files(source: str) -> list[Path]:
+def image_files(source: str, key: str = "metrics.fid.real") -> list[Path]:
+    """The image files of a folder (by suffix), each checked to open as an image; at least 2."""
+    from PIL import Image, UnidentifiedImageError
+
     folder = Path(source).expanduser()
     if not folder.is_dir():
-        raise DiffexpError(
-            f"metrics.fid.real={source} is neither 'digits', a folder of images nor an .npz of statistics."
-        )
+        raise DiffexpError(f"{key}={source} is neither 'digits', a folder of images nor an .npz of statistics.")
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    for f in files:
+        try:
+            Image.open(f).close()  # reads the header only
+        except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as err:
+            raise DiffexpError(
+                f"{key}={source}: {f} is not an image PIL can read ({type(err).__name__}); remove it from the folder."
+            ) from None
     if len(files) < 2:
-        raise DiffexpError(f"metrics.fid.real={source} holds {len(files)} images; FID needs at least 2.")
+        found = "no image" if not files else "only one image"
+        raise DiffexpError(f"{key}={source} holds {found} ({', '.join(sorted(IMAGE_SUFFIXES))}); FID needs at least 2.")
     return files
 
 
@@ -211,14 +223,16 @@ def check_real(source: str, net: FeatureNet) -> None:
         image_files(source)
 
 
-def write_stats(out: Path, net: FeatureNet, source: str, shape: tuple[int, ...]) -> dict[str, Any]:
+def write_stats(
+    out: Path, net: FeatureNet, source: str, shape: tuple[int, ...], key: str = "metrics.fid.real"
+) -> dict[str, Any]:
     """The real set's ``mu`` and ``sigma`` (np.cov, as pytorch-fid computes them) in an .npz, with ``n``,
     ``features``, ``size`` and ``channels``; returns what was written besides mu and sigma."""
     if not is_stats(str(out)):
         raise DiffexpError(f"{out}: the statistics file must end in {STATS_SUFFIX}, which is how a run recognises it.")
-    feats = net.features(real_images(source, shape)).numpy()
+    feats = net.features(real_images(source, shape, key)).numpy()
     if len(feats) < 2:
-        raise DiffexpError(f"{source} holds {len(feats)} images; statistics need at least 2.")
+        raise DiffexpError(f"{key}={source} holds {len(feats)} image(s); statistics need at least 2.")
     info = {"n": len(feats), "features": net.name, "size": shape[-1], "channels": shape[0]}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

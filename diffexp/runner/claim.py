@@ -20,7 +20,7 @@ import yaml
 
 from diffexp.errors import DiffexpError
 from diffexp.folders import METRICS_FILE, RunStatus, read_json, read_status_record
-from diffexp.samples import chunk_files
+from diffexp.samples import MANIFEST_FILE, chunk_files, damaged_chunks
 from diffexp.settings import RunSettings
 
 LOCK_FILE = ".lock"
@@ -128,11 +128,17 @@ def inspect(out_dir: Path, settings: RunSettings) -> tuple[dict[int, Path], dict
             f"{', '.join(changed[:6])}{', ...' if len(changed) > 6 else ''}. Runs never mix in a folder: start "
             "this one in another hydra.run.dir, or set overwrite=true to delete that run first."
         )
+    damaged: dict[int, str] = {}
     if status == RunStatus.finished:
-        return {}, read_json(out_dir / METRICS_FILE)
+        metrics = read_json(out_dir / METRICS_FILE) or {}
+        damaged = damaged_chunks(out_dir, metrics.get("chunks"))
+        if not damaged:
+            return {}, metrics
+        status = "finished, but its chunk files no longer verify"  # resumed: the damaged chunks are sampled again
     if not settings.resume:
         raise FolderTaken(
             f"{out_dir} holds an unfinished run of this config ({status}). resume=true continues it from its "
             "finished chunks; overwrite=true deletes it and starts again."
         )
-    return chunk_files(out_dir), None
+    (out_dir / MANIFEST_FILE).unlink(missing_ok=True)  # rewritten when the run finishes again
+    return {i: p for i, p in chunk_files(out_dir).items() if i not in damaged}, None

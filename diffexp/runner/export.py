@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from diffexp.errors import DiffexpError
-from diffexp.folders import RunStatus, read_status_record
+from diffexp.folders import RunStatus, atomic, read_status_record
 from diffexp.images import to_uint8
 from diffexp.samples import load_samples
 
@@ -76,7 +76,7 @@ def write_npz(images: np.ndarray, path: Path) -> tuple[int, ...]:
     """``arr_0``: uint8 NHWC with 3 channels (grey repeated)."""
     rgb = np.repeat(images, 3, axis=-1) if images.shape[-1] == 1 else images
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("wb") as f:  # np.savez would add .npz to a path without it
+    with atomic(path) as tmp, tmp.open("wb") as f:  # np.savez would add .npz to a path without it
         np.savez(f, arr_0=rgb)
     return tuple(rgb.shape)
 
@@ -87,7 +87,15 @@ def export_run(run_dir: Path, out: Path | None = None, png: bool = True, npz: Pa
     run_dir = Path(run_dir)
     images = uint8_images(finished_samples(run_dir))
     out = Path(out) if out is not None else run_dir / EXPORT_DIR
-    png_dir = write_pngs(images, out / PNG_DIR) if png else None
     npz_path = out / NPZ_FILE if npz is True else (Path(npz) if npz is not False else None)
-    shape = write_npz(images, npz_path) if npz_path is not None else None
+    target = out / PNG_DIR
+    try:
+        png_dir = write_pngs(images, target) if png else None
+        target = npz_path
+        shape = write_npz(images, npz_path) if npz_path is not None else None
+    except OSError as err:
+        raise DiffexpError(
+            f"Could not write {target}: {err.strerror or err}. Choose a folder you can write with --out / --npz "
+            "(an earlier export there is left as it was)."
+        ) from None
     return Exported(len(images), png_dir, npz_path, shape)

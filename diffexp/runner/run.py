@@ -7,17 +7,17 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from diffexp.errors import DiffexpError
 from diffexp.folders import mark_failed
 from diffexp.metrics.suite import RunMetrics
+from diffexp.runner.budget import check_budget
 from diffexp.runner.chunks import sample_chunk
 from diffexp.runner.claim import Claim
 from diffexp.runner.claim import claim as claim_folder
@@ -25,12 +25,13 @@ from diffexp.runner.distributed import World, broadcast, gather, shared_dir, wor
 from diffexp.runner.folder import RunFiles, writing
 from diffexp.runner.observers import Observer, RunInfo
 from diffexp.runner.summary import environment, run_summary
-from diffexp.samples import ChunkFile, chunk_path, read_chunk, write_chunk
+from diffexp.samples import ChunkFile, chunk_path, file_digest, read_chunk, write_chunk, write_manifest
 from diffexp.sampling.device import process_age_s, reset_peak_memory
 from diffexp.sampling.experiment import Experiment, prepare
 from diffexp.sampling.loop import StepState
 from diffexp.settings import RunSettings, read_settings
 from diffexp.startup import end_startup
+from diffexp.targets import build
 
 log = logging.getLogger("diffexp")
 _started: list[float | None] = []  # the process's age at its first run's first model call
@@ -42,13 +43,7 @@ def build_observers(settings: RunSettings) -> list[Observer]:
     for name, node in settings.observers.items():
         if node is None:
             continue
-        try:
-            observer = instantiate(node)
-        except Exception as err:  # Hydra wraps import and constructor errors
-            raise DiffexpError(f"observers.{name} could not be built: {err}") from None
-        if not isinstance(observer, Observer):
-            raise DiffexpError(f"observers.{name} is a {type(observer).__name__}, not a diffexp Observer.")
-        built.append(observer)
+        built.append(build(node, Observer, f"observers.{name}"))  # the class is checked before it is called
     if not any(isinstance(o, RunFiles) for o in built):
         raise DiffexpError(
             "observers.files (diffexp.runner.folder.RunFiles) is missing: the run folder is the source of truth "
@@ -105,6 +100,7 @@ def run(config: RunSettings | DictConfig, out_dir: Path, observers: Sequence[Obs
             exp = prepare(settings)
             everyone = [*build_observers(settings), *observers] if w.main else []
             measures = RunMetrics(exp, settings.progress and w.main)  # reference, features: before the clock
+            check_budget(exp, out_dir, claim.finished)  # the samples' disk and the cap, before sampling
         except BaseException as err:
             if w.main:
                 mark_failed(out_dir, err)
@@ -123,8 +119,9 @@ def sample_run(
 ) -> dict[str, Any]:
     """Every chunk of this process, then (rank 0) the metrics from every chunk's values, told to the observers."""
     chunks = exp.chunks()
-    todo = [i for i in range(len(chunks)) if w.owns(i) and i not in claim.finished]
-    info = run_info(exp, claim.out_dir, chunks=len(chunks), todo=len(todo), first_done=0 in claim.finished)
+    todo = (i for i in range(w.rank, len(chunks), w.size) if i not in claim.finished)  # this process's, lazily
+    left = len(range(w.rank, len(chunks), w.size)) - sum(1 for i in claim.finished if w.owns(i))
+    info = run_info(exp, claim.out_dir, chunks=len(chunks), todo=left, first_done=0 in claim.finished)
     error: BaseException | None = None
     try:
         for o in everyone:
@@ -143,6 +140,8 @@ def sample_run(
                 done = {i: c for r in results for i, c in r["chunks"].items()}
                 metrics = summarise(exp, measures, claim, done, info.environment, w)
                 metrics |= {} if startup_s is None else {"startup_s": startup_s}
+                if len(chunks) > 1:  # before finished is written: a finished run's chunks can be verified
+                    write_manifest(claim.out_dir, digests(done, claim.finished))
                 for o in everyone:
                     o.finish(first, metrics)
             failure = "; ".join(failed) or None
@@ -166,8 +165,8 @@ def sample_run(
 
 def sample_chunks(
     exp: Experiment,
-    chunks: list[range],
-    todo: list[int],
+    chunks: Sequence[range],
+    todo: Iterable[int],
     measures: RunMetrics,
     everyone: Sequence[Observer],
     out_dir: Path,
@@ -187,11 +186,12 @@ def sample_chunks(
                 with writing(chunk_path(out_dir, i)):
                     values = {k: v.numpy() for k, v in done.values.items()}
                     latents = None if done.latents is None else done.latents.numpy()
-                    write_chunk(out_dir, i, done.samples, done.images.numpy(), values, done.cost, latents)
+                    path = write_chunk(out_dir, i, done.samples, done.images.numpy(), values, done.cost, latents)
             for o in everyone:
                 o.chunk(done)
             cost = done.cost | {"run_s": time.perf_counter() - started}
-            mine[i] = ChunkFile(i, done.samples, done.values, cost)
+            digest = file_digest(path) if len(chunks) > 1 else None  # read back from the page cache
+            mine[i] = ChunkFile(i, done.samples, done.values, cost, digest)
             first = done.final if i == 0 else first
     except Exception as err:
         if w.size == 1:
@@ -199,6 +199,12 @@ def sample_chunks(
         log.error("rank %d: %s", w.rank, err)
         return mine, first, f"rank {w.rank} failed: {err}"
     return mine, first, None
+
+
+def digests(sampled: dict[int, ChunkFile], finished: dict[int, Path]) -> dict[int, dict[str, Any]]:
+    """Every chunk file's size and sha256: taken when written, or now for chunks of an earlier try."""
+    now = {i: c.digest for i, c in sampled.items() if c.digest is not None}
+    return {i: file_digest(p) for i, p in finished.items() if i not in now} | now
 
 
 def summarise(

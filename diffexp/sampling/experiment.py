@@ -4,7 +4,7 @@ to sample. Sample k's noise, label and prompt depend only on k and the seed."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +12,7 @@ import torch
 from omegaconf import DictConfig
 
 from diffexp.errors import DiffexpError
+from diffexp.samples import Chunks
 from diffexp.sampling.adapters import (
     Adapter,
     ClassAdapter,
@@ -30,21 +31,6 @@ from diffexp.sampling.noise import NoiseSchedule
 from diffexp.sampling.schedulers import BuiltScheduler, build_scheduler, split_options
 from diffexp.sampling.speed import SpeedRecord, accelerate, check_compile, check_precision
 from diffexp.settings import RunSettings, read_settings
-
-
-class Chunks(Sequence[range]):
-    """A run's sample indices in chunks of ``batch_size`` (the last may be smaller), computed on demand."""
-
-    def __init__(self, run: RunSettings) -> None:
-        self.run = run
-
-    def __len__(self) -> int:
-        return self.run.chunk_count()
-
-    def __getitem__(self, index: int) -> range:  # type: ignore[override]
-        if not -len(self) <= index < len(self):
-            raise IndexError(index)
-        return self.run.chunk(index % len(self))
 
 
 @dataclass(frozen=True)
@@ -81,7 +67,7 @@ class Experiment:
         return self.run.num_samples
 
     def chunks(self) -> Chunks:
-        return Chunks(self.run)
+        return self.run.chunks()
 
     def for_samples(self, samples: range) -> Experiment:
         """The same model and scheduler bound to other samples: their noise, labels and prompts."""
@@ -138,7 +124,7 @@ def prepare(settings: RunSettings | DictConfig, model: LoadedModel | None = None
         raise DiffexpError(f"Scheduler '{run.scheduler.name}' cannot run {run.steps} steps: {err}") from None
     check_latent(run, loaded)
     check_memory(adapter_for(run, loaded, built, range(1), device), loaded, device, run.batch_size, built)
-    first = run.chunk(0)
+    first = run.chunks()[0]
     adapter = adapter_for(run, loaded, built, first, device)
     noise, generators = initial_noise(loaded.sample_shape, run.seed, len(first), device, first.start)
     t = built.scheduler.timesteps[:1].cpu()[0]

@@ -86,10 +86,25 @@ def refuse(err: DiffexpError) -> None:
     sys.exit(2)
 
 
+def check_subdir(subdir: str, sweep_dir: str | Path, job_dir: str | Path | None = None) -> None:
+    """A sweep job's folder stays inside the sweep folder: no absolute ``subdir``, no '..' in it, and (once
+    known) ``job_dir`` inside ``sweep_dir``."""
+    parts = str(subdir).replace(os.sep, "/").split("/")
+    inside = os.path.normpath(os.path.abspath(str(sweep_dir)))
+    target = None if job_dir is None else os.path.normpath(os.path.abspath(str(job_dir)))
+    if os.path.isabs(str(subdir)) or ".." in parts or (target is not None and not target.startswith(inside + os.sep)):
+        raise DiffexpError(
+            f"hydra.sweep.subdir={subdir} is not allowed: a job's folder must stay inside the sweep folder "
+            f"{inside}, so the subdir is relative and has no '..'."
+        )
+
+
 def check_job_dir(config: DictConfig) -> None:
     """The job's output folder is not empty and inside the folder its template names."""
     if _is_multirun(config):
-        template = f"{config.hydra.sweep.dir}/{OmegaConf.to_container(config.hydra.sweep)['subdir']}"
+        subdir = OmegaConf.to_container(config.hydra.sweep)["subdir"]
+        check_subdir(subdir, config.hydra.sweep.dir, config.hydra.runtime.output_dir)
+        template = f"{config.hydra.sweep.dir}/{subdir}"
         check_output_dir(template, config.hydra.runtime.output_dir, "hydra.sweep.subdir")
     else:
         check_output_dir(OmegaConf.to_container(config.hydra.run)["dir"], config.hydra.runtime.output_dir)
@@ -111,6 +126,7 @@ class OutputFolder(Callback):
             check_output_dir(template["dir"], config.hydra.sweep.dir, "hydra.sweep.dir")
             if not str(template.get("subdir") or "").strip():
                 raise DiffexpError("hydra.sweep.subdir is empty: every job of a sweep needs its own folder.")
+            check_subdir(template["subdir"], config.hydra.sweep.dir)  # before any job folder is made
         except DiffexpError as err:
             refuse(err)
 
@@ -195,16 +211,27 @@ class SweepReport(Callback):
 
         sweep_dir = Path(config.hydra.sweep.dir)
         logger = config.logger if "logger" in config else None
-        logger = None if logger is None else OmegaConf.to_object(logger)
-        links = sweep_dashboard(logger, sweep_dir)  # logger.dashboard=true: dashboard.json, saved online
         try:
-            report = write_report(sweep_dir)
-        except (DiffexpError, OSError) as err:
-            log.error("no comparison report: %s", err)
-            return
-        log.info("comparison report: %s", report.html)
-        group = sweep_group(config.hydra.runtime.choices.get("experiment"), sweep_dir)
-        log_report(config.get("logger"), report, group, links)
+            links = sweep_dashboard(None if logger is None else OmegaConf.to_object(logger), sweep_dir)
+            try:
+                report = write_report(sweep_dir)
+            except (DiffexpError, OSError) as err:
+                log.error("no comparison report: %s", err)
+                return
+            log.info("comparison report: %s", report.html)
+            group = sweep_group(config.hydra.runtime.choices.get("experiment"), sweep_dir)
+            log_report(config.get("logger"), report, group, links)
+        except KeyboardInterrupt as err:  # the jobs had ended: only the report was interrupted
+            err.outputs = report_interrupted(sweep_dir)  # type: ignore[attr-defined]
+            raise
+
+
+def report_interrupted(sweep_dir: Path) -> str:
+    """What an interrupt during a sweep's report leaves: the jobs as they ended, the report to rebuild."""
+    return (
+        f"the sweep's jobs had all ended ({progress_line(sweep_dir)}); only its comparison report was interrupted: "
+        f"python scripts/compare.py {sweep_dir} rebuilds it"
+    )
 
 
 def check_same_sweep(config: DictConfig, sweep_dir: Path) -> None:

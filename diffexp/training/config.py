@@ -7,10 +7,11 @@ from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig
+from omegaconf import MISSING, DictConfig, OmegaConf
 
-from diffexp.config import LoggerConfig
+from diffexp.config import SEED_MAX, LoggerConfig
 from diffexp.errors import DiffexpError
+from diffexp.numbers import non_finite
 from diffexp.sampling.ideal import DDPM_SCHEDULER_CONFIG
 from diffexp.sampling.parameterisation import PREDICTION_TYPES
 
@@ -64,23 +65,56 @@ def register() -> None:
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
 
 
+# every numeric key's range: (lowest, highest, whether the lowest itself is allowed); checked before training
+RANGES: dict[str, tuple[float, float | None, bool]] = {
+    "steps": (1, None, True),
+    "batch_size": (1, None, True),
+    "lr": (0, None, False),
+    "warmup_steps": (0, None, True),
+    "weight_decay": (0, None, True),
+    "grad_clip": (0, None, True),  # 0: no clipping
+    "snr_gamma": (0, None, False),
+    "num_classes": (1, None, True),
+    "label_dropout": (0, 1, True),  # below 1
+    "ema_decay": (0, 1, True),  # below 1
+    "seed": (0, SEED_MAX, True),
+    "threads": (1, None, True),
+    "log_every": (1, None, True),
+    "sample_every": (0, None, True),  # 0: never
+    "sample_batch": (1, None, True),
+    "sample_steps": (1, None, True),
+    "checkpoint_every": (1, None, True),
+    "keep_checkpoints": (1, None, True),
+    "dataset.sample_size": (1, None, True),
+    "dataset.channels": (1, 3, True),
+}
+BELOW_HIGHEST = ("label_dropout", "ema_decay")  # their highest value itself is not allowed
+
+
+def check_ranges(cfg: TrainConfig | DictConfig) -> None:
+    """Refuse a number outside its key's range (``RANGES``), or one that is not finite, naming the key."""
+    if why := non_finite(cfg, allowed={}):  # type: ignore[arg-type]
+        raise DiffexpError(why)
+    for key, (low, high, low_ok) in RANGES.items():
+        value = OmegaConf.select(cfg, key)  # type: ignore[arg-type]
+        if value is None:
+            continue
+        too_low = value < low or (value == low and not low_ok)
+        too_high = high is not None and (value > high or (value == high and key in BELOW_HIGHEST))
+        if too_low or too_high:
+            lower = f">= {low}" if low_ok else f"> {low}"
+            upper = "" if high is None else f" and {'<' if key in BELOW_HIGHEST else '<='} {high}"
+            raise DiffexpError(
+                f"{key}={value} is not allowed: {key} must be {lower}{upper}. Nothing was trained or changed "
+                "(see diffexp/training/config.py for each key's meaning)."
+            )
+
+
 def check_config(cfg: TrainConfig | DictConfig) -> None:
-    for key in ("steps", "batch_size", "log_every", "checkpoint_every", "sample_batch", "sample_steps"):
-        if cfg[key] <= 0:
-            raise DiffexpError(f"{key}={cfg[key]} is not allowed: {key} must be a positive integer.")
-    if cfg.sample_every < 0 or cfg.keep_checkpoints < 1 or cfg.warmup_steps < 0:
-        raise DiffexpError("sample_every and warmup_steps must be >= 0, and keep_checkpoints >= 1.")
-    if not 0 <= cfg.ema_decay < 1:
-        raise DiffexpError(f"ema_decay={cfg.ema_decay} must be in [0, 1).")
-    if cfg.snr_gamma is not None and cfg.snr_gamma <= 0:
-        raise DiffexpError(f"snr_gamma={cfg.snr_gamma} must be positive (or null for plain MSE).")
+    check_ranges(cfg)
     if cfg.get("prediction_type", "epsilon") not in PREDICTION_TYPES:
         raise DiffexpError(f"prediction_type={cfg.prediction_type}: use one of {', '.join(PREDICTION_TYPES)}.")
     num_classes, dropout = cfg.get("num_classes"), cfg.get("label_dropout", 0.0)
-    if num_classes is not None and num_classes < 1:
-        raise DiffexpError(f"num_classes={num_classes} must be a positive integer (or null: unconditional).")
-    if not 0 <= dropout < 1:
-        raise DiffexpError(f"label_dropout={dropout} must be in [0, 1).")
     if dropout > 0 and num_classes is None:
         raise DiffexpError(f"label_dropout={dropout} needs class-conditional training: set num_classes.")
 

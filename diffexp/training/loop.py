@@ -22,7 +22,16 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from diffexp.errors import DiffexpError
-from diffexp.folders import RunStatus, end_status, heartbeat, now, read_status_record, write_json, write_status
+from diffexp.folders import (
+    RunStatus,
+    end_status,
+    heartbeat,
+    mark_failed,
+    now,
+    read_status_record,
+    write_json,
+    write_status,
+)
 from diffexp.sampling.device import device_name, resolve_device
 from diffexp.sampling.schedulers import build_scheduler
 from diffexp.startup import end_startup
@@ -36,8 +45,13 @@ log = logging.getLogger("diffexp")
 def train(cfg: DictConfig, out_dir: Path, loggers: Sequence[TrainLogger] = ()) -> dict[str, Any]:
     """Train as ``cfg`` says into ``out_dir`` (resuming from its last checkpoint); returns the summary."""
     out_dir = Path(out_dir)
-    check_config(cfg)
-    check_sample_scheduler(cfg)
+    try:
+        check_config(cfg)
+        check_sample_scheduler(cfg)
+    except DiffexpError as err:  # before training: recorded, unless the folder holds an earlier training's status
+        if read_status_record(out_dir) is None:
+            mark_failed(out_dir, err)
+        raise
     device = resolve_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
