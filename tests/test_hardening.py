@@ -71,27 +71,27 @@ def test_a_hydra_callback_target_is_checked_before_hydra_builds_it(tmp_path: Pat
     ],
 )
 def test_a_non_finite_float_is_refused_by_name(override: str) -> None:
-    from diffexp.config import check_config
+    from diffexp.settings import read_settings
 
     cfg = compose("model=digits-ideal", *override.split())
     key = override.split()[-1].split("=")[0].replace("[", "").replace("]", "")
     with pytest.raises(DiffexpError, match="must be finite") as err:
-        check_config(cfg)
+        read_settings(cfg)
     assert key.split(".")[0] in str(err.value)
 
 
 def test_an_infinity_that_means_no_bound_is_kept() -> None:
-    from diffexp.config import check_config
+    from diffexp.settings import read_settings
 
-    check_config(compose("model=digits-ideal", "scheduler=euler"))  # s_tmax: .inf
+    read_settings(compose("model=digits-ideal", "scheduler=euler"))  # s_tmax: .inf
 
 
 @pytest.mark.parametrize("override", ["height=0", "width=-8"])
 def test_a_size_of_zero_is_refused_not_replaced(override: str) -> None:
-    from diffexp.config import check_config
+    from diffexp.settings import read_settings
 
     with pytest.raises(DiffexpError, match=override.split("=")[0] + ".*positive"):
-        check_config(compose("model=digits-ideal", override))
+        read_settings(compose("model=digits-ideal", override))
 
 
 def test_chunks_are_computed_on_demand() -> None:
