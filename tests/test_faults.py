@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import ONE_THREAD, ROOT, cli_env, run_cli
+from conftest import ROOT, cli_env, run_cli, run_main
 
 from diffexp.folders import RunStatus, job_folders, read_status, read_status_record, write_json, write_status
 from diffexp.sweep.callbacks import progress_line
@@ -171,7 +171,7 @@ def test_compare_on_a_read_only_sweep_says_so(small_sweep: Path, tmp_path: Path)
     shutil.rmtree(sweep / "report")
     compare = f"{sys.executable} {ROOT / 'scripts' / 'compare.py'} {sweep}"
     mount = f"mount --bind {sweep} {sweep} && mount -o remount,ro,bind {sweep}"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), **ONE_THREAD}
+    env = cli_env()
     result = subprocess.run(["unshare", "-rm", "sh", "-c", f"{mount} && {compare}"], capture_output=True,
                             text=True, env=env, timeout=300)  # fmt: skip
     assert result.returncode == 2 and "cannot write the report into" in result.stderr, result.stderr[-3000:]
@@ -202,11 +202,14 @@ ESCAPES = {
 
 
 @pytest.mark.parametrize("case", list(ESCAPES))
-def test_names_in_folder_templates_stay_inside_outputs(case: str, tmp_path: Path) -> None:
+def test_names_in_folder_templates_stay_inside_outputs(
+    case: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     work = tmp_path / "a" / "b" / "c"
     work.mkdir(parents=True)
-    result = run_cli(["model=digits-ideal", "steps=2", "logger=none", *ESCAPES[case]], cwd=work)
-    assert "Traceback" not in result.stderr
+    args = ["model=digits-ideal", "steps=2", "logger=none", "progress=false", *ESCAPES[case]]
+    result = run_main("scripts/run.py", args, work, monkeypatch)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
     made = [p for p in tmp_path.rglob("*") if p.is_dir() and "outputs" not in p.relative_to(tmp_path).parts]
     assert sorted(made) == [tmp_path / "a", work.parent, work]  # nothing outside outputs/
     (record,) = work.rglob(".hydra")  # Hydra's record sits in the run folder: outputs/runs/<date>/<name>
@@ -234,10 +237,13 @@ def test_a_slash_in_a_sweep_value_does_not_nest_job_folders(tmp_path: Path) -> N
         ("hydra.run.dir=outputs/${model.id}", "is outside"),
     ],
 )
-def test_an_empty_or_escaping_run_dir_is_refused(override: str, message: str, tmp_path: Path) -> None:
+def test_an_empty_or_escaping_run_dir_is_refused(
+    override: str, message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     work = tmp_path / "w"
     work.mkdir()
-    result = run_cli(["model=digits-ideal", "steps=2", "logger=none", "model.id=../../out", override], cwd=work)
+    args = ["model=digits-ideal", "steps=2", "logger=none", "model.id=../../out", override]
+    result = run_main("scripts/run.py", args, work, monkeypatch)
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["w"]  # no folder made, nothing written
 

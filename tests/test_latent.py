@@ -11,7 +11,7 @@ import diffusers
 import numpy as np
 import pytest
 import torch
-from conftest import compose, run_cli
+from conftest import compose, run_cli, run_main
 from tiny_latent import save_tiny_dit, save_tiny_sd
 
 import diffexp
@@ -153,7 +153,9 @@ def test_cli_writes_decoded_grids_samples_and_latents(sd: dict[str, Path], tmp_p
     assert metrics["latent"]["prompts"] == ["a cat"] * 4 and metrics["latent"]["vae"]["scaling_factor"] == 0.18215
 
 
-def test_bad_input_is_refused_clearly(sd: dict[str, Path], dit: Path, tmp_path: Path) -> None:
+def test_bad_input_is_refused_clearly(
+    sd: dict[str, Path], dit: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     local = ("model=local", f"model.path={sd['epsilon']}")
     cases = [
         (("model=tiny", "prompt=a cat"), "unconditional"),
@@ -176,7 +178,8 @@ def test_bad_input_is_refused_clearly(sd: dict[str, Path], dit: Path, tmp_path: 
         shutil.rmtree(broken / part)
         with pytest.raises(DiffexpError, match=f"no {part}"):
             diffexp.prepare(compose("model=local", f"model.path={broken}"))
-    result = run_cli(["model=local", f"model.path={dit}", "prompt=a cat", "logger=none"], tmp_path)
+    args = ["model=local", f"model.path={dit}", "prompt=a cat", "logger=none"]
+    result = run_main("scripts/run.py", args, tmp_path, monkeypatch)
     assert result.returncode != 0 and "class-conditional" in result.stderr and "Traceback" not in result.stderr
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, cli_env, compose, run_cli
+from conftest import ROOT, cli_env, compose, run_cli, run_main
 
 import diffexp
 from diffexp.runner.claim import FolderTaken
@@ -203,10 +203,12 @@ def test_a_write_failure_marks_the_run_failed_and_leaves_no_truncated_file(tmp_p
             np.load(tmp_path / "run" / name)
 
 
-def test_bad_sample_counts_and_gaps_are_clear(tmp_path: Path) -> None:
-    result = run_cli(["num_samples=0", f"hydra.run.dir={tmp_path / 'zero'}"], cwd=tmp_path)
+def test_bad_sample_counts_and_gaps_are_clear(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    result = run_main("scripts/run.py", ["num_samples=0", f"hydra.run.dir={tmp_path / 'zero'}"], tmp_path, monkeypatch)
     assert result.returncode == 2 and "num_samples=0 is not allowed" in result.stderr
-    huge = run_cli(["batch_size=10000000", f"hydra.run.dir={tmp_path / 'huge'}"], cwd=tmp_path)
+    huge = run_main(
+        "scripts/run.py", ["batch_size=10000000", f"hydra.run.dir={tmp_path / 'huge'}"], tmp_path, monkeypatch
+    )
     assert huge.returncode == 2 and "batch_size=10000000 cannot fit on cpu: a chunk needs at least" in huge.stderr
     diffexp.run(compose("num_samples=12", "batch_size=4", "steps=2"), tmp_path / "run")
     (tmp_path / "run" / "chunks" / "chunk-000001.npz").unlink()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import compose, run_cli
+from conftest import ROOT, bf16_matches_fp32, cli_env, compose, run_cli
 
 import diffexp
 from diffexp.errors import DiffexpError
@@ -22,23 +22,6 @@ HEAVY = ("wandb", "matplotlib", "torchmetrics", "diffexp.report", "torch_fidelit
 
 def final(*overrides: str) -> torch.Tensor:
     return sample(diffexp.prepare(compose(*overrides)).steps()).x
-
-
-def bf16_matches_fp32(device: str) -> None:
-    """The bf16 model's outputs within 1e-2 (relative) of fp32's on the same inputs, and its samples from the
-    same noise within 2e-2 (mean, in [-1, 1] pixel units, after 30 steps)."""
-    base = ("model=digits-unet", "scheduler=ddim", "steps=30", "batch_size=4", f"device={device}")
-    exact, half = diffexp.prepare(compose(*base)), diffexp.prepare(compose(*base, "precision=bf16"))
-    assert next(half.loaded.model.parameters()).dtype == torch.bfloat16
-    with torch.inference_mode():  # each model output, at every fifth timestep of the run
-        for t in exact.built.scheduler.timesteps.cpu()[::5]:
-            x = exact.noise * 0.7
-            out, ref = half.model(x, t), exact.model(x, t)
-            assert out.dtype == torch.float32
-            assert ((out - ref).norm() / ref.norm()).item() < 1e-2
-    a, b = sample(exact.steps()).x, sample(half.steps()).x
-    assert (a - b).abs().mean().item() < 2e-2  # 30 steps of bf16 rounding: measured 0.011 on an H200
-    assert not torch.equal(a, b)
 
 
 def test_bf16_outputs_are_within_1e_2_of_fp32_on_the_same_noise() -> None:
@@ -117,7 +100,6 @@ print(gc.isenabled())
 end_startup()
 print(gc.isenabled(), gc.get_freeze_count() > 10_000)
 """
-    from conftest import cli_env
 
     result = subprocess.run([sys.executable, "-c", code], env=cli_env(), capture_output=True, text=True, timeout=120)
     assert result.stdout.split() == ["True", "0", "False", "True", "True"], result.stderr
@@ -133,7 +115,6 @@ runpy.run_path({script!r}, run_name="__main__")
 
 
 def test_a_default_run_imports_only_what_it_uses_and_prints_only_its_own_lines(tmp_path: Path) -> None:
-    from conftest import ROOT
 
     probe = tmp_path / "probe.py"
     probe.write_text(PROBE.format(heavy=HEAVY, out=tmp_path / "run", script=str(ROOT / "scripts" / "run.py")))
