@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, cli_env, run_cli, run_main
+from conftest import ROOT, cli_env, run_cli, run_main, shared_folder
 
 from diffexp.folders import RunStatus, job_folders, read_status, read_status_record, write_json, write_status
 from diffexp.sweep.callbacks import progress_line
@@ -84,7 +84,7 @@ def test_sigterm_stops_a_sweep_and_its_running_job_reads_interrupted(tmp_path: P
     assert not (tmp_path / "sweep" / "1-digits-ideal-euler-3").exists()
 
 
-def test_a_sweep_outlives_a_job_the_kernel_kills(tmp_path: Path) -> None:
+def test_a_sweep_outlives_a_job_the_kernel_kills(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # the debugging hook kills the process of the euler job with SIGKILL, as the out-of-memory killer would
     args = ["-m", "model=digits-ideal", "scheduler=ddim,euler,heun", "steps=3", "batch_size=1", "progress=false"]
     result = run_cli(
@@ -106,10 +106,11 @@ def test_a_sweep_outlives_a_job_the_kernel_kills(tmp_path: Path) -> None:
     rows = {r["scheduler"]: r for r in json.loads((sweep / "report" / "report.json").read_text())["rows"]}
     assert rows["euler"]["status"] == "died" and "killed" in rows["euler"]["error"]
 
-    # a resume leaves the job that died twice, unless asked
-    again = run_cli([*args, "logger=none", "hydra.sweep.dir=sweep"], cwd=tmp_path)
+    # a resume leaves the job that died twice, unless asked (no process dies now: the sweep runs in this one)
+    again = run_main("scripts/run.py", [*args, "logger=none", "hydra.sweep.dir=sweep"], tmp_path, monkeypatch)
     assert again.returncode == 1 and "died 2 times" in again.stdout + again.stderr
-    retried = run_cli([*args, "logger=none", "hydra.sweep.dir=sweep", "sweep.max_deaths=3"], cwd=tmp_path)
+    retry = [*args, "logger=none", "hydra.sweep.dir=sweep", "sweep.max_deaths=3"]
+    retried = run_main("scripts/run.py", retry, tmp_path, monkeypatch)
     assert retried.returncode == 0, retried.stderr[-3000:]
     assert read_status(sweep / "1-digits-ideal-euler-3") == "finished"
 
@@ -132,16 +133,23 @@ def test_a_running_folder_whose_process_is_gone_reads_died(tmp_path: Path) -> No
     assert read_status(tmp_path / "far") == "running"
 
 
-@pytest.fixture(scope="module")
+SMALL_SWEEP = ["-m", "model=digits-ideal", "scheduler=ddim,euler", "steps=2", "batch_size=1", "progress=false"]
+
+
+@pytest.fixture(scope="session")
 def small_sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    cwd = tmp_path_factory.mktemp("small")
-    args = ["-m", "model=digits-ideal", "scheduler=ddim,euler", "steps=2", "batch_size=1", "progress=false"]
-    result = run_cli([*args, "logger=none", "hydra.sweep.dir=sweep"], cwd=cwd)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return cwd
+    """A finished sweep of two jobs, made once per session; tests copy it before changing it."""
+
+    def make(cwd: Path) -> None:
+        result = run_cli([*SMALL_SWEEP, "logger=none", "hydra.sweep.dir=sweep"], cwd=cwd)
+        assert result.returncode == 0, result.stderr[-3000:]
+
+    return shared_folder(tmp_path_factory, "small-sweep", make)
 
 
-def test_corrupt_run_files_read_corrupt_and_a_resume_runs_them_again(small_sweep: Path, tmp_path: Path) -> None:
+def test_corrupt_run_files_read_corrupt_and_a_resume_runs_them_again(
+    small_sweep: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     shutil.copytree(small_sweep, tmp_path, dirs_exist_ok=True)
     sweep = tmp_path / "sweep"
     ddim, euler = job_folders(sweep)
@@ -150,14 +158,13 @@ def test_corrupt_run_files_read_corrupt_and_a_resume_runs_them_again(small_sweep
     assert read_status(ddim) == read_status(euler) == "corrupt"
     assert progress_line(sweep) == "sweep: 2 of 2 jobs done (0 finished, 0 failed, 2 corrupt), 0 left"
 
-    report = run_cli([str(sweep)], cwd=tmp_path, script="scripts/compare.py")
+    report = run_main("scripts/compare.py", [str(sweep)], tmp_path, monkeypatch)
     assert report.returncode == 0 and "Traceback" not in report.stderr, report.stderr[-3000:]
     assert "2 runs (0 finished, 2 not finished)" in report.stdout
     rows = json.loads((sweep / "report" / "report.json").read_text())["rows"]
     assert [r["status"] for r in rows] == ["corrupt", "corrupt"] and "cannot be read" in rows[0]["error"]
 
-    args = ["-m", "model=digits-ideal", "scheduler=ddim,euler", "steps=2", "batch_size=1", "progress=false"]
-    resumed = run_cli([*args, "logger=none", "hydra.sweep.dir=sweep"], cwd=tmp_path)
+    resumed = run_main("scripts/run.py", [*SMALL_SWEEP, "logger=none", "hydra.sweep.dir=sweep"], tmp_path, monkeypatch)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert read_status(ddim) == read_status(euler) == "finished"
 
@@ -183,9 +190,9 @@ def test_compare_on_a_read_only_sweep_says_so(small_sweep: Path, tmp_path: Path)
     assert not (sweep / "report").exists()
 
 
-def test_compare_writes_elsewhere_with_out(small_sweep: Path, tmp_path: Path) -> None:
-    result = run_cli([str(small_sweep / "sweep"), "--out", str(tmp_path / "r")], cwd=tmp_path,
-                     script="scripts/compare.py")  # fmt: skip
+def test_compare_writes_elsewhere_with_out(small_sweep: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    args = [str(small_sweep / "sweep"), "--out", str(tmp_path / "r")]
+    result = run_main("scripts/compare.py", args, tmp_path, monkeypatch)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "r" / "report.html").exists() and (tmp_path / "r" / "report" / "grid.png").exists()
     assert f"report: {tmp_path / 'r' / 'report.html'}" in result.stdout
