@@ -15,6 +15,7 @@ import torch
 from conftest import ROOT, cli_env, compose, run_cli, run_main
 
 import diffexp
+from diffexp.folders import read_status
 from diffexp.runner.claim import FolderTaken
 from diffexp.samples import chunk_files
 
@@ -88,19 +89,25 @@ def test_an_uneven_last_chunk_and_labels_follow_the_sample_index(tmp_path: Path)
     assert m["label_accuracy"] == json.loads((tmp_path / "whole" / "metrics.json").read_text())["label_accuracy"]
 
 
-def test_a_killed_run_resumes_from_its_finished_chunks_to_the_same_result(tmp_path: Path) -> None:
-    args = ["num_samples=24", "batch_size=4", "steps=30", *METRICS, f"hydra.run.dir={tmp_path / 'killed'}"]
-    env = cli_env()
+def test_a_killed_run_resumes_from_its_finished_chunks_to_the_same_result(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    args = ["num_samples=24", "batch_size=4", "steps=10", *METRICS, f"hydra.run.dir={tmp_path / 'killed'}"]
     command = [sys.executable, str(ROOT / "scripts/run.py"), "logger=none", "progress=false", *args]
-    process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 240
-    while len(chunk_files(tmp_path / "killed")) < 2 and process.poll() is None and time.time() < deadline:
+    process = subprocess.Popen(command, cwd=tmp_path, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 240
+    while len(chunk_files(tmp_path / "killed")) < 2:  # the event: two chunks written
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"the run ended ({process.poll()}) before two chunks: {process.communicate()[1][-3000:]}")
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)  # as the kernel or a preemption would, with no chance to clean up
-    process.wait()
+    process.communicate()
+    assert process.returncode == -signal.SIGKILL  # killed, not ended by itself
     done_before = len(chunk_files(tmp_path / "killed"))
-    assert 2 <= done_before < 6 and not (tmp_path / "killed" / "metrics.json").exists()
-    again = run_cli(args, cwd=tmp_path)
+    assert done_before >= 2 and not (tmp_path / "killed" / "metrics.json").exists()
+    assert read_status(tmp_path / "killed") == "died"  # its process is gone, its status still says running
+    again = run_main("scripts/run.py", ["logger=none", "progress=false", *args], tmp_path, monkeypatch)
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"continuing from {done_before} finished chunks" in again.stdout + again.stderr
     resumed = json.loads((tmp_path / "killed" / "metrics.json").read_text())
@@ -108,7 +115,7 @@ def test_a_killed_run_resumes_from_its_finished_chunks_to_the_same_result(tmp_pa
     assert np.array_equal(diffexp.load_samples(tmp_path / "killed"), diffexp.load_samples(tmp_path / "fresh"))
     assert outcome(resumed) == outcome(fresh)
     # a finished run started again does nothing, and says so
-    third = run_cli(args, cwd=tmp_path)
+    third = run_main("scripts/run.py", ["logger=none", "progress=false", *args], tmp_path, monkeypatch)
     assert third.returncode == 0 and "nothing to do" in third.stdout + third.stderr
 
 
