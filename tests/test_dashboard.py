@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ROOT, cli_env
+from conftest import ROOT, cli_env, shared_folder
 from omegaconf import OmegaConf
 from wandb_workspaces.reports.v2 import internal as report_models
 from wandb_workspaces.workspaces import internal as workspace_models
@@ -33,21 +33,26 @@ SWEEPS = {
 }
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def sweeps(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Two real multiruns, logged offline to W&B, run side by side; laid out as outputs/sweeps/<date>/<name>."""
-    root = tmp_path_factory.mktemp("dash")
-    env = cli_env()
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(ROOT / "scripts/run.py"), *COMMON, *args, f"hydra.sweep.dir=sweeps/d/{name}"],
-            cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL,
-        )
-        for name, args in SWEEPS.items()
-    ]  # fmt: skip
-    for proc in procs:
-        out, _ = proc.communicate(timeout=300)
-        assert proc.returncode == 0, out
+    """Two real multiruns, logged offline to W&B, run side by side; laid out as outputs/sweeps/<date>/<name>; made
+    once per session (tests copy what they change)."""
+
+    def make(root: Path) -> None:
+        env = cli_env()
+        procs = [
+            subprocess.Popen(
+                [sys.executable, str(ROOT / "scripts/run.py"), *COMMON, *args, f"hydra.sweep.dir=sweeps/d/{name}"],
+                cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                stdin=subprocess.DEVNULL,
+            )
+            for name, args in SWEEPS.items()
+        ]  # fmt: skip
+        for proc in procs:
+            out, _ = proc.communicate(timeout=300)
+            assert proc.returncode == 0, out
+
+    root = shared_folder(tmp_path_factory, "dashboard-sweeps", make)
     return {name: root / "sweeps" / "d" / name for name in SWEEPS}
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import compose, run_main
+from conftest import compose, run_main, shared_folder
 from PIL import Image
 
 import diffexp
@@ -15,12 +15,11 @@ from diffexp.runner.export import export_run
 from diffexp.runner.run import run
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """digits-unet, 3 steps, 5 samples (1x32x32)."""
-    folder = tmp_path_factory.mktemp("export") / "run"
-    run(compose("model=digits-unet", "steps=3", "batch_size=5"), folder)
-    return folder
+    """digits-unet, 3 steps, 5 samples (1x32x32), run once per session."""
+    make = lambda root: run(compose("model=digits-unet", "steps=3", "batch_size=5"), root / "run")  # noqa: E731
+    return shared_folder(tmp_path_factory, "export-run", make) / "run"
 
 
 def test_export_writes_one_png_per_sample_and_a_uint8_nhwc_npz(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:

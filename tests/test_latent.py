@@ -11,7 +11,7 @@ import diffusers
 import numpy as np
 import pytest
 import torch
-from conftest import compose, run_cli, run_main
+from conftest import compose, run_cli, run_main, shared_folder
 from tiny_latent import save_tiny_dit, save_tiny_sd
 
 import diffexp
@@ -26,15 +26,18 @@ CLASSES = {
 PROMPTS = ["a cat", "a dog"]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def sd(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("sd")
-    return {p: save_tiny_sd(root / p, p) for p in ("epsilon", "v_prediction")}
+    """Tiny Stable Diffusion pipelines (epsilon and v-prediction), saved once per session."""
+    kinds = ("epsilon", "v_prediction")
+    root = shared_folder(tmp_path_factory, "tiny-sd", lambda root: [save_tiny_sd(root / p, p) for p in kinds])
+    return {p: root / p for p in kinds}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def dit(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_tiny_dit(tmp_path_factory.mktemp("dit") / "dit")
+    """A tiny DiT pipeline, saved once per session."""
+    return shared_folder(tmp_path_factory, "tiny-dit", lambda root: save_tiny_dit(root / "dit")) / "dit"
 
 
 def diffexp_images(folder: Path, *overrides: str) -> tuple[diffexp.Experiment, torch.Tensor]:
