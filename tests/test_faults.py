@@ -227,9 +227,10 @@ def test_names_in_folder_templates_stay_inside_outputs(
     assert f"-{expected}-" in run.name
 
 
-def test_a_slash_in_a_sweep_value_does_not_nest_job_folders(tmp_path: Path) -> None:
+def test_a_slash_in_a_sweep_value_does_not_nest_job_folders(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     args = ["-m", "model=digits-ideal", "model.name=x/y", "scheduler=ddim,euler", "steps=2", "batch_size=1"]
-    result = run_cli([*args, "logger=none", "progress=false", "hydra.sweep.dir=s"], cwd=tmp_path)
+    args += ["logger=none", "progress=false", "hydra.sweep.dir=s"]
+    result = run_main("scripts/run.py", args, tmp_path, monkeypatch)
     assert result.returncode == 0, result.stderr[-3000:]
     names = [f.name for f in job_folders(tmp_path / "s")]
     assert names == ["0-x_y-ddim-2", "1-x_y-euler-2"]

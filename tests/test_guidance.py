@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import compose, run_cli, run_main
+from conftest import compose, run_main
 from diffusers import DDIMScheduler, EulerAncestralDiscreteScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
@@ -115,8 +115,9 @@ def test_bad_conditioning_exits_clearly_from_the_cli(tmp_path: Path, monkeypatch
     assert not (run / "metrics.json").exists()
 
 
-def test_the_run_records_labels_guidance_and_prediction_type(tmp_path: Path) -> None:
-    result = run_cli([*COND, "labels=all", "guidance_scale=2.5", "batch_size=3", "scheduler=unipc"], cwd=tmp_path)
+def test_the_run_records_labels_guidance_and_prediction_type(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    args = [*COND, "labels=all", "guidance_scale=2.5", "batch_size=3", "scheduler=unipc", "logger=none"]
+    result = run_main("scripts/run.py", args, tmp_path, monkeypatch)
     assert result.returncode == 0, result.stderr
     (run,) = tmp_path.glob("outputs/runs/*/*")
     assert run.name.endswith("unipc-6-cfg2.5")

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, cli_env, compose, run_cli, run_main
+from conftest import ROOT, cli_env, compose, run_main
 
 import diffexp
 from diffexp.folders import read_status
@@ -119,13 +119,15 @@ def test_a_killed_run_resumes_from_its_finished_chunks_to_the_same_result(
     assert third.returncode == 0 and "nothing to do" in third.stdout + third.stderr
 
 
-def test_a_folder_holding_another_run_is_refused_untouched_unless_overwritten(tmp_path: Path) -> None:
+def test_a_folder_holding_another_run_is_refused_untouched_unless_overwritten(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     first = diffexp.run(compose("steps=3"), tmp_path / "run")
     before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "run").iterdir()}
     with pytest.raises(FolderTaken, match="config differs in steps"):
         diffexp.run(compose("steps=4"), tmp_path / "run")
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "run").iterdir()} == before
-    result = run_cli(["steps=4", f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
+    result = run_main("scripts/run.py", ["steps=4", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path, monkeypatch)
     assert result.returncode == 2 and "overwrite=true" in result.stderr and "Traceback" not in result.stderr
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["wall_s"] == first["wall_s"]
     # overwrite clears it first; a failed run then leaves no metrics.json beside its status
@@ -143,7 +145,7 @@ def test_a_folder_holding_another_run_is_refused_untouched_unless_overwritten(tm
     assert (tmp_path / "notes" / "mine.txt").read_text() == "keep me"
 
 
-def test_two_runs_at_once_never_share_a_folder(tmp_path: Path) -> None:
+def test_two_runs_at_once_never_share_a_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     args = ["model=digits-ideal", "scheduler=euler", "steps=100000", f"hydra.run.dir={tmp_path / 'run'}"]
     env = cli_env()
     command = [sys.executable, str(ROOT / "scripts/run.py"), "logger=none", "progress=false", *args]
@@ -153,7 +155,7 @@ def test_two_runs_at_once_never_share_a_folder(tmp_path: Path) -> None:
         deadline = time.time() + 120
         while not (status.exists() and "running" in status.read_text()) and time.time() < deadline:
             time.sleep(0.1)
-        second = run_cli(args, cwd=tmp_path)
+        second = run_main("scripts/run.py", ["logger=none", "progress=false", *args], tmp_path, monkeypatch)
         assert second.returncode == 2 and "running in" in second.stderr and "Traceback" not in second.stderr
         assert json.loads(status.read_text())["status"] == "running"  # the first run's, untouched
     finally:

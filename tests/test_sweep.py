@@ -128,10 +128,13 @@ def test_experiment_scheduler_sweep_is_a_multirun_of_schedulers_by_steps() -> No
     assert {j[0] for j in jobs} >= {"scheduler=ddim", "scheduler=dpmsolver", "scheduler=euler", "scheduler=heun"}
 
 
-def test_options_sweep_without_m_names_job_folders_by_what_they_hold(tmp_path: Path) -> None:
+def test_options_sweep_without_m_names_job_folders_by_what_they_hold(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # the experiment is a multirun by itself; the command line replaces its sweep and sweeps an option
-    args = ["experiment=scheduler-sweep", "model=digits-ideal", "scheduler=dpmsolver", "steps=3"]
-    result = run_cli([*args, "scheduler.use_karras_sigmas=true,false", "batch_size=1"], cwd=tmp_path)
+    args = ["experiment=scheduler-sweep", "model=digits-ideal", "scheduler=dpmsolver", "steps=3", "logger=none"]
+    args += ["scheduler.use_karras_sigmas=true,false", "batch_size=1"]
+    result = run_main("scripts/run.py", args, tmp_path, monkeypatch)
     assert result.returncode == 0, result.stderr[-3000:]
     (sweep_dir,) = (tmp_path / "outputs" / "sweeps").glob("*/*")
     assert re.fullmatch(r"\d\d-\d\d-\d\d-[0-9a-f]{6}", sweep_dir.name)  # unique even within one second
