@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +23,11 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return shared_folder(tmp_path_factory, "export-run", make) / "run"
 
 
-def test_export_writes_one_png_per_sample_and_a_uint8_nhwc_npz(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    done = run_main("scripts/export.py", [str(run_dir)], run_dir.parent, monkeypatch)
+def test_export_writes_one_png_per_sample_and_a_uint8_nhwc_npz(
+    run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run_dir = Path(shutil.copytree(run_dir, tmp_path / "run"))  # the export goes into the run folder
+    done = run_main("scripts/export.py", [str(run_dir)], tmp_path, monkeypatch)
     assert done.returncode == 0, done.stderr
     samples = diffexp.load_samples(run_dir)
     pngs = sorted((run_dir / "export" / "png").iterdir())
