@@ -152,8 +152,9 @@ def test_two_runs_at_once_never_share_a_folder(tmp_path: Path, monkeypatch: pyte
     first = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         status = tmp_path / "run" / "status.json"
-        deadline = time.time() + 120
-        while not (status.exists() and "running" in status.read_text()) and time.time() < deadline:
+        deadline = time.monotonic() + 120
+        while not (status.exists() and "running" in status.read_text()):  # the event: the first run has its folder
+            assert first.poll() is None and time.monotonic() < deadline, "the first run never started running"
             time.sleep(0.1)
         second = run_main("scripts/run.py", ["logger=none", "progress=false", *args], tmp_path, monkeypatch)
         assert second.returncode == 2 and "running in" in second.stderr and "Traceback" not in second.stderr
