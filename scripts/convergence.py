@@ -77,7 +77,7 @@ def names_of(*allowed: str) -> Callable[[str], list[str]]:
     return parse
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of the run config (model=..., device=...)")
     parser.add_argument("--schedulers", default="ddim,euler,heun,dpmsolver,unipc,deis")
@@ -90,7 +90,7 @@ def main() -> None:
     parser.add_argument("--fit-min-nfe", type=positive_int, default=40, help="the asymptotic range starts here")
     parser.add_argument("--floor-factor", type=positive_float, default=3.0, help="fit only errors above this x ref")
     parser.add_argument("--out", type=Path, default=None)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     overrides = list(args.overrides)
     if not any(o.startswith("model=") for o in overrides):

@@ -153,7 +153,20 @@ def test_a_scheduler_file_on_the_search_path_is_all_a_new_scheduler_needs(tmp_pa
     assert eta.built.stochastic  # the declaration follows the options
 
 
-@pytest.mark.parametrize("name", ["ddim", "euler", "dpmsolver", "unipc"])
-def test_declarations_follow_the_options(name: str) -> None:
-    base = prepare(compose("model=tiny", f"scheduler={name}", "steps=4", "batch_size=1")).built
-    assert base.stochastic is False and isinstance(base.theory_order, int)
+@pytest.mark.parametrize(
+    ("name", "base", "options", "changed"),
+    [  # (stochastic, theory_order) of the file's defaults, and after changing the options they depend on
+        ("ddim", (False, 1), ["scheduler.eta=1.0"], (True, 1)),
+        ("euler", (False, 1), ["scheduler.s_churn=1.0"], (True, 1)),
+        ("dpmsolver", (False, 2), ["scheduler.algorithm_type=sde-dpmsolver++", "scheduler.solver_order=3"], (True, 3)),
+        ("unipc", (False, 3), ["scheduler.solver_order=3"], (False, 4)),  # UniP-3 with the UniC corrector
+    ],
+)
+def test_declarations_follow_the_options(
+    name: str, base: tuple[bool, int], options: list[str], changed: tuple[bool, int]
+) -> None:
+    common = ("model=tiny", f"scheduler={name}", "steps=4", "batch_size=1")
+    default = prepare(compose(*common)).built
+    assert (default.stochastic, default.theory_order) == base
+    other = prepare(compose(*common, *options)).built
+    assert (other.stochastic, other.theory_order) == changed

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import compose, run_cli
+from conftest import compose, run_cli, run_main
 
 import diffexp
 from diffexp.sweep.convergence import fit_order, steps_for_nfe, theory_order
@@ -56,7 +56,9 @@ def test_the_convergence_script_prints_tables_and_writes_results(tmp_path: Path)
         (["--batch-size", "-1"], "argument --batch-size: -1 is not a positive integer"),
     ],
 )
-def test_bad_arguments_are_refused_by_argparse(option: list[str], message: str, tmp_path: Path) -> None:
-    result = run_cli(option, cwd=tmp_path, script="scripts/convergence.py")
+def test_bad_arguments_are_refused_by_argparse(
+    option: list[str], message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    result = run_main("scripts/convergence.py", option, tmp_path, monkeypatch)
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "outputs").exists()

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ROOT, cli_env
+from conftest import ROOT, cli_env, shared_folder
 from omegaconf import OmegaConf
 from wandb_workspaces.reports.v2 import internal as report_models
 from wandb_workspaces.workspaces import internal as workspace_models
@@ -33,21 +33,26 @@ SWEEPS = {
 }
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def sweeps(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Two real multiruns, logged offline to W&B, run side by side; laid out as outputs/sweeps/<date>/<name>."""
-    root = tmp_path_factory.mktemp("dash")
-    env = cli_env()
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(ROOT / "scripts/run.py"), *COMMON, *args, f"hydra.sweep.dir=sweeps/d/{name}"],
-            cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL,
-        )
-        for name, args in SWEEPS.items()
-    ]  # fmt: skip
-    for proc in procs:
-        out, _ = proc.communicate(timeout=300)
-        assert proc.returncode == 0, out
+    """Two real multiruns, logged offline to W&B, run side by side; laid out as outputs/sweeps/<date>/<name>; made
+    once per session (tests copy what they change)."""
+
+    def make(root: Path) -> None:
+        env = cli_env()
+        procs = [
+            subprocess.Popen(
+                [sys.executable, str(ROOT / "scripts/run.py"), *COMMON, *args, f"hydra.sweep.dir=sweeps/d/{name}"],
+                cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                stdin=subprocess.DEVNULL,
+            )
+            for name, args in SWEEPS.items()
+        ]  # fmt: skip
+        for proc in procs:
+            out, _ = proc.communicate(timeout=300)
+            assert proc.returncode == 0, out
+
+    root = shared_folder(tmp_path_factory, "dashboard-sweeps", make)
     return {name: root / "sweeps" / "d" / name for name in SWEEPS}
 
 
@@ -170,17 +175,19 @@ def test_script_dry_run_and_without_a_key(
     sweeps: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     main = runpy.run_path(str(ROOT / "scripts" / "dashboard.py"))["main"]
-    target = sweeps["ref"] / DASHBOARD_FILE
-    group = wandb_runs(sweeps["ref"])[0].run.run_group
+    shutil.copytree(sweeps["ref"].parent.parent, tmp_path / "sweeps", symlinks=True)  # the script writes there
+    ref = tmp_path / "sweeps" / sweeps["ref"].relative_to(sweeps["ref"].parent.parent)
+    target = ref / DASHBOARD_FILE
+    group = wandb_runs(ref)[0].run.run_group
     # --group finds the sweep folder under --sweeps (outputs/sweeps/<date>/<time>-<id>)
-    assert main(["--entity", "E", "--group", group, "--sweeps", str(sweeps["ref"].parent.parent), "--dry-run"]) == 0
+    assert main(["--entity", "E", "--group", group, "--sweeps", str(tmp_path / "sweeps"), "--dry-run"]) == 0
     spec = json.loads(target.read_text())
     assert spec["entity"] == "E" and spec["groups"] == [group] and list(panels(spec["workspace"]))
     target.unlink()
 
     no_wandb_key(monkeypatch, tmp_path / "home")
     capsys.readouterr()
-    assert main(["--entity", "E", str(sweeps["ref"])]) == 1
+    assert main(["--entity", "E", str(ref)]) == 1
     err = capsys.readouterr().err
     assert "not saved to W&B: no W&B API key is configured" in err and "wandb login" in err and str(target) in err
     assert len(err.strip().splitlines()) == 1  # one paragraph
@@ -190,17 +197,18 @@ def test_script_dry_run_and_without_a_key(
 def test_sweep_end_writes_the_specification_and_saves_only_online(
     sweeps: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    target = sweeps["fast"] / DASHBOARD_FILE
-    target.unlink(missing_ok=True)
-    assert dash.sweep_dashboard(OmegaConf.create({"dashboard": False}), sweeps["fast"]) is None
-    assert dash.sweep_dashboard(None, sweeps["fast"]) is None and not target.exists()
+    fast = tmp_path / "d" / "fast"
+    shutil.copytree(sweeps["fast"], fast, symlinks=True)  # the sweep's end writes into its folder
+    target = fast / DASHBOARD_FILE
+    assert dash.sweep_dashboard(OmegaConf.create({"dashboard": False}), fast) is None
+    assert dash.sweep_dashboard(None, fast) is None and not target.exists()
     cfg = OmegaConf.create({"dashboard": True, "mode": "offline", "project": "diffexp", "entity": None})
-    assert dash.sweep_dashboard(cfg, sweeps["fast"]) is None
-    assert json.loads(target.read_text())["groups"] == [wandb_runs(sweeps["fast"])[0].run.run_group]
+    assert dash.sweep_dashboard(cfg, fast) is None
+    assert json.loads(target.read_text())["groups"] == [wandb_runs(fast)[0].run.run_group]
     no_wandb_key(monkeypatch, tmp_path / "home")
     cfg.mode = None
     assert dash.offline_reason() == "no W&B API key is configured"
-    assert dash.sweep_dashboard(cfg, sweeps["fast"]) is None
+    assert dash.sweep_dashboard(cfg, fast) is None
 
 
 def test_jobs_logged_without_wandb_are_read_from_their_folders(sweeps: dict[str, Path], tmp_path: Path) -> None:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import compose, run_cli
+from conftest import compose, run_main, shared_folder
 from PIL import Image
 
 import diffexp
@@ -15,16 +16,18 @@ from diffexp.runner.export import export_run
 from diffexp.runner.run import run
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """digits-unet, 3 steps, 5 samples (1x32x32)."""
-    folder = tmp_path_factory.mktemp("export") / "run"
-    run(compose("model=digits-unet", "steps=3", "batch_size=5"), folder)
-    return folder
+    """digits-unet, 3 steps, 5 samples (1x32x32), run once per session."""
+    make = lambda root: run(compose("model=digits-unet", "steps=3", "batch_size=5"), root / "run")  # noqa: E731
+    return shared_folder(tmp_path_factory, "export-run", make) / "run"
 
 
-def test_export_writes_one_png_per_sample_and_a_uint8_nhwc_npz(run_dir: Path) -> None:
-    done = run_cli([str(run_dir)], run_dir.parent, script="scripts/export.py")
+def test_export_writes_one_png_per_sample_and_a_uint8_nhwc_npz(
+    run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run_dir = Path(shutil.copytree(run_dir, tmp_path / "run"))  # the export goes into the run folder
+    done = run_main("scripts/export.py", [str(run_dir)], tmp_path, monkeypatch)
     assert done.returncode == 0, done.stderr
     samples = diffexp.load_samples(run_dir)
     pngs = sorted((run_dir / "export" / "png").iterdir())
@@ -53,11 +56,11 @@ def test_export_options(run_dir: Path, tmp_path: Path) -> None:
     assert len(list((tmp_path / "out" / "png").iterdir())) == 5 and not (tmp_path / "out" / "samples.npz").exists()
 
 
-def test_export_refuses_what_is_not_a_finished_run(run_dir: Path, tmp_path: Path) -> None:
+def test_export_refuses_what_is_not_a_finished_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     unfinished = tmp_path / "unfinished"
     unfinished.mkdir()
     write_status(unfinished, RunStatus.running)
     for folder, message in ((tmp_path, "is not a run folder"), (unfinished, "has not finished (status: running)")):
-        done = run_cli([str(folder)], tmp_path, script="scripts/export.py")
+        done = run_main("scripts/export.py", [str(folder)], tmp_path, monkeypatch)
         assert done.returncode == 2 and message in done.stderr
         assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1

@@ -8,8 +8,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import compose
-from test_speed import bf16_matches_fp32
+from conftest import bf16_matches_fp32, compose
 
 import diffexp
 from diffexp.sampling.loop import sample

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import compose, run_cli
+from conftest import compose, run_main
 from diffusers import DDIMScheduler, EulerAncestralDiscreteScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
@@ -107,16 +107,17 @@ def test_bad_conditioning_is_refused_before_sampling(case: str) -> None:
         prepare(compose(*args))
 
 
-def test_bad_conditioning_exits_clearly_from_the_cli(tmp_path: Path) -> None:
-    result = run_cli(["model=tiny", "labels=all"], cwd=tmp_path)
+def test_bad_conditioning_exits_clearly_from_the_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    result = run_main("scripts/run.py", ["model=tiny", "labels=all"], tmp_path, monkeypatch)
     assert result.returncode == 2 and "is unconditional" in result.stderr and "Traceback" not in result.stderr
     (run,) = tmp_path.glob("outputs/runs/*/*")
     assert json.loads((run / "status.json").read_text())["status"] == "failed"
     assert not (run / "metrics.json").exists()
 
 
-def test_the_run_records_labels_guidance_and_prediction_type(tmp_path: Path) -> None:
-    result = run_cli([*COND, "labels=all", "guidance_scale=2.5", "batch_size=3", "scheduler=unipc"], cwd=tmp_path)
+def test_the_run_records_labels_guidance_and_prediction_type(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    args = [*COND, "labels=all", "guidance_scale=2.5", "batch_size=3", "scheduler=unipc", "logger=none"]
+    result = run_main("scripts/run.py", args, tmp_path, monkeypatch)
     assert result.returncode == 0, result.stderr
     (run,) = tmp_path.glob("outputs/runs/*/*")
     assert run.name.endswith("unipc-6-cfg2.5")

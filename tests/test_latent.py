@@ -11,7 +11,7 @@ import diffusers
 import numpy as np
 import pytest
 import torch
-from conftest import compose, run_cli
+from conftest import compose, run_main, shared_folder
 from tiny_latent import save_tiny_dit, save_tiny_sd
 
 import diffexp
@@ -26,15 +26,18 @@ CLASSES = {
 PROMPTS = ["a cat", "a dog"]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def sd(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("sd")
-    return {p: save_tiny_sd(root / p, p) for p in ("epsilon", "v_prediction")}
+    """Tiny Stable Diffusion pipelines (epsilon and v-prediction), saved once per session."""
+    kinds = ("epsilon", "v_prediction")
+    root = shared_folder(tmp_path_factory, "tiny-sd", lambda root: [save_tiny_sd(root / p, p) for p in kinds])
+    return {p: root / p for p in kinds}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def dit(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_tiny_dit(tmp_path_factory.mktemp("dit") / "dit")
+    """A tiny DiT pipeline, saved once per session."""
+    return shared_folder(tmp_path_factory, "tiny-dit", lambda root: save_tiny_dit(root / "dit")) / "dit"
 
 
 def diffexp_images(folder: Path, *overrides: str) -> tuple[diffexp.Experiment, torch.Tensor]:
@@ -136,11 +139,13 @@ def test_preview_latent_is_a_linear_map_without_decoder(sd: dict[str, Path]) -> 
     assert preview.shape == exact.shape and not torch.equal(preview, exact)
 
 
-def test_cli_writes_decoded_grids_samples_and_latents(sd: dict[str, Path], tmp_path: Path) -> None:
+def test_cli_writes_decoded_grids_samples_and_latents(
+    sd: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     out = tmp_path / "run"
     args = ["model=local", f"model.path={sd['epsilon']}", "prompt=a cat", "guidance_scale=5", "scheduler=dpmsolver"]
     args += ["steps=8", "log_every=4", "logger=none", "progress=false", f"hydra.run.dir={out}"]
-    result = run_cli(args, tmp_path)
+    result = run_main("scripts/run.py", args, tmp_path, monkeypatch)
     assert result.returncode == 0, result.stderr
     for step in ("0004", "0008"):
         for part in ("x", "x0"):
@@ -153,7 +158,9 @@ def test_cli_writes_decoded_grids_samples_and_latents(sd: dict[str, Path], tmp_p
     assert metrics["latent"]["prompts"] == ["a cat"] * 4 and metrics["latent"]["vae"]["scaling_factor"] == 0.18215
 
 
-def test_bad_input_is_refused_clearly(sd: dict[str, Path], dit: Path, tmp_path: Path) -> None:
+def test_bad_input_is_refused_clearly(
+    sd: dict[str, Path], dit: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     local = ("model=local", f"model.path={sd['epsilon']}")
     cases = [
         (("model=tiny", "prompt=a cat"), "unconditional"),
@@ -176,7 +183,8 @@ def test_bad_input_is_refused_clearly(sd: dict[str, Path], dit: Path, tmp_path: 
         shutil.rmtree(broken / part)
         with pytest.raises(DiffexpError, match=f"no {part}"):
             diffexp.prepare(compose("model=local", f"model.path={broken}"))
-    result = run_cli(["model=local", f"model.path={dit}", "prompt=a cat", "logger=none"], tmp_path)
+    args = ["model=local", f"model.path={dit}", "prompt=a cat", "logger=none"]
+    result = run_main("scripts/run.py", args, tmp_path, monkeypatch)
     assert result.returncode != 0 and "class-conditional" in result.stderr and "Traceback" not in result.stderr
 
 
@@ -191,11 +199,13 @@ def test_report_captions_name_the_prompts() -> None:
     assert "|" not in caption(Job(None, 0, "finished", config, {"nfe": 8}), [])
 
 
-def test_sweep_over_scheduler_and_guidance_gives_a_report(sd: dict[str, Path], tmp_path: Path) -> None:
+def test_sweep_over_scheduler_and_guidance_gives_a_report(
+    sd: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     sweep = tmp_path / "sweep"
     args = ["-m", "model=local", f"model.path={sd['epsilon']}", "prompt=[a cat,a dog]", "scheduler=ddim,dpmsolver"]
     args += ["guidance_scale=1,4", "steps=3", "batch_size=2", "logger=none", "progress=false"]
-    result = run_cli([*args, f"hydra.sweep.dir={sweep}"], tmp_path)
+    result = run_main("scripts/run.py", [*args, f"hydra.sweep.dir={sweep}"], tmp_path, monkeypatch)
     assert result.returncode == 0, result.stderr
     jobs = sorted(sweep.glob("*/metrics.json"))
     assert len(jobs) == 4 and (sweep / "report.html").is_file() and (sweep / "report" / "grid.png").is_file()

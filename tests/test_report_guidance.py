@@ -10,7 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
+from conftest import run_cli, shared_folder
 
 from diffexp.folders import job_folders
 from diffexp.report.grid import caption
@@ -37,11 +37,17 @@ GUIDED = [
 ]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def guided_sweep(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess[str]]:
-    cwd = tmp_path_factory.mktemp("guided")
-    args = [*GUIDED, f"metrics.cache_dir={cwd / 'cache'}", f"hydra.sweep.dir={cwd / 'sweep'}"]
-    return cwd / "sweep", run_cli(args, cwd=cwd)
+    """The guided sweep, run once per session; tests copy it before changing it."""
+
+    def make(cwd: Path) -> None:
+        args = [*GUIDED, f"metrics.cache_dir={cwd / 'cache'}", f"hydra.sweep.dir={cwd / 'sweep'}"]
+        result = run_cli(args, cwd=cwd)
+        (cwd / "result.json").write_text(json.dumps([result.args, result.returncode, result.stdout, result.stderr]))
+
+    cwd = shared_folder(tmp_path_factory, "guided-sweep", make)
+    return cwd / "sweep", subprocess.CompletedProcess(*json.loads((cwd / "result.json").read_text()))
 
 
 def _table(sweep_dir: Path) -> list[dict[str, str]]:

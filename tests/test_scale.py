@@ -12,9 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, cli_env, compose, run_cli
+from conftest import ROOT, cli_env, compose, run_main
 
 import diffexp
+from diffexp.folders import read_status
 from diffexp.runner.claim import FolderTaken
 from diffexp.samples import chunk_files
 
@@ -88,19 +89,25 @@ def test_an_uneven_last_chunk_and_labels_follow_the_sample_index(tmp_path: Path)
     assert m["label_accuracy"] == json.loads((tmp_path / "whole" / "metrics.json").read_text())["label_accuracy"]
 
 
-def test_a_killed_run_resumes_from_its_finished_chunks_to_the_same_result(tmp_path: Path) -> None:
-    args = ["num_samples=24", "batch_size=4", "steps=30", *METRICS, f"hydra.run.dir={tmp_path / 'killed'}"]
-    env = cli_env()
+def test_a_killed_run_resumes_from_its_finished_chunks_to_the_same_result(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    args = ["num_samples=24", "batch_size=4", "steps=10", *METRICS, f"hydra.run.dir={tmp_path / 'killed'}"]
     command = [sys.executable, str(ROOT / "scripts/run.py"), "logger=none", "progress=false", *args]
-    process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 240
-    while len(chunk_files(tmp_path / "killed")) < 2 and process.poll() is None and time.time() < deadline:
+    process = subprocess.Popen(command, cwd=tmp_path, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 240
+    while len(chunk_files(tmp_path / "killed")) < 2:  # the event: two chunks written
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"the run ended ({process.poll()}) before two chunks: {process.communicate()[1][-3000:]}")
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)  # as the kernel or a preemption would, with no chance to clean up
-    process.wait()
+    process.communicate()
+    assert process.returncode == -signal.SIGKILL  # killed, not ended by itself
     done_before = len(chunk_files(tmp_path / "killed"))
-    assert 2 <= done_before < 6 and not (tmp_path / "killed" / "metrics.json").exists()
-    again = run_cli(args, cwd=tmp_path)
+    assert done_before >= 2 and not (tmp_path / "killed" / "metrics.json").exists()
+    assert read_status(tmp_path / "killed") == "died"  # its process is gone, its status still says running
+    again = run_main("scripts/run.py", ["logger=none", "progress=false", *args], tmp_path, monkeypatch)
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"continuing from {done_before} finished chunks" in again.stdout + again.stderr
     resumed = json.loads((tmp_path / "killed" / "metrics.json").read_text())
@@ -108,17 +115,19 @@ def test_a_killed_run_resumes_from_its_finished_chunks_to_the_same_result(tmp_pa
     assert np.array_equal(diffexp.load_samples(tmp_path / "killed"), diffexp.load_samples(tmp_path / "fresh"))
     assert outcome(resumed) == outcome(fresh)
     # a finished run started again does nothing, and says so
-    third = run_cli(args, cwd=tmp_path)
+    third = run_main("scripts/run.py", ["logger=none", "progress=false", *args], tmp_path, monkeypatch)
     assert third.returncode == 0 and "nothing to do" in third.stdout + third.stderr
 
 
-def test_a_folder_holding_another_run_is_refused_untouched_unless_overwritten(tmp_path: Path) -> None:
+def test_a_folder_holding_another_run_is_refused_untouched_unless_overwritten(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     first = diffexp.run(compose("steps=3"), tmp_path / "run")
     before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "run").iterdir()}
     with pytest.raises(FolderTaken, match="config differs in steps"):
         diffexp.run(compose("steps=4"), tmp_path / "run")
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "run").iterdir()} == before
-    result = run_cli(["steps=4", f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
+    result = run_main("scripts/run.py", ["steps=4", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path, monkeypatch)
     assert result.returncode == 2 and "overwrite=true" in result.stderr and "Traceback" not in result.stderr
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["wall_s"] == first["wall_s"]
     # overwrite clears it first; a failed run then leaves no metrics.json beside its status
@@ -136,17 +145,18 @@ def test_a_folder_holding_another_run_is_refused_untouched_unless_overwritten(tm
     assert (tmp_path / "notes" / "mine.txt").read_text() == "keep me"
 
 
-def test_two_runs_at_once_never_share_a_folder(tmp_path: Path) -> None:
+def test_two_runs_at_once_never_share_a_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     args = ["model=digits-ideal", "scheduler=euler", "steps=100000", f"hydra.run.dir={tmp_path / 'run'}"]
     env = cli_env()
     command = [sys.executable, str(ROOT / "scripts/run.py"), "logger=none", "progress=false", *args]
     first = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         status = tmp_path / "run" / "status.json"
-        deadline = time.time() + 120
-        while not (status.exists() and "running" in status.read_text()) and time.time() < deadline:
+        deadline = time.monotonic() + 120
+        while not (status.exists() and "running" in status.read_text()):  # the event: the first run has its folder
+            assert first.poll() is None and time.monotonic() < deadline, "the first run never started running"
             time.sleep(0.1)
-        second = run_cli(args, cwd=tmp_path)
+        second = run_main("scripts/run.py", ["logger=none", "progress=false", *args], tmp_path, monkeypatch)
         assert second.returncode == 2 and "running in" in second.stderr and "Traceback" not in second.stderr
         assert json.loads(status.read_text())["status"] == "running"  # the first run's, untouched
     finally:
@@ -203,10 +213,12 @@ def test_a_write_failure_marks_the_run_failed_and_leaves_no_truncated_file(tmp_p
             np.load(tmp_path / "run" / name)
 
 
-def test_bad_sample_counts_and_gaps_are_clear(tmp_path: Path) -> None:
-    result = run_cli(["num_samples=0", f"hydra.run.dir={tmp_path / 'zero'}"], cwd=tmp_path)
+def test_bad_sample_counts_and_gaps_are_clear(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    result = run_main("scripts/run.py", ["num_samples=0", f"hydra.run.dir={tmp_path / 'zero'}"], tmp_path, monkeypatch)
     assert result.returncode == 2 and "num_samples=0 is not allowed" in result.stderr
-    huge = run_cli(["batch_size=10000000", f"hydra.run.dir={tmp_path / 'huge'}"], cwd=tmp_path)
+    huge = run_main(
+        "scripts/run.py", ["batch_size=10000000", f"hydra.run.dir={tmp_path / 'huge'}"], tmp_path, monkeypatch
+    )
     assert huge.returncode == 2 and "batch_size=10000000 cannot fit on cpu: a chunk needs at least" in huge.stderr
     diffexp.run(compose("num_samples=12", "batch_size=4", "steps=2"), tmp_path / "run")
     (tmp_path / "run" / "chunks" / "chunk-000001.npz").unlink()

@@ -4,13 +4,14 @@ cannot do them; a run that starts with only what it uses and prints only diffexp
 from __future__ import annotations
 
 import json
+import runpy
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import compose, run_cli
+from conftest import ROOT, bf16_matches_fp32, cli_env, compose, run_cli
 
 import diffexp
 from diffexp.errors import DiffexpError
@@ -24,45 +25,54 @@ def final(*overrides: str) -> torch.Tensor:
     return sample(diffexp.prepare(compose(*overrides)).steps()).x
 
 
-def bf16_matches_fp32(device: str) -> None:
-    """The bf16 model's outputs within 1e-2 (relative) of fp32's on the same inputs, and its samples from the
-    same noise within 2e-2 (mean, in [-1, 1] pixel units, after 30 steps)."""
-    base = ("model=digits-unet", "scheduler=ddim", "steps=30", "batch_size=4", f"device={device}")
-    exact, half = diffexp.prepare(compose(*base)), diffexp.prepare(compose(*base, "precision=bf16"))
-    assert next(half.loaded.model.parameters()).dtype == torch.bfloat16
-    with torch.inference_mode():  # each model output, at every fifth timestep of the run
-        for t in exact.built.scheduler.timesteps.cpu()[::5]:
-            x = exact.noise * 0.7
-            out, ref = half.model(x, t), exact.model(x, t)
-            assert out.dtype == torch.float32
-            assert ((out - ref).norm() / ref.norm()).item() < 1e-2
-    a, b = sample(exact.steps()).x, sample(half.steps()).x
-    assert (a - b).abs().mean().item() < 2e-2  # 30 steps of bf16 rounding: measured 0.011 on an H200
-    assert not torch.equal(a, b)
-
-
 def test_bf16_outputs_are_within_1e_2_of_fp32_on_the_same_noise() -> None:
     bf16_matches_fp32("cpu")
 
 
 def test_the_gpu_benchmark_runs_on_the_cpu_in_smoke_mode(tmp_path: Path) -> None:
+    from diffusers import UNet2DModel
+
     out = tmp_path / "gpu.json"
     result = run_cli(["--smoke", "--out", str(out)], cwd=tmp_path, script="benchmarks/gpu.py")
     assert result.returncode == 0, result.stderr
     data = json.loads(out.read_text())
-    assert set(data["variants"]) == {"fp32", "bf16", "bf16 channels_last"} and data["params_m"] > 0
-    for row in data["variants"].values():
-        assert row["forward_small_ms"] > 0 and row["large_img_s"] > 0 and row["loop_small_s"] > 0
-    assert data["gflop_per_image"] > 0 and "| bf16 channels_last |" in result.stdout
+    assert data["device_name"] == "cpu" and data["batches"] == [2, 4] and data["steps"] == 3
+    bench = runpy.run_path(str(ROOT / "benchmarks" / "gpu.py"), run_name="gpu")  # its constants, not its main
+    unet = UNet2DModel.from_config(json.loads(bench["CONFIG"].read_text()) | bench["SMOKE"])
+    assert data["params_m"] == pytest.approx(sum(p.numel() for p in unet.parameters()) / 1e6, rel=1e-9)
+    assert set(data["variants"]) == {"fp32", "bf16", "bf16 channels_last"}  # compiling is left out on the CPU
+    lines = result.stdout.splitlines()
+    for name, row in data["variants"].items():
+        assert row["keys"] == bench["VARIANTS"][name]
+        assert row["large_img_s"] == pytest.approx(4 / row["forward_large_ms"] * 1e3)  # batch 4 over its forward
+        assert all(row[k] > 0 for k in ("forward_small_ms", "forward_large_ms", "loop_small_s"))
+        cells = [f"{row[k]:.3g}" for k in ("forward_small_ms", "forward_large_ms", "large_img_s", "loop_small_s")]
+        assert f"| {name} | {' | '.join(cells)} | - |" in lines  # the printed table is the JSON's
+    assert data["gflop_per_image"] > 0 and f"{data['gflop_per_image']:.4g} GFLOP per image" in result.stdout
 
 
 def test_the_overhead_benchmark_prints_its_ratios(tmp_path: Path) -> None:
     args = ["--repeats", "1", "--steps", "2", "--no-processes"]
     result = run_cli(args, cwd=tmp_path, script="benchmarks/overhead.py")
     assert result.returncode == 0, result.stderr
-    rows = [line.split("|") for line in result.stdout.splitlines() if line.startswith("| runner")]
-    assert [r[1].strip() for r in rows] == ["runner, logger=none, 2 steps", "runner, W&B offline, 2 steps"]
-    assert all(float(r[3]) > 0 for r in rows) and "W&B offline over logger=none" in result.stdout
+    rows = {
+        cells[0]: [float(c) for c in (cells[1], cells[2], cells[4])]
+        for line in result.stdout.splitlines()
+        if line.startswith(("| runner", "| bare loop"))
+        for cells in [[c.strip() for c in line.strip("|").split("|")]]
+    }  # arm: median s, ratio, seconds outside the network
+    assert list(rows) == ["bare loop, 2 steps", "runner, logger=none, 2 steps", "runner, W&B offline, 2 steps"]
+    bare = rows["bare loop, 2 steps"][0]
+    assert rows["bare loop, 2 steps"][1] == 1.0  # the baseline against itself
+    for seconds, ratio, outside in rows.values():
+        assert ratio == pytest.approx(seconds / bare, rel=0.03, abs=2e-3)  # one round: the ratio of the times
+        assert 0 < outside < seconds  # the network's own time is part of each arm's
+    wandb, none = rows["runner, W&B offline, 2 steps"][0], rows["runner, logger=none, 2 steps"][0]
+    (line,) = [line for line in result.stdout.splitlines() if line.startswith("W&B offline over logger=none: ")]
+    over, extra = line.split()[4:6]
+    assert float(over) == pytest.approx(wandb / none, rel=0.03, abs=2e-3)
+    assert float(extra.lstrip("(")) == pytest.approx(wandb - none, abs=0.006)  # seconds, 2 decimals
+    assert float(result.stdout.split("W&B media: ")[1].split()[0]) > 0  # the W&B arm logged its grids
 
 
 def test_channels_last_gives_the_same_samples_and_is_recorded(tmp_path: Path) -> None:
@@ -117,7 +127,6 @@ print(gc.isenabled())
 end_startup()
 print(gc.isenabled(), gc.get_freeze_count() > 10_000)
 """
-    from conftest import cli_env
 
     result = subprocess.run([sys.executable, "-c", code], env=cli_env(), capture_output=True, text=True, timeout=120)
     assert result.stdout.split() == ["True", "0", "False", "True", "True"], result.stderr
@@ -133,7 +142,6 @@ runpy.run_path({script!r}, run_name="__main__")
 
 
 def test_a_default_run_imports_only_what_it_uses_and_prints_only_its_own_lines(tmp_path: Path) -> None:
-    from conftest import ROOT
 
     probe = tmp_path / "probe.py"
     probe.write_text(PROBE.format(heavy=HEAVY, out=tmp_path / "run", script=str(ROOT / "scripts" / "run.py")))

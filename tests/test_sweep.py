@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import re
-import runpy
 import shutil
 import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, run_cli
-from filelock import FileLock
+from conftest import run_cli, run_main, shared_folder
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
@@ -39,19 +36,17 @@ SWEEP = [
 FAILED = {"kdpm2-ancestral-2", "pndm-2"}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def sweep(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess[str]]:
     """One real 3 x 2 multirun, shared by the tests that read it (they copy it before changing it), and by the
     pytest-xdist workers of one session."""
-    worker = os.environ.get("PYTEST_XDIST_WORKER")
-    root = tmp_path_factory.getbasetemp().parent if worker else tmp_path_factory.getbasetemp()
-    cwd, record = root / "shared-sweep", root / "shared-sweep.json"
-    with FileLock(str(root / "shared-sweep.lock")):
-        if not record.exists():
-            cwd.mkdir()
-            result = run_cli([*SWEEP, "hydra.sweep.dir=sweep"], cwd=cwd)
-            record.write_text(json.dumps([result.args, result.returncode, result.stdout, result.stderr]))
-    return cwd / "sweep", subprocess.CompletedProcess(*json.loads(record.read_text()))
+
+    def make(cwd: Path) -> None:
+        result = run_cli([*SWEEP, "hydra.sweep.dir=sweep"], cwd=cwd)
+        (cwd / "result.json").write_text(json.dumps([result.args, result.returncode, result.stdout, result.stderr]))
+
+    cwd = shared_folder(tmp_path_factory, "shared-sweep", make)
+    return cwd / "sweep", subprocess.CompletedProcess(*json.loads((cwd / "result.json").read_text()))
 
 
 def _label(folder: Path) -> str:
@@ -133,10 +128,13 @@ def test_experiment_scheduler_sweep_is_a_multirun_of_schedulers_by_steps() -> No
     assert {j[0] for j in jobs} >= {"scheduler=ddim", "scheduler=dpmsolver", "scheduler=euler", "scheduler=heun"}
 
 
-def test_options_sweep_without_m_names_job_folders_by_what_they_hold(tmp_path: Path) -> None:
+def test_options_sweep_without_m_names_job_folders_by_what_they_hold(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # the experiment is a multirun by itself; the command line replaces its sweep and sweeps an option
-    args = ["experiment=scheduler-sweep", "model=digits-ideal", "scheduler=dpmsolver", "steps=3"]
-    result = run_cli([*args, "scheduler.use_karras_sigmas=true,false", "batch_size=1"], cwd=tmp_path)
+    args = ["experiment=scheduler-sweep", "model=digits-ideal", "scheduler=dpmsolver", "steps=3", "logger=none"]
+    args += ["scheduler.use_karras_sigmas=true,false", "batch_size=1"]
+    result = run_main("scripts/run.py", args, tmp_path, monkeypatch)
     assert result.returncode == 0, result.stderr[-3000:]
     (sweep_dir,) = (tmp_path / "outputs" / "sweeps").glob("*/*")
     assert re.fullmatch(r"\d\d-\d\d-\d\d-[0-9a-f]{6}", sweep_dir.name)  # unique even within one second
@@ -190,13 +188,13 @@ def test_report_holds_every_cell_and_marks_the_failed_ones(
 
 
 def test_compare_by_hand_and_quality_metrics_found_by_name(
-    sweep: tuple[Path, subprocess.CompletedProcess[str]], tmp_path: Path
+    sweep: tuple[Path, subprocess.CompletedProcess[str]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     sweep_dir = tmp_path / "sweep"
     shutil.copytree(sweep[0], sweep_dir)
     shutil.rmtree(sweep_dir / "report")
     (sweep_dir / "report.html").unlink()
-    result = run_cli([str(sweep_dir)], cwd=tmp_path, script="scripts/compare.py")
+    result = run_main("scripts/compare.py", [str(sweep_dir)], tmp_path, monkeypatch)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "6 runs (4 finished, 2 not finished)" in result.stdout
     assert (sweep_dir / "report.html").exists() and (sweep_dir / "report" / "grid.png").exists()
@@ -210,10 +208,9 @@ def test_compare_by_hand_and_quality_metrics_found_by_name(
     assert "<h3>images_per_s" in report.html.read_text()
 
 
-def test_compare_refuses_a_folder_that_is_not_a_sweep(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    compare = runpy.run_path(str(ROOT / "scripts" / "compare.py"), run_name="compare")
-    assert compare["main"]([str(tmp_path)]) == 2
-    assert "holds no sweep jobs" in capsys.readouterr().err
+def test_compare_refuses_a_folder_that_is_not_a_sweep(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    result = run_main("scripts/compare.py", [str(tmp_path)], tmp_path, monkeypatch)
+    assert result.returncode == 2 and "holds no sweep jobs" in result.stderr
 
 
 CHROMIUM_FLAGS = [
@@ -231,16 +228,11 @@ CHROMIUM_FLAGS = [
 
 @pytest.fixture(scope="module")
 def chromium() -> tuple[str, str]:
-    """Debian's chromium and its driver, installed if missing (as root, with apt-get)."""
-    if not (shutil.which("chromium") and shutil.which("chromedriver")):
-        if os.geteuid() != 0 or not shutil.which("apt-get"):
-            pytest.skip("chromium and chromium-driver are missing and cannot be installed here (needs root apt-get)")
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        subprocess.run(["apt-get", "update", "-q"], check=True, capture_output=True, env=env)
-        subprocess.run(
-            ["apt-get", "install", "-y", "-q", "chromium", "chromium-driver"], check=True, capture_output=True, env=env
-        )
-    return shutil.which("chromium"), shutil.which("chromedriver")
+    """Chromium and its driver, if this machine has them (the tests install nothing; .ci/run installs them)."""
+    browser, driver = shutil.which("chromium") or shutil.which("chromium-browser"), shutil.which("chromedriver")
+    if not (browser and driver):
+        pytest.skip("needs chromium and chromedriver on PATH (Debian: apt-get install chromium chromium-driver)")
+    return browser, driver
 
 
 def open_page(chromium: tuple[str, str], page: Path, screenshot: Path, profile: Path) -> dict:

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import compose, run_cli
+from conftest import compose, run_main, train_cfg
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -20,25 +20,6 @@ from diffexp.training.data import batch_of
 from diffexp.training.loop import train
 from diffexp.training.objective import drop_labels, snr_weights
 from diffexp.training.trainer import checkpoints, new_trainer, resume_trainer
-
-# a UNet small enough to train a few steps in a second on a CPU
-TINY = [
-    "progress=false",
-    "logger=none",
-    "dataset.sample_size=16",
-    "unet.block_out_channels=[8,16]",
-    "unet.down_block_types=[DownBlock2D,DownBlock2D]",
-    "unet.up_block_types=[UpBlock2D,UpBlock2D]",
-    "unet.norm_num_groups=4",
-    "batch_size=8",
-    "sample_every=0",
-    "warmup_steps=0",
-    "device=cpu",
-]
-
-
-def train_cfg(*overrides: str):
-    return diffexp.compose([*TINY, *overrides], config_name="train")
 
 
 def test_training_steps_lower_the_loss_on_a_fixed_batch() -> None:
@@ -226,11 +207,17 @@ def test_training_and_sampling_share_one_loading_path(tmp_path: Path, monkeypatc
     assert loaded == [str(checkpoint), str(checkpoint), str(models.WEIGHTS_DIR / "digits-unet")]
 
 
-def test_digits_unet_samples_offline(tmp_path: Path) -> None:
+def test_digits_unet_samples_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "run"
-    result = run_cli(
-        ["model=digits-unet", "scheduler=dpmsolver", "steps=4", "batch_size=2", f"hydra.run.dir={out}"], tmp_path
-    )
+    args = [
+        "model=digits-unet",
+        "scheduler=dpmsolver",
+        "steps=4",
+        "batch_size=2",
+        "logger=none",
+        f"hydra.run.dir={out}",
+    ]
+    result = run_main("scripts/run.py", args, tmp_path, monkeypatch)
     assert result.returncode == 0, result.stderr
     samples = np.load(out / "samples.npy")
     assert samples.shape == (2, 1, 32, 32) and np.isfinite(samples).all()
@@ -296,8 +283,9 @@ def test_bad_training_config_is_a_clear_error(tmp_path: Path, overrides: list[st
         train(train_cfg(*overrides), tmp_path)
 
 
-def test_cli_error_exits_without_traceback(tmp_path: Path) -> None:
-    result = run_cli(["dataset=folder", f"hydra.run.dir={tmp_path / 'out'}"], tmp_path, script="scripts/train.py")
+def test_cli_error_exits_without_traceback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    args = ["dataset=folder", f"hydra.run.dir={tmp_path / 'out'}"]
+    result = run_main("scripts/train.py", args, tmp_path, monkeypatch)
     assert result.returncode == 2
     assert "dataset.path" in result.stderr and "Traceback" not in result.stderr
 

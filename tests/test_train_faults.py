@@ -13,9 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ONE_THREAD, ROOT, run_cli
+from conftest import ROOT, TINY, cli_env, run_main, train_cfg
 from PIL import Image
-from test_train import TINY, train_cfg
 
 from diffexp.errors import DiffexpError
 from diffexp.folders import read_status_record
@@ -26,7 +25,7 @@ from diffexp.training.trainer import STATE_FILE, checkpoints
 
 def test_sigterm_interrupts_training_and_its_status_follows_the_steps(tmp_path: Path) -> None:
     args = [*TINY, "logger=wandb", "steps=100000", "log_every=2", "checkpoint_every=4", "hydra.run.dir=out"]
-    env = {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", **ONE_THREAD}
+    env = cli_env()
     proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "train.py"), *args], cwd=tmp_path,
                             env=env, stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
     end = time.monotonic() + 240
@@ -43,7 +42,9 @@ def test_sigterm_interrupts_training_and_its_status_follows_the_steps(tmp_path: 
     assert OfflineRun.read(tmp_path / "out" / "wandb").exit_code not in (None, 0)
 
 
-def test_a_file_that_is_no_image_in_the_dataset_folder_is_one_paragraph(tmp_path: Path) -> None:
+def test_a_file_that_is_no_image_in_the_dataset_folder_is_one_paragraph(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     images = tmp_path / "images"
     images.mkdir()
     for i in range(2):
@@ -51,7 +52,7 @@ def test_a_file_that_is_no_image_in_the_dataset_folder_is_one_paragraph(tmp_path
     (images / "notes.png").write_text("not an image")
     (images / "readme.txt").write_text("ignored: not an image's name")
     args = [*TINY, "dataset=folder", f"dataset.path={images}", "steps=2", "hydra.run.dir=out"]
-    result = run_cli(args, tmp_path, script="scripts/train.py")
+    result = run_main("scripts/train.py", args, tmp_path, monkeypatch)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "holds 1 file(s) with an image's name that are not readable images: notes.png" in result.stderr
     assert not (tmp_path / "out" / "checkpoints").exists()  # refused before training

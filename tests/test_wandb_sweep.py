@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import run_cli
+from conftest import run_main
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 from wandb.sdk.launch.sweeps import utils as sweep_utils
@@ -99,11 +99,13 @@ def test_why_null_is_written_as_a_string() -> None:
     assert [type(o.value()) for o in parsed] == [bool, bool, float, float, int, str, float]
 
 
-def test_one_agent_command_runs(tmp_path: Path) -> None:
+def test_one_agent_command_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     sweep = yaml.safe_load((CONFIG_DIR / "wandb" / "sweep-grid.yaml").read_text())
     values = {"model": "digits-ideal", "scheduler": "dpmsolver", "steps": 3, "scheduler.use_karras_sigmas": True}
     command = agent_command(sweep, values)
-    result = run_cli([*command[3:], "batch_size=1", f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
+    assert command[2] == "scripts/run.py", command  # env, python, the program, then its overrides
+    args = [*command[3:], "batch_size=1", "logger=none", f"hydra.run.dir={tmp_path / 'run'}"]
+    result = run_main("scripts/run.py", args, tmp_path, monkeypatch)
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["label"] == "dpmsolver-karras-3" and metrics["scheduler"]["config"]["use_karras_sigmas"] is True
