@@ -44,8 +44,6 @@ REFUSED: dict[str, str] = {
     "CMStochasticIterativeScheduler": "it is only for consistency models",
     "RePaintScheduler": "it inpaints and needs a mask",
     "UnCLIPScheduler": "it is specific to unCLIP",
-    "FlowMatchEulerDiscreteScheduler": "it is for flow-matching models",
-    "FlowMatchHeunDiscreteScheduler": "it is for flow-matching models",
     "FlowMatchLCMScheduler": "it is for flow-matching models",
     "CogVideoXDDIMScheduler": "it is specific to CogVideoX",
     "CogVideoXDPMScheduler": "it is specific to CogVideoX",
@@ -65,8 +63,6 @@ REFUSED_NAMES: dict[str, str] = {
     "consistency": "CMStochasticIterativeScheduler",
     "repaint": "RePaintScheduler",
     "unclip": "UnCLIPScheduler",
-    "flow-match-euler": "FlowMatchEulerDiscreteScheduler",
-    "flow-match-heun": "FlowMatchHeunDiscreteScheduler",
     "ddim-inverse": "DDIMInverseScheduler",
 }
 # the loop passes these itself; they are never options

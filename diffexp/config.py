@@ -64,6 +64,11 @@ class ModelSource(str, Enum):
     package = "package"  # a pipeline folder shipped in the package: diffexp/weights/<path>
 
 
+class Parameterisation(str, Enum):
+    vp = "vp"  # a variance-preserving DDPM schedule: epsilon, v or x0 prediction
+    flow = "flow"  # the linear flow path x = (1 - sigma) x0 + sigma eps: velocity prediction
+
+
 @dataclass
 class ModelConfig:
     name: str = MISSING
@@ -78,6 +83,7 @@ class ModelConfig:
     num_classes: int | None = None
     null_class: int | None = None
     prediction_type: str | None = None  # digits-ideal and tiny: epsilon | v_prediction | sample (default epsilon)
+    parameterisation: Parameterisation = Parameterisation.vp  # digits-ideal: vp (DDPM betas) | flow (velocity)
 
 
 class Preview(str, Enum):

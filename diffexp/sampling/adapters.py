@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 import torch
 
 from diffexp.errors import DiffexpError
+from diffexp.sampling.flow import FlowSchedule
 from diffexp.sampling.guidance import Guidance, no_guidance
 from diffexp.sampling.network import Condition, Counter, Network
 from diffexp.sampling.noise import NoiseSchedule
@@ -36,7 +37,7 @@ class Adapter:
 
     network: Network
     prediction_type: str
-    schedule: NoiseSchedule  # the model's noise levels, to place a timestep or a sigma
+    schedule: NoiseSchedule | FlowSchedule  # the model's noise levels, to place a timestep or a sigma
     samples: range
     guidance: Guidance = field(default_factory=no_guidance)
     cond: Condition = field(default_factory=dict)  # the network's keyword arguments for the bound samples
@@ -111,6 +112,8 @@ class Adapter:
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
         """D(x, sigma): the clean image, for x = x0 + sigma eps at the model's noise level ``sigma``."""
         s = float(sigma)
+        if self.prediction_type == "flow_prediction":  # x = (1 - sigma) x0 + sigma eps, sigma in [0, 1]: as it is
+            return x - s * self.output(x, self.schedule.timestep_at(s))
         scale = (s * s + 1) ** -0.5  # to the model's variance-preserving input
         out = self.output(x * scale, self.schedule.timestep_at(s))
         if self.prediction_type == "epsilon":

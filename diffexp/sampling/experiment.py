@@ -23,6 +23,7 @@ from diffexp.sampling.adapters import (
     build_adapter,
 )
 from diffexp.sampling.device import resolve_device, resolve_dtype
+from diffexp.sampling.flow import FlowSchedule, flow_warnings, is_flow
 from diffexp.sampling.guidance import guidance_for
 from diffexp.sampling.loop import StepState, initial_noise, iter_steps
 from diffexp.sampling.models import LoadedModel, load_model
@@ -103,6 +104,7 @@ class Experiment:
                 self.generators,
                 self.built.step_kwargs,
                 self.run.log_every,
+                self.built.timestep_kwargs,
             )
 
 
@@ -117,12 +119,14 @@ def prepare(settings: RunSettings | DictConfig, model: LoadedModel | None = None
     check_compile(run.compile, device)
     identity = ("model", id(model.model)) if model is not None else ("config", repr(run.model))
     loaded = model or load_model(run.model, device, dtype)
-    built = build_scheduler(run.scheduler, loaded.scheduler_config, seed=run.seed)
-    try:
-        built.scheduler.set_timesteps(run.steps, device=device)  # checks the step count before any output
+    check_latent(run, loaded)
+    built = build_scheduler(run.scheduler, loaded.scheduler_config, seed=run.seed, sample_shape=loaded.sample_shape)
+    try:  # checks the step count before any output
+        built.scheduler.set_timesteps(run.steps, device=device, **built.timestep_kwargs)
     except (ValueError, IndexError) as err:
         raise DiffexpError(f"Scheduler '{run.scheduler.name}' cannot run {run.steps} steps: {err}") from None
-    check_latent(run, loaded)
+    if is_flow(loaded.scheduler_config):
+        built.warnings.extend(flow_warnings(built.scheduler))
     check_memory(adapter_for(run, loaded, built, range(1), device), loaded, device, run.batch_size, built)
     first = run.chunks()[0]
     adapter = adapter_for(run, loaded, built, first, device)
@@ -143,7 +147,9 @@ def adapter_for(
 ) -> Adapter:
     """The adapter of the model's family, bound to ``samples``, or a clear refusal of a condition or guidance it
     cannot take."""
-    schedule = NoiseSchedule(built.scheduler.alphas_cumprod.cpu())
+    flow = is_flow(loaded.scheduler_config)
+    steps = int(loaded.scheduler_config.get("num_train_timesteps", 1000))
+    schedule = FlowSchedule(steps) if flow else NoiseSchedule(built.scheduler.alphas_cumprod.cpu())
     common = {
         "network": Network(loaded.model),
         "prediction_type": loaded.prediction_type,

@@ -1,10 +1,16 @@
-"""The exact denoiser of the scikit-learn digits, wrapped as an epsilon-prediction UNet2DModel.
+"""The exact denoiser of the scikit-learn digits, wrapped as an epsilon-prediction UNet2DModel (or v, x0, or the
+velocity of the linear flow path).
 
 For data that is a finite set of images y_i (or a Gaussian mixture around them, std s), the denoiser
 D(x; sigma) = E[x0 | x0 + sigma * n = x] is closed-form (the "ideal denoiser" of Karras et al. 2022, EDM):
     w_i = softmax_i(-|x - y_i|^2 / (2 (s^2 + sigma^2)))
     D   = m + s^2 / (s^2 + sigma^2) * (x - m),   m = sum_i w_i y_i
 It has no model error at all, so every difference between schedulers is the schedulers' own.
+
+On the flow path x = (1 - sigma) x0 + sigma n (sigma = t / 1000), component i is seen as N((1 - sigma) y_i,
+(1 - sigma)^2 s^2 + sigma^2), so with v_f = (1 - sigma)^2 s^2 + sigma^2:
+    w_i = softmax_i(-|x - (1 - sigma) y_i|^2 / (2 v_f))
+    D   = m + (1 - sigma) s^2 / v_f * (x - (1 - sigma) m),   and the velocity v = eps - x0 = (x - D) / sigma.
 """
 
 from __future__ import annotations
@@ -46,6 +52,14 @@ DDPM_SCHEDULER_CONFIG: dict = {
     "trained_betas": None,
     "clip_sample": True,
     "variance_type": "fixed_small",
+}
+
+
+# a flow-matching model's scheduler config (FlowMatchEulerDiscreteScheduler, no shift), as the pipelines save it
+FLOW_SCHEDULER_CONFIG: dict = {
+    "_class_name": "FlowMatchEulerDiscreteScheduler",
+    "num_train_timesteps": 1000,
+    "shift": 1.0,
 }
 
 
@@ -92,8 +106,26 @@ class DigitsIdealDenoiser(ModelMixin, ConfigMixin):
         shrink = self.config.std**2 / var
         return (m + shrink * (flat - m)).reshape(x.shape)
 
+    def flow_velocity(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """The exact velocity eps - x0 at x = (1 - sigma) x0 + sigma n (sigma per sample, shape (B,))."""
+        b = x.shape[0]
+        key = (x.device, x.dtype)
+        if key not in self._images_on:
+            self._images_on[key] = self.images.to(x.device, x.dtype)
+        y, flat, keep = self._images_on[key], x.reshape(b, -1), (1 - sigma)[:, None]
+        var = keep**2 * self.config.std**2 + sigma[:, None] ** 2
+        d2 = torch.cdist(flat[:, None], keep[:, :, None] * y[None], compute_mode="donot_use_mm_for_euclid_dist")
+        w = torch.softmax(-(d2[:, 0] ** 2) / (2 * var), dim=1)
+        m = w @ y
+        x0 = m + keep * self.config.std**2 / var * (flat - keep * m)
+        return ((flat - x0) / sigma[:, None]).reshape(x.shape)
+
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float | int, return_dict: bool = True):
         t = torch.as_tensor(timestep).reshape(-1).expand(sample.shape[0])
+        if self.config.prediction_type == "flow_prediction":
+            sigma = (t.double() / 1000).to(sample.device, _exact(sample.device))
+            out = self.flow_velocity(sample.to(_exact(sample.device)), sigma).to(sample.dtype)
+            return UNet2DOutput(sample=out) if return_dict else (out,)
         sigma = self.sigma(t).to(sample.device, _exact(sample.device), non_blocking=True)  # on the host: no wait
         a = (1 + sigma**2).rsqrt()[:, None, None, None]  # alpha_t of the VP process x_t = a (x0 + sigma n)
         x = sample.to(_exact(sample.device)) / a

@@ -76,6 +76,8 @@ def predicted_x0(
     x0 = getattr(out, "pred_original_sample", None)
     if x0 is not None:
         return x0
+    if is_flow_matching(scheduler):  # FlowMatch Euler, Heun: the call's sigma is t / num_train_timesteps
+        return x0_from_output(output, x, None, t / scheduler.config.num_train_timesteps, prediction_type)
     if hasattr(scheduler, "_sigma_to_alpha_sigma_t"):
         # DPM-Solver, DEIS, UniPC, SA-Solver: VP space, alpha_t = 1/sqrt(1+sigma^2); step_index has advanced
         alpha_t, sigma_t = scheduler._sigma_to_alpha_sigma_t(scheduler.sigmas[scheduler.step_index - 1])
@@ -109,6 +111,7 @@ def iter_steps(
     generators: list[torch.Generator] | None = None,
     step_kwargs: dict[str, Any] | None = None,
     log_every: int = 10,
+    timestep_kwargs: dict[str, Any] | None = None,
 ) -> Iterator[StepState]:
     """Sample from ``noise`` (unit variance) with ``num_steps`` steps, yielding after every model call.
 
@@ -121,8 +124,9 @@ def iter_steps(
     is not counted.
     """
     device = noise.device
-    scheduler.set_timesteps(num_steps, device=device)  # fresh timesteps and internal state for this run
-    x = noise * scheduler.init_noise_sigma  # read after set_timesteps: it depends on the sigmas
+    # fresh timesteps and internal state for this run (``timestep_kwargs``: a flow model's dynamic shift, mu)
+    scheduler.set_timesteps(num_steps, device=device, **(timestep_kwargs or {}))
+    x = noise * getattr(scheduler, "init_noise_sigma", 1.0)  # read after set_timesteps: it depends on the sigmas
     kwargs = dict(step_kwargs or {})
     if generators is not None and "generator" in inspect.signature(scheduler.step).parameters:
         kwargs["generator"] = generators  # one generator per sample, as for the initial noise
@@ -131,7 +135,7 @@ def iter_steps(
     # the schedule on the host, once per run: the scheduler and the model get CPU timesteps (no device reads),
     # and the noise level of every timestep on the model's own schedule
     timesteps = scheduler.timesteps.cpu()
-    sigmas = sigma_at(log_sigmas(scheduler.alphas_cumprod), timesteps).tolist()
+    sigmas = call_sigmas(scheduler, timesteps)
     set_begin_index(scheduler, timesteps)
     prediction_type = getattr(model, "prediction_type", "epsilon")
     watch = Watch(device, timesteps)
@@ -139,7 +143,7 @@ def iter_steps(
     for i, (t, t_value) in enumerate(zip(timesteps, timesteps.tolist(), strict=True)):
         watch.start()
         # 1. the model predicts noise, v or x0 from the scaled input (Euler-family: x / sqrt(sigma^2 + 1))
-        output = model(scheduler.scale_model_input(x, t), t)
+        output = model(scale_model_input(scheduler, x, t), t)
         # 2. the scheduler moves x towards t_prev
         out = scheduler.step(output, t, x, **kwargs)
         x0 = predicted_x0(scheduler, out, x, output, t, prediction_type)
@@ -206,6 +210,25 @@ class Watch:
             call_s, self.at_snapshot = (self.elapsed - self.at_snapshot) / self.since, self.elapsed
             self.since = 0
         return self.elapsed, call_s
+
+
+def is_flow_matching(scheduler: Any) -> bool:
+    return type(scheduler).__name__.startswith("FlowMatch")
+
+
+def scale_model_input(scheduler: Any, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The model's input: the scheduler's scaling where it has one (the flow-matching schedulers have none)."""
+    return scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
+
+
+def call_sigmas(scheduler: Any, timesteps: torch.Tensor) -> list[float]:
+    """The noise level of each model call: a flow scheduler's sigma (t / num_train_timesteps, or its own sigmas in
+    flow mode, whose network timesteps are rounded), else sqrt((1 - abar) / abar) on the model's schedule."""
+    if is_flow_matching(scheduler):
+        return (timesteps.double() / scheduler.config.num_train_timesteps).tolist()
+    if scheduler.config.get("use_flow_sigmas"):
+        return scheduler.sigmas[: len(timesteps)].double().tolist()
+    return sigma_at(log_sigmas(scheduler.alphas_cumprod), timesteps).tolist()
 
 
 def set_begin_index(scheduler: Any, timesteps: torch.Tensor) -> None:

@@ -16,9 +16,10 @@ from typing import Any
 import torch
 from diffusers import DiffusionPipeline, UNet2DModel
 
-from diffexp.config import WEIGHTS_DIR, ModelConfig, ModelSource
+from diffexp.config import WEIGHTS_DIR, ModelConfig, ModelSource, Parameterisation
 from diffexp.errors import DiffexpError
-from diffexp.sampling.ideal import DDPM_SCHEDULER_CONFIG, DigitsIdealDenoiser
+from diffexp.sampling.flow import FLOW_PREDICTION, is_flow
+from diffexp.sampling.ideal import DDPM_SCHEDULER_CONFIG, FLOW_SCHEDULER_CONFIG, DigitsIdealDenoiser
 from diffexp.sampling.latent import (
     LATENT_PIPELINES,
     NOT_SUPPORTED,
@@ -57,6 +58,9 @@ class LoadedModel:
 
     @property
     def prediction_type(self) -> str:
+        """epsilon, v_prediction or sample; flow_prediction for a flow-matching model (a FlowMatch config)."""
+        if is_flow(self.scheduler_config):
+            return FLOW_PREDICTION
         return str(self.scheduler_config.get("prediction_type") or "epsilon")
 
     @property
@@ -116,8 +120,11 @@ def load_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype = torc
     source = ModelSource(cfg.source)
     built_here = {"prediction_type": cfg.prediction_type or "epsilon"}
     if source == ModelSource.ideal:
+        if cfg.parameterisation == Parameterisation.flow:
+            built_here = {"prediction_type": check_flow_ideal(cfg)}
         model: torch.nn.Module = DigitsIdealDenoiser(cfg.sample_size or 32, cfg.std, **built_here)
-        scheduler_config, ident = DDPM_SCHEDULER_CONFIG | built_here, None
+        flow = cfg.parameterisation == Parameterisation.flow  # a FlowMatch config says what the model predicts
+        scheduler_config, ident = (FLOW_SCHEDULER_CONFIG if flow else DDPM_SCHEDULER_CONFIG | built_here), None
     elif source == ModelSource.random:
         model = tiny_unet(cfg.sample_size or 16, cfg.num_classes)
         scheduler_config, ident = DDPM_SCHEDULER_CONFIG | built_here, None
@@ -205,3 +212,13 @@ def _offline() -> bool:
     import os
 
     return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+
+
+def check_flow_ideal(cfg: ModelConfig) -> str:
+    """``model.parameterisation``: vp or flow; flow is the velocity (its prediction type is fixed)."""
+    if cfg.prediction_type not in (None, FLOW_PREDICTION):
+        raise DiffexpError(
+            f"model.prediction_type={cfg.prediction_type} does not apply with model.parameterisation=flow: a flow "
+            "model predicts the velocity v = eps - x0 (flow_prediction)."
+        )
+    return FLOW_PREDICTION

@@ -1,4 +1,5 @@
-"""What a model predicts, and the clean image each prediction implies (variance preserving)."""
+"""What a model predicts, and the clean image each prediction implies (variance preserving, or the linear flow
+path of a flow-matching model)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch
 
 from diffexp.errors import DiffexpError
 
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow_prediction")
 
 
 def x0_from_output(
@@ -21,4 +22,6 @@ def x0_from_output(
         return alpha_t * x - sigma_t * output
     if prediction_type == "sample":
         return output
+    if prediction_type == "flow_prediction":  # x = (1 - sigma) x0 + sigma eps, v = eps - x0: alpha_t = 1 - sigma_t
+        return x - sigma_t * output
     raise DiffexpError(f"Unknown prediction_type '{prediction_type}'; diffexp knows {', '.join(PREDICTION_TYPES)}.")

@@ -24,6 +24,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from diffexp.catalog import MODEL_KEYS, SchedulerSpec, option_signatures, resolve_class, scheduler_spec
 from diffexp.errors import DiffexpError
+from diffexp.sampling.flow import FLOW_PREDICTION, dynamic_mu, flow_mode, image_seq_len, is_flow
 
 
 @dataclass
@@ -34,6 +35,7 @@ class BuiltScheduler:
     scheduler: SchedulerMixin
     step_kwargs: dict[str, Any]
     warnings: list[str] = field(default_factory=list)
+    timestep_kwargs: dict[str, Any] = field(default_factory=dict)  # set_timesteps' (a flow model's dynamic mu)
 
     @property
     def name(self) -> str:
@@ -110,18 +112,26 @@ def build_scheduler(
     model_scheduler_config: Mapping[str, Any],
     options: Mapping[str, Any] | None = None,
     seed: int = 0,
+    sample_shape: tuple[int, ...] | None = None,
 ) -> BuiltScheduler:
-    """Build a scheduler (a spec, or a name with ``options``) from the model's scheduler config."""
+    """Build a scheduler (a spec, or a name with ``options``) from the model's scheduler config; ``sample_shape``
+    gives a flow model's dynamic shift its token count."""
     spec = as_spec(scheduler, options)
     cls = resolve_class(spec.name, spec.diffusers_class)
     config, step_kwargs = split_options(spec)
     init, _ = option_signatures(cls)
-    model_prediction = str(model_scheduler_config.get("prediction_type") or "epsilon")
+    flow = is_flow(model_scheduler_config)
+    model_prediction = FLOW_PREDICTION if flow else str(model_scheduler_config.get("prediction_type") or "epsilon")
     if model_prediction not in spec.prediction_types:
         raise DiffexpError(
             f"Scheduler '{spec.name}' ({cls.__name__}) cannot sample a model that predicts {model_prediction}: "
             f"diffusers implements only {', '.join(spec.prediction_types)} for it. Choose another scheduler."
         )
+    for key in ("shift", "flow_shift"):
+        if config.get(key) is not None and not config[key] > 0:
+            raise DiffexpError(f"scheduler.{key}={config[key]} is not allowed: a flow shift must be > 0.")
+    if flow:
+        config |= flow_mode(cls, model_scheduler_config, config)
     if config.get("prediction_type", model_prediction) != model_prediction:
         raise DiffexpError(
             f"scheduler.prediction_type={config['prediction_type']} contradicts the model, which predicts "
@@ -137,8 +147,8 @@ def build_scheduler(
         ) from None
 
     # the betas must be the ones the model was trained with (from_config drops keys left at defaults)
-    expected = DDPMScheduler.from_config(dict(model_scheduler_config)).alphas_cumprod
-    if not torch.allclose(built.alphas_cumprod, expected, rtol=1e-5, atol=1e-7):
+    expected = None if flow else DDPMScheduler.from_config(dict(model_scheduler_config)).alphas_cumprod
+    if expected is not None and not torch.allclose(built.alphas_cumprod, expected, rtol=1e-5, atol=1e-7):
         raise DiffexpError(
             f"Scheduler '{spec.name}' does not reproduce the model's noise schedule (alphas_cumprod differ). "
             "Set the model's beta_start, beta_end and beta_schedule in its scheduler config."
@@ -151,7 +161,29 @@ def build_scheduler(
             f"{cls.__name__} inherits {', '.join(inherited)}=True {source}: x0 is clipped, so it follows a different "
             f"ODE from unclipped schedulers (set scheduler.{inherited[0]}=false to compare)."
         )
-    return BuiltScheduler(spec, built, step_kwargs, warnings)
+    return BuiltScheduler(
+        spec, built, step_kwargs, warnings, dynamic_shift(built, model_scheduler_config, sample_shape)
+    )
+
+
+def dynamic_shift(
+    scheduler: SchedulerMixin, model_config: Mapping[str, Any], sample_shape: tuple[int, ...] | None
+) -> dict[str, Any]:
+    """``mu`` for ``set_timesteps`` where the shift is dynamic: the scheduler's own setting (flow-euler), or a flow
+    model's that a solver in flow mode follows through ``mu``, from the image's token count."""
+    dynamic = scheduler.config.get("use_dynamic_shifting")
+    if dynamic is None and scheduler.config.get("use_flow_sigmas"):
+        dynamic = model_config.get("use_dynamic_shifting")
+    if not dynamic:
+        return {}
+    if "mu" not in inspect.signature(scheduler.set_timesteps).parameters:
+        raise DiffexpError(
+            f"{type(scheduler).__name__} has no dynamic shifting (its set_timesteps takes no mu), but the model's "
+            "scheduler config asks for it; use flow-euler, dpmsolver, dpmsolver-single, unipc or deis."
+        )
+    if sample_shape is None:
+        raise DiffexpError("Dynamic shifting needs the image size (its token count) to compute the shift.")
+    return {"mu": dynamic_mu({**model_config, **scheduler.config}, image_seq_len(sample_shape))}
 
 
 def _plain(value: Any) -> Any:
