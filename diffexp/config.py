@@ -18,6 +18,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from diffexp.errors import DiffexpError
 from diffexp.numbers import non_finite
+from diffexp.schedule_config import ScheduleConfig
 
 NO_GUIDANCE = 1.0  # a guidance scale of 1 is the model's own output: no guidance
 
@@ -78,6 +79,7 @@ class ModelConfig:
     num_classes: int | None = None
     null_class: int | None = None
     prediction_type: str | None = None  # digits-ideal and tiny: epsilon | v_prediction | sample (default epsilon)
+    ays: str | None = None  # its published Align Your Steps table (sd15 | sdxl | svd); null: none published
 
 
 class Preview(str, Enum):
@@ -158,7 +160,8 @@ class RunConfig:
     model: ModelConfig = MISSING
     # name + options of one diffusers scheduler; options are checked against its signature when built
     scheduler: dict[str, Any] = field(default_factory=dict)
-    steps: int = 30
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)  # the noise levels (default: the scheduler's)
+    steps: int = 30  # this default counts as "steps unset" where a sampler or schedule sets its own
     batch_size: int = 4  # samples per model call (a chunk)
     num_samples: int | None = None  # samples per run in chunks of batch_size (null: one); <= 10**8, fitting on disk
     seed: int = 0
