@@ -109,6 +109,7 @@ def iter_steps(
     generators: list[torch.Generator] | None = None,
     step_kwargs: dict[str, Any] | None = None,
     log_every: int = 10,
+    timesteps_kwargs: dict[str, Any] | None = None,
 ) -> Iterator[StepState]:
     """Sample from ``noise`` (unit variance) with ``num_steps`` steps, yielding after every model call.
 
@@ -118,10 +119,14 @@ def iter_steps(
     it; an adapter moves it to the device without waiting.
 
     The loop never waits for the device between snapshots (``Watch``). Time spent by the consumer between yields
-    is not counted.
+    is not counted. ``timesteps_kwargs``: an explicit schedule (``sigmas=`` or ``timesteps=``) instead of
+    ``num_steps``'s own.
     """
     device = noise.device
-    scheduler.set_timesteps(num_steps, device=device)  # fresh timesteps and internal state for this run
+    if timesteps_kwargs:  # fresh timesteps and internal state for this run
+        scheduler.set_timesteps(device=device, **timesteps_kwargs)
+    else:
+        scheduler.set_timesteps(num_steps, device=device)
     x = noise * scheduler.init_noise_sigma  # read after set_timesteps: it depends on the sigmas
     kwargs = dict(step_kwargs or {})
     if generators is not None and "generator" in inspect.signature(scheduler.step).parameters:
