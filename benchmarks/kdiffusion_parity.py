@@ -3,8 +3,9 @@
     PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/kdiffusion_parity.py
 
 Each pair runs on the same noise levels: the diffusers class's own (Karras's where it has
-``use_karras_sigmas``), given to the k-diffusion sampler as ``schedule=custom``; prints the largest difference of the final samples, relative to their
-largest magnitude. The README's table comes from this; tests/test_kdiffusion.py pins its "equal" rows.
+``use_karras_sigmas``), given to the k-diffusion sampler as ``schedule=custom``; prints the largest difference
+of the final samples, relative to their largest magnitude. The README's table comes from this;
+tests/test_kdiffusion.py pins its "equal" rows.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-import diffexp  # noqa: E402
-from diffexp.sampling.loop import sample  # noqa: E402
+import diffexp
+from diffexp.sampling.loop import sample
 
 # k-diffusion sampler, diffusers scheduler file and its options
 PAIRS = [

@@ -52,7 +52,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "diffexp.numbers",
     ),
     # the schema (and its schedule group); refused scheduler names; scheduler files; the typed run
-    ("diffexp.schedule_config", "diffexp.config", "diffexp.refused", "diffexp.catalog", "diffexp.settings"),
+    ("diffexp.config", "diffexp.schedule_config", "diffexp.refused", "diffexp.catalog", "diffexp.settings"),
     ("diffexp.sampling",),  # the loop, schedulers, models, noise, the experiment
     ("diffexp.metrics",),  # the Metric contract and each metric
     ("diffexp.tracking",),  # the W&B session policy and the offline reader

@@ -27,11 +27,10 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
-from diffexp.config import NO_GUIDANCE, RunConfig, config_dir, guided
+from diffexp.config import NO_GUIDANCE, RunConfig, config_dir, guided, schedule_label
 from diffexp.errors import DiffexpError
 from diffexp.folders import safe_name
 from diffexp.refused import REFUSED, REFUSED_NAMES
-from diffexp.schedule_config import schedule_label
 
 # keys of a scheduler file that are no options
 DECLARED = ("name", "diffusers_class", "stochastic", "theory_order", "prediction_types", "ranges")

@@ -18,7 +18,6 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from diffexp.errors import DiffexpError
 from diffexp.numbers import non_finite
-from diffexp.schedule_config import ScheduleConfig
 
 NO_GUIDANCE = 1.0  # a guidance scale of 1 is the model's own output: no guidance
 
@@ -91,6 +90,47 @@ class WandbMode(str, Enum):
     online = "online"
     offline = "offline"
     disabled = "disabled"
+
+
+@dataclass
+class ScheduleConfig:
+    """The ``schedule`` group (diffexp/schedule_config.py checks it): a noise schedule and its parameters
+    (those a formula does not read are ignored by it, never set silently:
+    each group file sets only its own)."""
+
+    name: str = "default"
+    sigma_min: float | None = None  # range formulas: null is the model's smallest training sigma
+    sigma_max: float | None = None  # null: the model's largest
+    rho: float = 7.0  # karras (Karras et al. 2022: 7); polyexponential (its file: 1)
+    alpha: float = 0.6  # beta (ComfyUI's defaults)
+    beta: float = 0.6
+    threshold_noise: float = 0.025  # linear_quadratic
+    linear_steps: int | None = None  # linear_quadratic; null: steps // 2
+    table: str | None = None  # ays: sd15 | sdxl | svd; null: the model's own (model.ays)
+    sigmas: list[float] | None = None  # custom: decreasing noise levels, > 0, a final 0 allowed
+    timesteps: list[float] | None = None  # custom: decreasing training timesteps
+
+    @property
+    def is_default(self) -> bool:
+        return self.name == "default"
+
+    @property
+    def label(self) -> str:
+        """A short name for run labels: karras, karras-rho5, beta-a0.5-b0.6, custom ..."""
+        extra = {"karras": ("rho", 7.0), "polyexponential": ("rho", 1.0)}.get(self.name)
+        if extra and getattr(self, extra[0]) != extra[1]:
+            return f"{self.name}-rho{self.rho:g}"
+        if self.name == "beta" and (self.alpha, self.beta) != (0.6, 0.6):
+            return f"beta-a{self.alpha:g}-b{self.beta:g}"
+        return self.name
+
+
+def schedule_label(node: dict[str, object] | ScheduleConfig | None) -> str:
+    """The label of a schedule node (a composed config's, or none: the scheduler's own)."""
+    if node is None:
+        return "default"
+    plan = node if isinstance(node, ScheduleConfig) else ScheduleConfig(**node)  # type: ignore[arg-type]
+    return plan.label
 
 
 @dataclass

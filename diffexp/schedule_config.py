@@ -10,8 +10,8 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 
+from diffexp.config import ScheduleConfig
 from diffexp.errors import DiffexpError
 
 # name -> what the formula reads: the model's sigma range (or schedule.sigma_min / sigma_max), its discrete table,
@@ -32,46 +32,6 @@ SCHEDULES = {
     "custom": "given",
 }
 AYS_NAMES = {"sd15": "Stable Diffusion 1.5", "sdxl": "Stable Diffusion XL", "svd": "Stable Video Diffusion"}
-
-
-@dataclass
-class ScheduleConfig:
-    """A noise schedule and its parameters (those a formula does not read are ignored by it, never set silently:
-    each group file sets only its own)."""
-
-    name: str = "default"
-    sigma_min: float | None = None  # range formulas: null is the model's smallest training sigma
-    sigma_max: float | None = None  # null: the model's largest
-    rho: float = 7.0  # karras (Karras et al. 2022: 7); polyexponential (its file: 1)
-    alpha: float = 0.6  # beta (ComfyUI's defaults)
-    beta: float = 0.6
-    threshold_noise: float = 0.025  # linear_quadratic
-    linear_steps: int | None = None  # linear_quadratic; null: steps // 2
-    table: str | None = None  # ays: sd15 | sdxl | svd; null: the model's own (model.ays)
-    sigmas: list[float] | None = None  # custom: decreasing noise levels, > 0, a final 0 allowed
-    timesteps: list[float] | None = None  # custom: decreasing training timesteps
-
-    @property
-    def is_default(self) -> bool:
-        return self.name == "default"
-
-    @property
-    def label(self) -> str:
-        """A short name for run labels: karras, karras-rho5, beta-a0.5-b0.6, custom ..."""
-        extra = {"karras": ("rho", 7.0), "polyexponential": ("rho", 1.0)}.get(self.name)
-        if extra and getattr(self, extra[0]) != extra[1]:
-            return f"{self.name}-rho{self.rho:g}"
-        if self.name == "beta" and (self.alpha, self.beta) != (0.6, 0.6):
-            return f"beta-a{self.alpha:g}-b{self.beta:g}"
-        return self.name
-
-
-def schedule_label(node: dict[str, object] | ScheduleConfig | None) -> str:
-    """The label of a schedule node (a composed config's, or none: the scheduler's own)."""
-    if node is None:
-        return "default"
-    plan = node if isinstance(node, ScheduleConfig) else ScheduleConfig(**node)  # type: ignore[arg-type]
-    return plan.label
 
 
 def read_schedule(node: ScheduleConfig, steps: int, steps_given: bool) -> tuple[ScheduleConfig, int]:

@@ -25,6 +25,7 @@ from diffexp.config import (
     Precision,
     Preview,
     RunConfig,
+    ScheduleConfig,
     SweepConfig,
     check_config,
     compile_mode,
@@ -32,7 +33,7 @@ from diffexp.config import (
 )
 from diffexp.errors import DiffexpError
 from diffexp.samples import Chunks
-from diffexp.schedule_config import ScheduleConfig, read_schedule
+from diffexp.schedule_config import read_schedule
 
 
 def compose(overrides: Sequence[str] = (), config_name: str = "run") -> DictConfig:

@@ -10,20 +10,22 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from diffexp.catalog import SchedulerSpec
-from diffexp.config import RunConfig
+from diffexp.config import RunConfig, ScheduleConfig
 from diffexp.errors import DiffexpError
 from diffexp.sampling import schedules
-from diffexp.sampling.kdiffusion import RANGE_ONLY, KSampler, check_options
-from diffexp.sampling.models import LoadedModel
+from diffexp.sampling.ksampler import RANGE_ONLY, KSampler, check_options
 from diffexp.sampling.noise import NoiseSchedule
 from diffexp.sampling.schedulers import BuiltScheduler, build_scheduler
-from diffexp.schedule_config import AYS_NAMES, ScheduleConfig
-from diffexp.settings import RunSettings
+from diffexp.schedule_config import AYS_NAMES
+
+if TYPE_CHECKING:
+    from diffexp.sampling.models import LoadedModel
+    from diffexp.settings import RunSettings
 
 
 def schedule_sigmas(
