@@ -17,7 +17,7 @@ def options_of(node: dict) -> dict:
     return {k: v for k, v in node.items() if k not in DECLARED}
 
 
-SCHEDULER_FILES = sorted(p.stem for p in (ROOT / "configs" / "scheduler").glob("*.yaml"))
+SCHEDULER_FILES = sorted(p.stem for p in (ROOT / "configs" / "scheduler").glob("*.yaml") if not p.stem.startswith("k-"))
 MODEL_FILES = sorted(p.stem for p in (ROOT / "configs" / "model").glob("*.yaml"))
 
 
