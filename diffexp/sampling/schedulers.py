@@ -52,6 +52,8 @@ class BuiltScheduler:
 
         if self.sampler:
             return [float(v) for v in self.sampler.sigmas]
+        if getattr(self.scheduler, "timesteps", None) is None:
+            return []  # no timesteps set yet
         own = getattr(self.scheduler, "sigmas", None)
         if own is not None and len(own) == len(self.scheduler.timesteps) + 1:
             return [float(v) for v in own.cpu()]  # Euler-family: its own, with the final 0
