@@ -8,7 +8,9 @@ STAMP := .make/installed
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
-	$(PYTHON) -m pip install -q -e ".[dev]"
+	$(PYTHON) -m pip install -q -e ".[dev,kdiffusion]"
+	# k-diffusion without its declared dependencies: dctorch 0.1.2 pins numpy<2 and would downgrade numpy (README)
+	$(PYTHON) -m pip install -q --no-deps k-diffusion==0.1.1.post1 dctorch==0.1.2 clean-fid==0.1.35 clip-anytorch==2.6.0 jsonmerge==1.9.2
 	@mkdir -p $(@D) && touch $@
 
 run: install

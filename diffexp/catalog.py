@@ -6,7 +6,9 @@ A scheduler file holds its diffexp ``name``, three declarations and the options 
 - ``theory_order``: the global order of accuracy that theory gives its ODE solver (null: none);
 - ``prediction_types``: the model parameterisations it can take (epsilon, v_prediction, sample);
 - ``ranges`` (optional): ``option: [low, high]`` (null: open), the values diffusers honours, where it would
-  otherwise run another value silently (DPM-Solver's ``solver_order=9`` runs order 3).
+  otherwise run another value silently (DPM-Solver's ``solver_order=9`` runs order 3);
+- ``takes`` (optional): the explicit schedule it takes (sigmas | timesteps; null: none, so ``schedule=`` is refused);
+- ``family: k-diffusion`` and ``function``: a k-diffusion sampler (``diffexp.sampling.kdiffusion``).
 
 Everything else in the file is an option of the class. Adding a scheduler is adding a file: the tables here are
 read from the files. Classes that cannot drive a DDPM-style UNet are refused, with the reason.
@@ -25,46 +27,18 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
-from diffexp.config import NO_GUIDANCE, RunConfig, config_dir, guided
+from diffexp.config import NO_GUIDANCE, RunConfig, config_dir, guided, schedule_label
 from diffexp.errors import DiffexpError
 from diffexp.folders import safe_name
+from diffexp.refused import REFUSED, REFUSED_NAMES
 
 # keys of a scheduler file that are no options
 DECLARED = ("name", "diffusers_class", "stochastic", "theory_order", "prediction_types", "ranges")
-REQUIRED = DECLARED[:5]  # every scheduler file declares these
+DECLARED += ("takes", "family", "function")
+REQUIRED = DECLARED[:5]  # every scheduler file declares these (a k-diffusion one: diffusers_class null)
+TAKES = ("sigmas", "timesteps")  # what explicit schedule a scheduler takes (``takes``; null: none)
+K_FAMILY = "k-diffusion"  # ``family`` of the files that name a k-diffusion sampler (``function``)
 
-# diffusers schedulers that cannot drive such a model, and why
-REFUSED: dict[str, str] = {
-    "EDMEulerScheduler": "it uses EDM timestep and output scaling",
-    "EDMDPMSolverMultistepScheduler": "it uses EDM timestep and output scaling",
-    "IPNDMScheduler": "it expects continuous time in [0, 1]",
-    "LCMScheduler": "it is only for consistency-distilled models",
-    "TCDScheduler": "it is only for trajectory-consistency-distilled models",
-    "ScoreSdeVeScheduler": "it is a variance-exploding score-SDE sampler",
-    "CMStochasticIterativeScheduler": "it is only for consistency models",
-    "RePaintScheduler": "it inpaints and needs a mask",
-    "UnCLIPScheduler": "it is specific to unCLIP",
-    "FlowMatchLCMScheduler": "it is for flow-matching models",
-    "CogVideoXDDIMScheduler": "it is specific to CogVideoX",
-    "CogVideoXDPMScheduler": "it is specific to CogVideoX",
-    "DDIMInverseScheduler": "it inverts images into noise",
-    "DPMSolverMultistepInverseScheduler": "it inverts images into noise",
-    "AmusedScheduler": "it samples discrete tokens",
-    "VQDiffusionScheduler": "it samples discrete tokens",
-}
-# short names people try for the refused ones
-REFUSED_NAMES: dict[str, str] = {
-    "edm-euler": "EDMEulerScheduler",
-    "edm-dpmsolver": "EDMDPMSolverMultistepScheduler",
-    "ipndm": "IPNDMScheduler",
-    "lcm": "LCMScheduler",
-    "tcd": "TCDScheduler",
-    "score-sde-ve": "ScoreSdeVeScheduler",
-    "consistency": "CMStochasticIterativeScheduler",
-    "repaint": "RePaintScheduler",
-    "unclip": "UnCLIPScheduler",
-    "ddim-inverse": "DDIMInverseScheduler",
-}
 # the loop passes these itself; they are never options
 LOOP_ARGS = {"self", "model_output", "timestep", "sample", "generator", "variance_noise", "return_dict"}
 # configuration that belongs to the model, not to a scheduler comparison
@@ -76,8 +50,9 @@ class SchedulerFile:
     """One ``configs/scheduler/<name>.yaml``: its declarations and its options, unresolved."""
 
     name: str
-    diffusers_class: str
+    diffusers_class: str  # "" for a k-diffusion sampler
     path: Path
+    family: str = "diffusers"
 
     def spec(self, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """The file's contents with ``overrides`` on top, interpolations resolved."""
@@ -95,7 +70,10 @@ def scheduler_files() -> dict[str, SchedulerFile]:
     files = {}
     for path in sorted((config_dir() / "scheduler").glob("*.yaml")):
         node = yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
-        files[str(node["name"])] = SchedulerFile(str(node["name"]), str(node["diffusers_class"]), path)
+        family = str(node.get("family") or "diffusers")
+        files[str(node["name"])] = SchedulerFile(
+            str(node["name"]), str(node.get("diffusers_class") or ""), path, family
+        )
     return files
 
 
@@ -168,14 +146,28 @@ class SchedulerSpec:
     prediction_types: tuple[str, ...]  # the model parameterisations it can take
     ranges: Mapping[str, tuple[float | None, float | None]] = field(default_factory=dict)
     options: Mapping[str, Any] = field(default_factory=dict)  # what is set (non-null): config and step options
+    takes: str | None = None  # the explicit schedule it takes: sigmas, timesteps, or None (none)
+    family: str = "diffusers"  # or k-diffusion: ``function`` of k_diffusion.sampling
+    function: str | None = None
+
+    @property
+    def is_k(self) -> bool:
+        return self.family == K_FAMILY
 
     @property
     def record(self) -> dict[str, Any]:
-        """Name, class and the options set: what a run records of its scheduler."""
+        """Name, class (or k-diffusion function) and the options set: what a run records of its scheduler."""
+        if self.is_k:
+            return {**self.options, "name": self.name, "family": self.family, "function": self.function}
         return {**self.options, "name": self.name, "diffusers_class": self.diffusers_class}
 
     def non_default_options(self) -> dict[str, Any]:
-        """The options that differ from the diffusers class default ({} for a class diffusers lacks)."""
+        """The options that differ from the diffusers class default ({} for a class diffusers lacks); for a
+        k-diffusion sampler, those that differ from its file's (the function's defaults)."""
+        if self.is_k:
+            known = scheduler_files().get(self.name)
+            defaults = known.spec() if known else {}
+            return {k: v for k, v in self.options.items() if v != defaults.get(k)}
         try:
             init, step = option_signatures(resolve_class(self.name, self.diffusers_class))
         except DiffexpError:
@@ -196,8 +188,9 @@ def scheduler_spec(node: Mapping[str, Any]) -> SchedulerSpec:
     if name is None:
         raise DiffexpError("The scheduler config has no 'name'; choose one with scheduler=<name>.")
     name = str(name)
-    class_name = class_name_of(name, node.get("diffusers_class"))
     known = scheduler_files().get(name)
+    family = str(node.get("family") or (known.family if known else "diffusers"))
+    class_name = "" if family == K_FAMILY else class_name_of(name, node.get("diffusers_class"))
     if known is not None and not all(k in node for k in REQUIRED[1:]):
         overrides = {k: v for k, v in node.items() if k != "name"}
         node = {**{k: v for k, v in known.spec(overrides).items() if k in DECLARED}, **node}
@@ -211,6 +204,11 @@ def scheduler_spec(node: Mapping[str, Any]) -> SchedulerSpec:
     ranges = {k: (v[0], v[1]) for k, v in (node.get("ranges") or {}).items()}
     check_ranges(name, options, ranges)
     order = node.get("theory_order")
+    takes = node.get("takes")
+    if takes is not None and takes not in TAKES:
+        raise DiffexpError(f"Scheduler '{name}' declares takes: {takes}; a scheduler takes sigmas, timesteps or null.")
+    if family == K_FAMILY and not node.get("function"):
+        raise DiffexpError(f"Scheduler '{name}' is a k-diffusion sampler without 'function' (k_diffusion.sampling's).")
     return SchedulerSpec(
         name=name,
         diffusers_class=class_name,
@@ -219,6 +217,9 @@ def scheduler_spec(node: Mapping[str, Any]) -> SchedulerSpec:
         prediction_types=tuple(node.get("prediction_types") or ("epsilon",)),
         ranges=ranges,
         options=options,
+        takes=takes,
+        family=family,
+        function=node.get("function"),
     )
 
 
@@ -253,18 +254,21 @@ def scheduler_label(spec: SchedulerSpec) -> str:
     return "-".join(parts)
 
 
-def run_label(spec: SchedulerSpec, steps: int, guidance_scale: float = NO_GUIDANCE) -> str:
-    """What a run is: the scheduler label, the steps and any guidance, e.g. ``dpmsolver-karras-20-cfg3``."""
-    return f"{spec.label}-{steps}" + (f"-cfg{guidance_scale:g}" if guided(guidance_scale) else "")
+def run_label(spec: SchedulerSpec, steps: int, guidance_scale: float = NO_GUIDANCE, schedule: str = "default") -> str:
+    """What a run is: the scheduler label, a schedule other than the scheduler's own, the steps and any guidance,
+    e.g. ``dpmsolver-karras-20-cfg3``, ``k-euler-beta-20``."""
+    middle = "" if schedule == "default" else f"-{schedule}"
+    return f"{spec.label}{middle}-{steps}" + (f"-cfg{guidance_scale:g}" if guided(guidance_scale) else "")
 
 
-def run_label_resolver(scheduler: Any, steps: int, guidance_scale: float = NO_GUIDANCE) -> str:
+def run_label_resolver(scheduler: Any, steps: int, guidance_scale: float = NO_GUIDANCE, schedule: Any = None) -> str:
     """The run label as a folder name (``${run_label:...}`` in hydra.run.dir): ``safe_name`` keeps a '/' or '..'
     in an option value out of the path. A scheduler the run will refuse is named as given: the run says why."""
     node = OmegaConf.to_container(scheduler, resolve=True) if OmegaConf.is_config(scheduler) else scheduler
+    plan = OmegaConf.to_container(schedule, resolve=True) if OmegaConf.is_config(schedule) else schedule
     try:
-        label = run_label(scheduler_spec(node), steps, guidance_scale)  # type: ignore[arg-type]
-    except DiffexpError:
+        label = run_label(scheduler_spec(node), steps, guidance_scale, schedule_label(plan))  # type: ignore[arg-type]
+    except (DiffexpError, TypeError):
         label = f"{node.get('name')}-{steps}"  # type: ignore[union-attr]
     return safe_name(label)
 
@@ -290,4 +294,6 @@ def register() -> None:
             OmegaConf.register_new_resolver(name, function)
 
 
-SCHEDULERS: dict[str, str] = {name: f.diffusers_class for name, f in scheduler_files().items()}  # name -> class
+# name -> diffusers class; name -> k-diffusion function's file
+SCHEDULERS: dict[str, str] = {name: f.diffusers_class for name, f in scheduler_files().items() if f.family != K_FAMILY}
+K_SAMPLERS: dict[str, Path] = {name: f.path for name, f in scheduler_files().items() if f.family == K_FAMILY}

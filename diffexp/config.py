@@ -84,6 +84,7 @@ class ModelConfig:
     null_class: int | None = None
     prediction_type: str | None = None  # digits-ideal and tiny: epsilon | v_prediction | sample (default epsilon)
     parameterisation: Parameterisation = Parameterisation.vp  # digits-ideal: vp (DDPM betas) | flow (velocity)
+    ays: str | None = None  # its published Align Your Steps table (sd15 | sdxl | svd); null: none published
 
 
 class Preview(str, Enum):
@@ -95,6 +96,47 @@ class WandbMode(str, Enum):
     online = "online"
     offline = "offline"
     disabled = "disabled"
+
+
+@dataclass
+class ScheduleConfig:
+    """The ``schedule`` group (diffexp/schedule_config.py checks it): a noise schedule and its parameters
+    (those a formula does not read are ignored by it, never set silently:
+    each group file sets only its own)."""
+
+    name: str = "default"
+    sigma_min: float | None = None  # range formulas: null is the model's smallest training sigma
+    sigma_max: float | None = None  # null: the model's largest
+    rho: float = 7.0  # karras (Karras et al. 2022: 7); polyexponential (its file: 1)
+    alpha: float = 0.6  # beta (ComfyUI's defaults)
+    beta: float = 0.6
+    threshold_noise: float = 0.025  # linear_quadratic
+    linear_steps: int | None = None  # linear_quadratic; null: steps // 2
+    table: str | None = None  # ays: sd15 | sdxl | svd; null: the model's own (model.ays)
+    sigmas: list[float] | None = None  # custom: decreasing noise levels, > 0, a final 0 allowed
+    timesteps: list[float] | None = None  # custom: decreasing training timesteps
+
+    @property
+    def is_default(self) -> bool:
+        return self.name == "default"
+
+    @property
+    def label(self) -> str:
+        """A short name for run labels: karras, karras-rho5, beta-a0.5-b0.6, custom ..."""
+        extra = {"karras": ("rho", 7.0), "polyexponential": ("rho", 1.0)}.get(self.name)
+        if extra and getattr(self, extra[0]) != extra[1]:
+            return f"{self.name}-rho{self.rho:g}"
+        if self.name == "beta" and (self.alpha, self.beta) != (0.6, 0.6):
+            return f"beta-a{self.alpha:g}-b{self.beta:g}"
+        return self.name
+
+
+def schedule_label(node: dict[str, object] | ScheduleConfig | None) -> str:
+    """The label of a schedule node (a composed config's, or none: the scheduler's own)."""
+    if node is None:
+        return "default"
+    plan = node if isinstance(node, ScheduleConfig) else ScheduleConfig(**node)  # type: ignore[arg-type]
+    return plan.label
 
 
 @dataclass
@@ -164,7 +206,8 @@ class RunConfig:
     model: ModelConfig = MISSING
     # name + options of one diffusers scheduler; options are checked against its signature when built
     scheduler: dict[str, Any] = field(default_factory=dict)
-    steps: int = 30
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)  # the noise levels (default: the scheduler's)
+    steps: int = 30  # this default counts as "steps unset" where a sampler or schedule sets its own
     batch_size: int = 4  # samples per model call (a chunk)
     num_samples: int | None = None  # samples per run in chunks of batch_size (null: one); <= 10**8, fitting on disk
     seed: int = 0

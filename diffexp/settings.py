@@ -25,6 +25,7 @@ from diffexp.config import (
     Precision,
     Preview,
     RunConfig,
+    ScheduleConfig,
     SweepConfig,
     check_config,
     compile_mode,
@@ -32,6 +33,7 @@ from diffexp.config import (
 )
 from diffexp.errors import DiffexpError
 from diffexp.samples import Chunks
+from diffexp.schedule_config import read_schedule
 
 
 def compose(overrides: Sequence[str] = (), config_name: str = "run") -> DictConfig:
@@ -50,6 +52,7 @@ class RunSettings:
 
     model: ModelConfig
     scheduler: SchedulerSpec
+    schedule: ScheduleConfig  # the noise levels, independently of the sampler ("default": the scheduler's own)
     steps: int
     batch_size: int  # samples per model call: a chunk
     num_samples: int  # samples of the run (``num_samples``, else one chunk of ``batch_size``)
@@ -79,7 +82,7 @@ class RunSettings:
     @property
     def label(self) -> str:
         """What the run is, e.g. ``dpmsolver-karras-20-cfg3``."""
-        return run_label(self.scheduler, self.steps, self.guidance.scale)
+        return run_label(self.scheduler, self.steps, self.guidance.scale, self.schedule.label)
 
     def chunks(self) -> Chunks:
         """The run's sample indices in chunks of ``batch_size`` (the last may be smaller), computed lazily."""
@@ -106,10 +109,12 @@ def read_settings(cfg: DictConfig) -> RunSettings:
         raise DiffexpError(
             f"model.std={std} is not allowed: a standard deviation is a number >= 0 whose square is finite."
         )
+    schedule, steps = read_schedule(node.schedule, node.steps, node.steps != RunConfig.steps)
     return RunSettings(
         model=node.model,
         scheduler=scheduler_spec(node.scheduler),
-        steps=node.steps,
+        schedule=schedule,
+        steps=steps,
         batch_size=node.batch_size,
         num_samples=total,
         seed=node.seed,

@@ -110,7 +110,7 @@ def test_shift_and_dynamic_shift_are_the_pipelines() -> None:
     mu = dynamic_mu(dict(exp.built.scheduler.config), 8 * 8)  # 16 px: 8x8 tokens of 2x2
     dynamic = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)
     dynamic.set_timesteps(6, mu=mu)
-    assert exp.built.timestep_kwargs == {"mu": mu} and torch.allclose(exp.built.scheduler.sigmas, dynamic.sigmas)
+    assert exp.built.timesteps_kwargs == {"mu": mu} and torch.allclose(exp.built.scheduler.sigmas, dynamic.sigmas)
 
 
 def test_what_the_network_really_gets_is_warned_about() -> None:

@@ -13,7 +13,7 @@ from diffexp.sampling.ideal import DDPM_SCHEDULER_CONFIG, digits_images
 from diffexp.sampling.loop import iter_steps
 from diffexp.sampling.schedulers import build_scheduler
 
-SECOND_ORDER = {"heun", "kdpm2", "kdpm2-ancestral", "dpmsolver-sde"}
+SECOND_ORDER = {"heun", "kdpm2", "kdpm2-ancestral", "dpmsolver-sde", "flow-heun"}
 
 
 def expected_nfe(name: str, n: int, skip_prk: bool = False) -> int:
@@ -26,7 +26,10 @@ def expected_nfe(name: str, n: int, skip_prk: bool = False) -> int:
 
 @pytest.mark.parametrize("name", list(SCHEDULERS))
 def test_every_scheduler_runs_with_exact_nfe(name: str) -> None:
-    exp = diffexp.prepare(compose("model=digits-ideal", f"scheduler={name}", "steps=6", "batch_size=2", "log_every=2"))
+    flow = ["model.parameterisation=flow"] if name.startswith("flow-") else []  # flow schedulers: a flow model
+    exp = diffexp.prepare(
+        compose("model=digits-ideal", *flow, f"scheduler={name}", "steps=6", "batch_size=2", "log_every=2")
+    )
     states = list(exp.steps())
     final = states[-1]
     assert torch.isfinite(final.x).all() and final.x.shape == (2, 1, 32, 32)

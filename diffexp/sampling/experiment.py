@@ -23,13 +23,15 @@ from diffexp.sampling.adapters import (
     build_adapter,
 )
 from diffexp.sampling.device import resolve_device, resolve_dtype
-from diffexp.sampling.flow import FlowSchedule, flow_warnings, is_flow
+from diffexp.sampling.flow import FlowSchedule, is_flow
 from diffexp.sampling.guidance import guidance_for
+from diffexp.sampling.kdiffusion import iter_k_steps
 from diffexp.sampling.loop import StepState, initial_noise, iter_steps
 from diffexp.sampling.models import LoadedModel, load_model
 from diffexp.sampling.network import Network
 from diffexp.sampling.noise import NoiseSchedule
-from diffexp.sampling.schedulers import BuiltScheduler, build_scheduler, split_options
+from diffexp.sampling.placement import build_for
+from diffexp.sampling.schedulers import BuiltScheduler, split_options
 from diffexp.sampling.speed import SpeedRecord, accelerate, check_compile, check_precision
 from diffexp.settings import RunSettings, read_settings
 
@@ -90,12 +92,15 @@ class Experiment:
     @property
     def total_calls(self) -> int:
         """The model calls this run will make (NFE)."""
-        return len(self.built.scheduler.timesteps)
+        return self.built.total_calls
 
     def steps(self) -> Iterator[StepState]:
         """The loop, one model call at a time: x, x0, timestep and NFE at each."""
         self.model.counter.reset()
         with torch.inference_mode():
+            if self.built.sampler is not None:  # k-diffusion's sampler on the adapter's denoise
+                yield from iter_k_steps(self.built.sampler, self.model, self.noise, self.generators, self.run.log_every)
+                return
             yield from iter_steps(
                 self.model,
                 self.built.scheduler,
@@ -104,7 +109,7 @@ class Experiment:
                 self.generators,
                 self.built.step_kwargs,
                 self.run.log_every,
-                self.built.timestep_kwargs,
+                self.built.timesteps_kwargs,
             )
 
 
@@ -112,21 +117,16 @@ def prepare(settings: RunSettings | DictConfig, model: LoadedModel | None = None
     """Build what the settings (or a composed config) name, bound to the first chunk. ``model`` replaces the
     configured one: any module called like UNet2DModel."""
     run = settings if isinstance(settings, RunSettings) else read_settings(settings)
-    split_options(run.scheduler)  # refuse a bad scheduler or option before loading anything
+    if not run.scheduler.is_k:
+        split_options(run.scheduler)  # refuse a bad scheduler or option before loading anything
     device = resolve_device(run.device)
     dtype = resolve_dtype(run.precision)
     check_precision(run.precision, device)
     check_compile(run.compile, device)
     identity = ("model", id(model.model)) if model is not None else ("config", repr(run.model))
     loaded = model or load_model(run.model, device, dtype)
+    built = build_for(run, loaded)  # the scheduler or k-diffusion sampler, the schedule placed (or refused)
     check_latent(run, loaded)
-    built = build_scheduler(run.scheduler, loaded.scheduler_config, seed=run.seed, sample_shape=loaded.sample_shape)
-    try:  # checks the step count before any output
-        built.scheduler.set_timesteps(run.steps, device=device, **built.timestep_kwargs)
-    except (ValueError, IndexError) as err:
-        raise DiffexpError(f"Scheduler '{run.scheduler.name}' cannot run {run.steps} steps: {err}") from None
-    if is_flow(loaded.scheduler_config):
-        built.warnings.extend(flow_warnings(built.scheduler))
     check_memory(adapter_for(run, loaded, built, range(1), device), loaded, device, run.batch_size, built)
     first = run.chunks()[0]
     adapter = adapter_for(run, loaded, built, first, device)

@@ -111,7 +111,7 @@ def iter_steps(
     generators: list[torch.Generator] | None = None,
     step_kwargs: dict[str, Any] | None = None,
     log_every: int = 10,
-    timestep_kwargs: dict[str, Any] | None = None,
+    timesteps_kwargs: dict[str, Any] | None = None,
 ) -> Iterator[StepState]:
     """Sample from ``noise`` (unit variance) with ``num_steps`` steps, yielding after every model call.
 
@@ -121,11 +121,16 @@ def iter_steps(
     it; an adapter moves it to the device without waiting.
 
     The loop never waits for the device between snapshots (``Watch``). Time spent by the consumer between yields
-    is not counted.
+    is not counted. ``timesteps_kwargs``: an explicit schedule (``sigmas=`` or ``timesteps=``) instead of
+    ``num_steps``'s own.
     """
     device = noise.device
-    # fresh timesteps and internal state for this run (``timestep_kwargs``: a flow model's dynamic shift, mu)
-    scheduler.set_timesteps(num_steps, device=device, **(timestep_kwargs or {}))
+    # fresh timesteps and internal state for this run: an explicit schedule, or the steps (and a flow model's mu)
+    kwargs = dict(timesteps_kwargs or {})
+    if "timesteps" in kwargs or "sigmas" in kwargs:
+        scheduler.set_timesteps(device=device, **kwargs)
+    else:
+        scheduler.set_timesteps(num_steps, device=device, **kwargs)
     x = noise * getattr(scheduler, "init_noise_sigma", 1.0)  # read after set_timesteps: it depends on the sigmas
     kwargs = dict(step_kwargs or {})
     if generators is not None and "generator" in inspect.signature(scheduler.step).parameters:

@@ -35,7 +35,33 @@ class BuiltScheduler:
     scheduler: SchedulerMixin
     step_kwargs: dict[str, Any]
     warnings: list[str] = field(default_factory=list)
-    timestep_kwargs: dict[str, Any] = field(default_factory=dict)  # set_timesteps' (a flow model's dynamic mu)
+    timesteps_kwargs: dict[str, Any] = field(default_factory=dict)  # an explicit schedule for set_timesteps
+    schedule: dict[str, Any] = field(default_factory=lambda: {"name": "default"})  # the schedule group's node
+    sampler: Any = None  # a k-diffusion sampler (diffexp.sampling.kdiffusion.KSampler); ``scheduler`` then only
+    # carries the model's table and the timesteps the adapter is called at (warm-up, memory check): it never steps
+
+    def set_timesteps(self, steps: int, device: torch.device | str | None = None) -> None:
+        """Fresh timesteps: the scheduler's own for ``steps``, or the explicit schedule placed on it."""
+        kwargs = self.timesteps_kwargs
+        if "timesteps" in kwargs or "sigmas" in kwargs:
+            self.scheduler.set_timesteps(device=device, **kwargs)
+        else:  # the steps, and a flow model's dynamic shift (mu)
+            self.scheduler.set_timesteps(steps, device=device, **kwargs)
+
+    def sigmas_used(self) -> list[float]:
+        """The noise levels of the timesteps set, on the model's own schedule, and the final one (0 or the last)."""
+        from diffexp.sampling.noise import log_sigmas, sigma_at
+
+        if self.sampler:
+            return [float(v) for v in self.sampler.sigmas]
+        if getattr(self.scheduler, "timesteps", None) is None:
+            return []  # no timesteps set yet
+        own = getattr(self.scheduler, "sigmas", None)
+        if own is not None and len(own) == len(self.scheduler.timesteps) + 1:
+            return [float(v) for v in own.cpu()]  # Euler-family: its own, with the final 0
+        if self.scheduler.config.get("use_flow_sigmas"):
+            return [float(v) for v in own.cpu()]
+        return sigma_at(log_sigmas(self.scheduler.alphas_cumprod), self.scheduler.timesteps.cpu()).tolist()
 
     @property
     def name(self) -> str:
@@ -60,13 +86,21 @@ class BuiltScheduler:
 
     @property
     def class_name(self) -> str:
-        return type(self.scheduler).__name__
+        return f"k_diffusion.sampling.{self.sampler.function}" if self.sampler else type(self.scheduler).__name__
+
+    @property
+    def total_calls(self) -> int:
+        """Model calls per run (NFE); a k-diffusion sampler's from its function (dpm-adaptive: 0, unknown)."""
+        return self.sampler.total_calls if self.sampler else len(self.scheduler.timesteps)
 
     def effective_config(self) -> dict[str, Any]:
         """Class, every setting in force (config and step arguments) and a short hash of them."""
         params = inspect.signature(type(self.scheduler).__init__).parameters
         settings = {k: _plain(v) for k, v in self.scheduler.config.items() if k in params}
+        if self.sampler:
+            settings = _plain(self.sampler.options)
         record = {"class": self.class_name, "config": settings, "step_kwargs": _plain(self.step_kwargs)}
+        record["schedule"] = {**_plain(self.schedule), "sigmas": self.sigmas_used()}
         digest = hashlib.sha1(json.dumps(record, sort_keys=True).encode()).hexdigest()[:8]
         return {**record, "hash": digest}
 
