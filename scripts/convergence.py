@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         for name in args.schedulers.split(","):
             resolve_class(name)  # an unknown or unusable name: the valid ones, before any work
-        cfg = compose(base)
+        cfg = compose([*base, f"scheduler={args.schedulers.split(',')[0]}"])  # the noise and model, once
         exp = diffexp.prepare(cfg)
         ref_cfg = cfg.metrics.reference
         spec = OmegaConf.to_container(ref_cfg.scheduler, resolve=True)

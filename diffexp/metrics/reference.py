@@ -24,6 +24,7 @@ from diffexp.catalog import option_signatures, resolve_class
 from diffexp.errors import DiffexpError
 from diffexp.folders import atomic
 from diffexp.sampling.adapters import Adapter, pixel_adapter
+from diffexp.sampling.flow import is_flow
 from diffexp.sampling.loop import StepState, iter_steps, sample
 from diffexp.sampling.models import LoadedModel
 from diffexp.sampling.schedulers import BuiltScheduler, build_scheduler
@@ -39,6 +40,8 @@ def build_reference_scheduler(spec: Mapping[str, Any], scheduler_config: Mapping
     """The reference's scheduler: deterministic, and with clipping and thresholding off."""
     options = dict(spec)
     name = str(options.pop("name", ""))
+    if name == "heun" and is_flow(scheduler_config):  # the default reference: Heun, on the flow path for a flow model
+        name, options = "flow-heun", {}
     init, _ = option_signatures(resolve_class(name, options.get("diffusers_class")))
     for key in CLIPPING_OPTIONS:
         if options.get(key):

@@ -59,8 +59,8 @@ class BuiltScheduler:
         own = getattr(self.scheduler, "sigmas", None)
         if own is not None and len(own) == len(self.scheduler.timesteps) + 1:
             return [float(v) for v in own.cpu()]  # Euler-family: its own, with the final 0
-        if self.scheduler.config.get("use_flow_sigmas"):
-            return [float(v) for v in own.cpu()]
+        if self.scheduler.config.get("use_flow_sigmas") or self.class_name.startswith("FlowMatch"):
+            return [float(v) for v in own.cpu()]  # a flow scheduler's own sigmas in [0, 1]
         return sigma_at(log_sigmas(self.scheduler.alphas_cumprod), self.scheduler.timesteps.cpu()).tolist()
 
     @property
