@@ -235,8 +235,8 @@ def chromium() -> tuple[str, str]:
     return browser, driver
 
 
-def open_page(chromium: tuple[str, str], page: Path, screenshot: Path, profile: Path) -> dict:
-    """Open ``page`` headless: its console errors, its images (loaded or not), and a full-page screenshot."""
+def browser(chromium: tuple[str, str], profile: Path):
+    """Headless Chromium driven by selenium, logging the page's console."""
     from selenium import webdriver
     from selenium.webdriver.chrome.options import Options
     from selenium.webdriver.chrome.service import Service
@@ -246,7 +246,12 @@ def open_page(chromium: tuple[str, str], page: Path, screenshot: Path, profile: 
     for flag in [*CHROMIUM_FLAGS, f"--user-data-dir={profile}"]:
         options.add_argument(flag)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(options=options, service=Service(executable_path=chromium[1]))
+    return webdriver.Chrome(options=options, service=Service(executable_path=chromium[1]))
+
+
+def open_page(chromium: tuple[str, str], page: Path, screenshot: Path, profile: Path) -> dict:
+    """Open ``page`` headless: its console errors, its images (loaded or not), and a full-page screenshot."""
+    driver = browser(chromium, profile)
     try:
         driver.set_window_size(1400, 1000)
         driver.get(page.as_uri())
@@ -280,7 +285,8 @@ def test_report_page_opens_offline_with_every_image(
     shutil.rmtree(sweep_dir / "report")  # nothing but the page itself
     seen = open_page(chromium, sweep_dir / "report.html", tmp_path / "report.png", tmp_path / "profile")
     assert seen["errors"] == []
-    assert len(seen["images"]) == 3  # grid, cost, trajectories
+    finished = [p for p in sweep_dir.glob("*/status.json") if json.loads(p.read_text())["status"] == "finished"]
+    assert len(seen["images"]) == 3 + len(finished)  # grid, cost, trajectories, and each finished run's scrubber
     assert all(i["complete"] and i["width"] > 100 for i in seen["images"]), seen["images"]
     assert "Runs that did not finish" in seen["text"] and "pndm, 2 steps" in seen["text"]
     shot = Image.open(tmp_path / "report.png")
@@ -300,3 +306,41 @@ def test_the_comparison_is_a_wandb_run_in_the_sweeps_group(
     (row,) = compare.history
     assert row["comparison"]["_type"] == "table-file" and row["comparison"]["nrows"] == 6
     assert {"grid", "cost"} <= set(row) and compare.summary["failed"] == 2
+
+
+SCRUB = """
+const slider = document.getElementById("scrub-slider");
+const shown = () => Array.from(document.querySelectorAll(".scrub-image")).map(i => i.src);
+const steps = () => Array.from(document.querySelectorAll(".scrub-step")).map(s => s.textContent);
+function move(value) { slider.value = value; slider.dispatchEvent(new Event("input")); return [shown(), steps()]; }
+function pick(name, value) {
+  const radio = document.querySelector(`input[name="${name}"][value="${value}"]`);
+  radio.checked = true; radio.dispatchEvent(new Event("change")); return [shown(), steps()];
+}
+const label = () => document.getElementById("scrub-position").textContent;
+const end = move(1000), start = move(0), x = pick("scrub-view", "x"), sigma = pick("scrub-align", "sigma");
+const sigmaLabel = label(), sigmaEnd = move(1000);
+return {end, start, x, sigma, sigmaEnd, sigmaLabel, runs: document.querySelectorAll(".scrub-run").length};
+"""
+
+
+def test_the_report_scrubs_every_run_with_one_slider(
+    sweep: tuple[Path, subprocess.CompletedProcess[str]], chromium: tuple[str, str], tmp_path: Path
+) -> None:
+    driver = browser(chromium, tmp_path / "profile")
+    try:
+        driver.get((sweep[0] / "report.html").as_uri())
+        seen = driver.execute_script(SCRUB)
+        errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+    finally:
+        driver.quit()
+    assert not errors, errors
+    finished = [p for p in sweep[0].glob("*/status.json") if json.loads(p.read_text())["status"] == "finished"]
+    assert seen["runs"] == len(finished) > 1  # every finished run has a figure
+    (end_src, end_steps), (start_src, start_steps) = seen["end"], seen["start"]
+    assert all(src.startswith("data:image/png;base64,") for src in end_src + start_src)  # embedded: offline
+    assert all(a != b for a, b in zip(end_src, start_src, strict=True))  # the slider moved every run
+    assert start_steps != end_steps  # each run moved to its first snapshot
+    assert seen["x"][0] != start_src  # x instead of x0, at the same position
+    # by noise level: from the noisiest snapshot of each run to its cleanest, whatever its step count
+    assert seen["sigmaLabel"].startswith("σ ≈") and seen["sigma"][1] == start_steps and seen["sigmaEnd"][1] == end_steps

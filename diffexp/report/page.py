@@ -18,6 +18,7 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
 from diffexp.folders import DASHBOARD_FILE, RunStatus
 from diffexp.report.jobs import Job
+from diffexp.report.scrub import scrub_runs
 from diffexp.report.tables import HEADERS, format_value, shown_columns
 
 if TYPE_CHECKING:
@@ -126,4 +127,5 @@ def render_page(
         facets=list(facets),
         net_evals="net_evals" in columns,
         dashboard=DASHBOARD_FILE if (Path(sweep_dir) / DASHBOARD_FILE).exists() else None,
+        scrub=scrub_runs(jobs),
     )
