@@ -286,7 +286,7 @@ def test_report_page_opens_offline_with_every_image(
     seen = open_page(chromium, sweep_dir / "report.html", tmp_path / "report.png", tmp_path / "profile")
     assert seen["errors"] == []
     finished = [p for p in sweep_dir.glob("*/status.json") if json.loads(p.read_text())["status"] == "finished"]
-    assert len(seen["images"]) == 3 + len(finished)  # grid, cost, trajectories, and each finished run's scrubber
+    assert len(seen["images"]) == 4 + len(finished)  # grid, cost, noise levels, trajectories, each run's scrubber
     assert all(i["complete"] and i["width"] > 100 for i in seen["images"]), seen["images"]
     assert "Runs that did not finish" in seen["text"] and "pndm, 2 steps" in seen["text"]
     shot = Image.open(tmp_path / "report.png")

@@ -138,6 +138,36 @@ def cost_figure(jobs: Sequence[Job]) -> Figure:
     return fig
 
 
+def schedule_levels(job: Job) -> list[float]:
+    """The positive noise levels a finished run used, in order (``metrics.json``: scheduler.schedule.sigmas)."""
+    schedule = (job.metrics.get("scheduler") or {}).get("schedule") or {}
+    return [float(s) for s in schedule.get("sigmas") or [] if isinstance(s, (int, float)) and s > 0]
+
+
+def schedule_figure(jobs: Sequence[Job]) -> Figure | None:
+    """The noise levels each series used against its step (log sigma), from its longest finished run: what a
+    schedule comparison compares. None where no run recorded its levels."""
+    longest: dict[str, Job] = {}
+    for job in jobs:
+        longer = job.series not in longest or job.steps > longest[job.series].steps
+        if job.finished and len(schedule_levels(job)) > 1 and longer:
+            longest[job.series] = job
+    if not longest:
+        return None
+    fig = Figure(figsize=(8, 4.4), dpi=110, layout="constrained")
+    ax = fig.subplots()
+    for (series, job), color in zip(longest.items(), colors(len(longest)), strict=True):
+        levels = schedule_levels(job)
+        ax.plot(range(len(levels)), levels, marker=".", color=color, label=f"{series} ({job.steps} steps)")
+    ax.set_yscale("log")
+    ax.set_xlabel("step (the noise level of each model call, in order)")
+    ax.set_ylabel("sigma (log scale)")
+    ax.grid(True, alpha=0.3, which="both")
+    ax.set_title("noise levels: the schedules compared")
+    _legend(ax)
+    return fig
+
+
 def _by_scale(jobs: Sequence[Job], key: str) -> list[tuple[float, float]]:
     """(guidance scale, ``key``) of the finished runs that hold ``key``, sorted by scale."""
     return sorted((j.guidance, v) for j in jobs if j.finished and (v := j.value(key)) is not None)

@@ -32,7 +32,7 @@ from diffexp.metrics.suite import QUALITY, STATED_WITH
 from diffexp.report.grid import caption, grid_figure, trajectory_figure
 from diffexp.report.jobs import Job, facet_title, facets, load_jobs
 from diffexp.report.page import render_page, summary
-from diffexp.report.plots import cost_figure, guidance_figure, quality_figure
+from diffexp.report.plots import cost_figure, guidance_figure, quality_figure, schedule_figure
 from diffexp.report.tables import table_rows, write_csv, write_markdown
 
 REPORT_DIR = "report"  # in the sweep folder: the figures and tables
@@ -92,6 +92,9 @@ def _figures(jobs: list[Job], quality: Mapping[str, Better], title: str, out: Pa
             figure = guidance_figure(jobs, key, better, stated)
             images[f"guidance-{key}"] = _save(figure, out / f"guidance-{key}.png", True)
     images["cost"] = _save(cost_figure(jobs), out / "cost.png", svg=True)
+    levels = schedule_figure(jobs)
+    if levels is not None:
+        images["schedules"] = _save(levels, out / "schedules.png", svg=True)
     strips = trajectory_figure(jobs)
     if strips is not None:
         images["trajectories"] = _save(strips, out / "trajectories.png")
