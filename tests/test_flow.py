@@ -135,3 +135,17 @@ def test_what_the_network_really_gets_is_warned_about() -> None:
 def test_bad_flow_input_is_refused(overrides: list[str], message: str) -> None:
     with pytest.raises(DiffexpError, match=message):
         flow("steps=4", *overrides)
+
+
+@pytest.mark.parametrize(("k_name", "name"), [("k-euler", "flow-euler"), ("k-heun", "flow-heun")])
+def test_k_diffusion_on_the_flow_path_equals_the_flow_scheduler(k_name: str, name: str) -> None:
+    """ComfyUI's CONST: k-diffusion's samplers on x = (1 - sigma) x0 + sigma eps through denoise(x, sigma)."""
+    expected = diffexp.sample(flow(f"scheduler={name}", "steps=6").steps())
+    got = diffexp.sample(flow(f"scheduler={k_name}", "steps=6").steps())
+    assert got.nfe == expected.nfe
+    assert (got.x - expected.x).abs().max() < 1e-5
+
+
+def test_stochastic_k_samplers_are_refused_on_the_flow_path() -> None:
+    with pytest.raises(DiffexpError, match="leaves the flow path"):
+        flow("scheduler=k-euler-ancestral", "steps=6")

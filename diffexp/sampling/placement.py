@@ -163,6 +163,8 @@ def build_k(run: RunSettings, loaded: LoadedModel) -> BuiltScheduler:
     options = check_options(spec.name, spec.function, dict(spec.options))
     if spec.prediction_types and loaded.prediction_type not in spec.prediction_types:
         raise DiffexpError(f"Scheduler '{spec.name}' cannot sample a model that predicts {loaded.prediction_type}.")
+    if is_flow(loaded.scheduler_config):
+        return build_k_flow(run, loaded, options)
     carrier = build_scheduler("euler", loaded.scheduler_config, seed=run.seed)
     noise = NoiseSchedule(carrier.scheduler.alphas_cumprod.cpu())
     karras = ScheduleConfig("karras", plan.sigma_min, plan.sigma_max)
@@ -176,4 +178,33 @@ def build_k(run: RunSettings, loaded: LoadedModel) -> BuiltScheduler:
     carrier.step_kwargs = {}
     carrier.warnings = []
     carrier.sampler = KSampler(spec.function, options, sigmas, steps, spec.stochastic)
+    return carrier
+
+
+def build_k_flow(run: RunSettings, loaded: LoadedModel, options: dict[str, Any]) -> BuiltScheduler:
+    """A k-diffusion sampler on a flow model: sigma in [0, 1] on the flow path (ComfyUI's CONST), the noise levels
+    of flow-euler (the model's shift, dynamic where its config says). Deterministic samplers only: k-diffusion's
+    ancestral and SDE steps add noise as x0 + sigma eps, which leaves the flow path (ComfyUI rewrites them)."""
+    spec, plan = run.scheduler, run.schedule
+    if spec.stochastic or spec.function in RANGE_ONLY:
+        raise DiffexpError(
+            f"scheduler={spec.name} cannot sample the flow model {loaded.name}: k-diffusion's "
+            + ("ancestral and SDE steps add noise as x0 + sigma eps (variance exploding), which leaves the flow "
+               "path x = (1 - sigma) x0 + sigma eps" if spec.stochastic else
+               "adaptive and fast DPM samplers take a variance-exploding sigma range")
+            + ". Use k-euler, k-heun, k-dpm2, k-lms or k-dpmpp-2m, or a flow scheduler (flow-euler, flow-heun)."
+        )  # fmt: skip
+    if not plan.is_default:
+        raise DiffexpError(
+            f"schedule={plan.name} places noise levels on a variance-preserving schedule; {loaded.name} is a "
+            "flow-matching model, whose noise levels the shift sets. Leave schedule at default."
+        )
+    carrier = build_scheduler("flow-euler", loaded.scheduler_config, seed=run.seed, sample_shape=loaded.sample_shape)
+    carrier.set_timesteps(run.steps, device="cpu")
+    sigmas = carrier.scheduler.sigmas.double().cpu()
+    carrier.schedule = {"name": "flow-shift", "requested": plan.name}
+    carrier.spec = spec
+    carrier.step_kwargs = {}
+    carrier.warnings = []
+    carrier.sampler = KSampler(spec.function, options, sigmas, run.steps, spec.stochastic)
     return carrier
