@@ -212,18 +212,22 @@ def test_stochastic_samplers_are_labelled_and_clipping_is_recorded(tmp_path: Pat
 @pytest.mark.parametrize(
     "name,options",
     [(name, {}) for name in diffexp.SCHEDULERS]
-    + [("ddim", {"eta": 1.0}), ("euler", {"s_churn": 1.0}), ("dpmsolver", {"algorithm_type": "sde-dpmsolver++"})],
+    + [("ddim", {"eta": 1.0}), ("euler", {"s_churn": 1.0}), ("dpmsolver", {"algorithm_type": "sde-dpmsolver++"})]
+    + [("flow-euler", {"stochastic_sampling": True})],
 )
 def test_the_stochastic_label_matches_what_the_scheduler_does(name: str, options: dict[str, Any]) -> None:
-    from diffexp.sampling.ideal import DDPM_SCHEDULER_CONFIG
+    from diffexp.sampling.ideal import DDPM_SCHEDULER_CONFIG, FLOW_SCHEDULER_CONFIG
 
-    model = diffexp.pixel_adapter(
-        load_model(compose("model=digits-ideal", "model.sample_size=8").model, torch.device("cpu")).model
-    )
+    flow = name.startswith("flow-")  # the flow schedulers sample the flow path of a flow model
+    parameterisation = "flow" if flow else "vp"
+    model_config = compose("model=digits-ideal", "model.sample_size=8", f"model.parameterisation={parameterisation}")
+    loaded = load_model(model_config.model, torch.device("cpu"))
+    model = diffexp.pixel_adapter(loaded.model, loaded.prediction_type)
     noise, _ = diffexp.initial_noise((1, 8, 8), 0, 2, torch.device("cpu"))
     finals = []
     for seed in (0, 1):  # the same initial noise; only the noise drawn during sampling differs
-        built = diffexp.build_scheduler(name, DDPM_SCHEDULER_CONFIG, options, seed=seed)
+        config = FLOW_SCHEDULER_CONFIG if flow else DDPM_SCHEDULER_CONFIG
+        built = diffexp.build_scheduler(name, config, options, seed=seed)
         other = [torch.Generator().manual_seed(100 * seed + k) for k in range(2)]
         finals.append(diffexp.sample(diffexp.iter_steps(model, built.scheduler, noise, 8, other, built.step_kwargs)).x)
     assert built.stochastic == (not torch.allclose(finals[0], finals[1])), name
