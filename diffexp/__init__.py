@@ -51,7 +51,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "diffexp.targets",
         "diffexp.numbers",
     ),
-    ("diffexp.config", "diffexp.catalog", "diffexp.settings"),  # the schema; scheduler files; the typed run
+    # the schema; scheduler files; guidance files; the typed run
+    ("diffexp.config", "diffexp.catalog", "diffexp.methods", "diffexp.settings"),
     ("diffexp.sampling",),  # the loop, schedulers, models, noise, the experiment
     ("diffexp.metrics",),  # the Metric contract and each metric
     ("diffexp.tracking",),  # the W&B session policy and the offline reader

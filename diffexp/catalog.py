@@ -257,17 +257,20 @@ def scheduler_label(spec: SchedulerSpec) -> str:
     return "-".join(parts)
 
 
-def run_label(spec: SchedulerSpec, steps: int, guidance_scale: float = NO_GUIDANCE) -> str:
-    """What a run is: the scheduler label, the steps and any guidance, e.g. ``dpmsolver-karras-20-cfg3``."""
-    return f"{spec.label}-{steps}" + (f"-cfg{guidance_scale:g}" if guided(guidance_scale) else "")
+def run_label(spec: SchedulerSpec, steps: int, guidance_scale: float = NO_GUIDANCE, method: str = "cfg") -> str:
+    """What a run is: the scheduler label, the steps and any guidance, e.g. ``dpmsolver-karras-20-cfg3`` or
+    ``dpmsolver-20-apg3`` (a method other than cfg is named at scale 1 too: ``-pag``)."""
+    if guided(guidance_scale):
+        return f"{spec.label}-{steps}-{method}{guidance_scale:g}"
+    return f"{spec.label}-{steps}" + ("" if method == "cfg" else f"-{method}")
 
 
-def run_label_resolver(scheduler: Any, steps: int, guidance_scale: float = NO_GUIDANCE) -> str:
+def run_label_resolver(scheduler: Any, steps: int, guidance_scale: float = NO_GUIDANCE, method: str = "cfg") -> str:
     """The run label as a folder name (``${run_label:...}`` in hydra.run.dir): ``safe_name`` keeps a '/' or '..'
     in an option value out of the path. A scheduler the run will refuse is named as given: the run says why."""
     node = OmegaConf.to_container(scheduler, resolve=True) if OmegaConf.is_config(scheduler) else scheduler
     try:
-        label = run_label(scheduler_spec(node), steps, guidance_scale)  # type: ignore[arg-type]
+        label = run_label(scheduler_spec(node), steps, guidance_scale, str(method))  # type: ignore[arg-type]
     except DiffexpError:
         label = f"{node.get('name')}-{steps}"  # type: ignore[union-attr]
     return safe_name(label)

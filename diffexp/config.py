@@ -29,15 +29,34 @@ def guided(scale: float) -> bool:
 
 @dataclass(frozen=True)
 class GuidanceSettings:
-    """Classifier-free guidance: the scale (1 is none), the rescale (0 is none) and the noise levels it acts at."""
+    """The guidance method (a diffusers guider named by ``configs/guidance/<method>.yaml``), its scale (1 is none
+    for the scale itself), rescale (0 is none), the noise levels it acts at and the guider's own options."""
 
     scale: float = NO_GUIDANCE
     rescale: float = 0.0
     interval: tuple[float, float] | None = None  # [sigma_lo, sigma_hi]; None: every noise level
+    method: str = "cfg"
+    diffusers_class: str = "ClassifierFreeGuidance"
+    options: tuple[tuple[str, Any], ...] = ()  # the guider's parameters by its own names (a tuple: hashable)
+    layers: tuple[str, ...] | None = None  # perturbation guiders: module paths; None: the model family's default
+    weak_model: str | None = None  # autoguidance: the model config of the weaker network
+    perturbs: bool = False  # it guides at scale 1 too (PAG, SLG: their own perturbed scale is non-zero)
+    conditional: bool = True  # its scale needs the unconditional input (autoguidance's does not)
+    prediction_types: tuple[str, ...] | None = None  # the model outputs it assumes; None: any
 
     @property
     def enabled(self) -> bool:
-        return guided(self.scale)
+        return guided(self.scale) or self.perturbs
+
+    @property
+    def needs_uncond(self) -> bool:
+        """Whether the model must have an unconditional input (a null class, a negative prompt)."""
+        return self.conditional and guided(self.scale)
+
+    @property
+    def label(self) -> str:
+        """The method and scale in a run's name: ``cfg3``, ``apg5``, ``pag`` (PAG alone at scale 1)."""
+        return f"{self.method}{self.scale:g}" if guided(self.scale) else self.method
 
     def applies_at(self, sigma: float) -> bool:
         if not self.enabled:
@@ -176,6 +195,8 @@ class RunConfig:
     guidance_scale: float = NO_GUIDANCE  # classifier-free guidance; 1 is none
     guidance_rescale: float = 0.0  # Lin et al. 2023; 0 is none
     guidance_interval: list[float] | None = None  # [sigma_lo, sigma_hi]: guidance only at these noise levels
+    # the guidance method: name + options of one diffusers guider (configs/guidance/), checked against its signature
+    guidance: dict[str, Any] = field(default_factory=dict)
     # text-to-image models: a string or a list (sample k gets prompt[k mod len]); null is the empty prompt
     prompt: Any = None
     negative_prompt: Any = None  # the unconditional half of guidance (null: the empty prompt), string or list
