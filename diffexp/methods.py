@@ -62,14 +62,16 @@ def guidance_files() -> dict[str, dict[str, Any]]:
     return files
 
 
+def valid() -> str:
+    """The methods diffexp runs."""
+    return ", ".join(n for n in guidance_files() if n not in REFUSED)
+
+
 def refuse(name: str, class_name: str | None = None) -> None:
     """Refuse a method diffexp cannot run honestly, with the reason."""
     for short, (refused_class, why) in REFUSED.items():
         if name == short or class_name == refused_class:
-            raise DiffexpError(
-                f"Guidance '{name}' ({refused_class}) is refused: {why}. Valid methods are: "
-                f"{', '.join(guidance_files())}."
-            )
+            raise DiffexpError(f"Guidance '{name}' ({refused_class}) is refused: {why}. Valid methods are: {valid()}.")
 
 
 def read_guidance(
@@ -95,7 +97,7 @@ def read_guidance(
     known = guidance_files().get(name, {})
     node = {**{k: v for k, v in known.items() if k in DECLARED}, **node}
     if not node.get("diffusers_class"):
-        raise DiffexpError(f"Unknown guidance '{name}'. Valid methods are: {', '.join(guidance_files())}.")
+        raise DiffexpError(f"Unknown guidance '{name}'. Valid methods are: {valid()}.")
     aliases = dict(node.get("aliases") or {})
     options = {aliases.get(k, k): v for k, v in node.items() if k not in DECLARED and v is not None}
     if clash := [k for k in SET_BY_RUN if k in options]:

@@ -17,7 +17,7 @@ import torch
 
 from diffexp.config import GuidanceSettings
 from diffexp.errors import DiffexpError
-from diffexp.methods import refuse, why_prediction
+from diffexp.methods import SET_BY_RUN, refuse, why_prediction
 from diffexp.sampling.guidance import Guidance, guidance_for
 from diffexp.sampling.models import LoadedModel, load_model
 from diffexp.sampling.network import Network
@@ -59,7 +59,7 @@ def check_options(settings: GuidanceSettings) -> dict[str, Any]:
     """The guider's keyword arguments: the file's options, guidance_scale and guidance_rescale; an option the
     class does not take is refused, with the ones it does."""
     cls = guider_class(settings)
-    params = {k for k in inspect.signature(cls.__init__).parameters if k not in NOT_OPTIONS}
+    params = {k for k in inspect.signature(cls.__init__).parameters if k not in NOT_OPTIONS | set(SET_BY_RUN)}
     options = {k: list(v) if isinstance(v, tuple) else v for k, v in settings.options}
     unknown = sorted(set(options) - params)
     if unknown:
@@ -153,11 +153,11 @@ def build_guider(settings: GuidanceSettings, module: torch.nn.Module, default_la
                     f"guidance={settings.method} needs layers on {type(module).__name__}: set guidance.layers=[...]."
                 )
             if settings.diffusers_class == "AutoGuidance":
-                skip = {"dropout": options.pop("dropout", None) or 1.0}
+                skip = {"dropout": options.pop("dropout", None) or 1.0, "skip_attention": True}
             configs = layer_configs(module, paths, LAYER_KINDS[settings.diffusers_class], skip)
-            if settings.diffusers_class == "SkipLayerGuidance" and not _whole_blocks(module, configs):
+            if settings.diffusers_class != "PerturbedAttentionGuidance" and not _whole_blocks(module, configs):
                 for c in configs:  # blocks diffusers cannot skip whole (a UNet's attention): their attention
-                    c.skip_ff = False
+                    c.skip_attention, c.skip_ff = True, False
             options[option] = configs
     logging.getLogger("diffusers.guiders.guider_utils").setLevel(logging.ERROR)  # "experimental" at every build
     try:
