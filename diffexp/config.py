@@ -43,6 +43,7 @@ class GuidanceSettings:
     perturbs: bool = False  # it guides at scale 1 too (PAG, SLG: their own perturbed scale is non-zero)
     conditional: bool = True  # its scale needs the unconditional input (autoguidance's does not)
     prediction_types: tuple[str, ...] | None = None  # the model outputs it assumes; None: any
+    scale_offset: float = 0.0  # the guider's guidance_scale is scale + scale_offset (APG: the paper's w - 1)
 
     @property
     def enabled(self) -> bool:

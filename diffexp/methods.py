@@ -8,7 +8,9 @@ A guidance file names a diffusers guider class and its options, as a scheduler f
 - ``conditional`` (default true): whether ``guidance_scale`` needs the unconditional input;
 - ``prediction_types`` (optional): the model outputs the method assumes, with ``why`` (CFG-Zero*: flow velocity);
 - ``layers`` (perturbation guiders): module paths; null: the model family's default;
-- ``weak_model`` (autoguidance): the model config of the weaker network.
+- ``weak_model`` (autoguidance): the model config of the weaker network;
+- ``scale_offset`` (optional): the class's guidance_scale is ``guidance_scale + scale_offset``, where the class's
+  formulation counts the scale from another base than the paper (APG).
 
 Everything else is an option of the class (null: the class default). ``guidance_scale`` and ``guidance_rescale``
 stay top-level keys and set the class's ``guidance_scale`` and ``guidance_rescale``; ``guidance_interval`` is
@@ -26,7 +28,7 @@ from diffexp.config import GuidanceSettings, config_dir
 from diffexp.errors import DiffexpError
 
 DECLARED = ("name", "diffusers_class", "aliases", "own_scale", "conditional", "prediction_types", "why", "layers",
-            "weak_model")  # fmt: skip
+            "weak_model", "scale_offset")  # fmt: skip
 SET_BY_RUN = ("guidance_scale", "guidance_rescale")  # top-level keys of the run, never options of a file
 
 # guiders diffexp refuses, and why (each reason is tested against the installed diffusers: tests/test_guiders.py)
@@ -118,6 +120,7 @@ def read_guidance(
         perturbs=bool(own) and options.get(aliases.get(own, own), 0) != 0,
         conditional=bool(node.get("conditional", True)),
         prediction_types=tuple(node["prediction_types"]) if node.get("prediction_types") else None,
+        scale_offset=float(node.get("scale_offset") or 0.0),
     )
 
 

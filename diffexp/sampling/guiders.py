@@ -70,7 +70,7 @@ def check_options(settings: GuidanceSettings) -> dict[str, Any]:
         )
     if settings.weak_model is not None and settings.diffusers_class != "AutoGuidance":
         raise DiffexpError(f"guidance.weak_model applies to autoguidance only, not to {settings.method}.")
-    return {**options, "guidance_scale": settings.scale, "guidance_rescale": settings.rescale}
+    return {**options, "guidance_scale": settings.scale + settings.scale_offset, "guidance_rescale": settings.rescale}
 
 
 def check_prediction(settings: GuidanceSettings, prediction_type: str, model: str) -> None:
