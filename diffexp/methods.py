@@ -46,8 +46,8 @@ REFUSED: dict[str, tuple[str, str]] = {
     ),
     "fdg": (
         "FrequencyDecoupledGuidance",
-        "it needs kornia, which diffexp does not depend on, and takes one scale per frequency level instead of "
-        "guidance_scale",
+        "it takes one scale per frequency level (guidance_scales) instead of the one guidance_scale every other "
+        "method sweeps, so it cannot share the method x scale axis (and it needs kornia, not a dependency of diffexp)",
     ),
 }
 
