@@ -35,6 +35,15 @@ COND = ["model=tiny", "model.num_classes=3", f"steps={N}", "scheduler=ddim", "ba
 Combine = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def ddim_timesteps() -> tuple[float, ...]:
+    scheduler = DDIMScheduler.from_config(DDPM_SCHEDULER_CONFIG)
+    scheduler.set_timesteps(N)
+    return tuple(scheduler.timesteps.tolist())
+
+
+TIMESTEPS = ddim_timesteps()
+
+
 def by_hand(combine: Combine) -> torch.Tensor:
     """DDIM from the same per-sample noise, with ``combine(step, x, t)`` as the model output."""
     scheduler = DDIMScheduler.from_config(DDPM_SCHEDULER_CONFIG)
@@ -153,7 +162,7 @@ def test_perturbation_guidance_equals_its_published_formula(method: str, scale_k
 def guided_adapter(unet: torch.nn.Module, method: str, weak: torch.nn.Module | None = None, **node: object):
     """A class-conditional adapter with a method's guider, built directly (past the model-level refusals)."""
     settings = read_guidance(S, 0.0, None, {"name": method, **node})
-    guidance = GuiderGuidance(settings, build_guider(settings, unet, None), None, N, weak and Network(weak))
+    guidance = GuiderGuidance(settings, build_guider(settings, unet, None), None, TIMESTEPS, weak and Network(weak))
     return pixel_adapter(unet, labels=LABELS, null_class=NULL, guidance=guidance)
 
 
@@ -217,8 +226,8 @@ def test_seg_is_refused_and_still_equals_cfg() -> None:
     config = SmoothedEnergyGuidanceConfig(indices=[0], fqn="mid_block.attentions")
     seg = SmoothedEnergyGuidance(guidance_scale=S, seg_guidance_scale=2.0, seg_guidance_config=[config])
     settings = read_guidance(S, 0.0, None, {"name": "cfg"})
-    seg_x, seg_evals = sample_adapter(pixel_adapter(unet, labels=LABELS, null_class=NULL,
-                                                    guidance=GuiderGuidance(settings, seg, None, N)))  # fmt: skip
+    guidance = GuiderGuidance(settings, seg, None, TIMESTEPS)
+    seg_x, seg_evals = sample_adapter(pixel_adapter(unet, labels=LABELS, null_class=NULL, guidance=guidance))
     cfg_x, cfg_evals = sample_adapter(guided_adapter(unet, "cfg"))
     assert seg_evals > cfg_evals  # it pays for a third pass ...
     assert (seg_x - cfg_x).abs().max() < 1e-6  # ... which changes nothing: the defect the refusal names

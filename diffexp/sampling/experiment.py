@@ -151,14 +151,14 @@ def adapter_for(
     """The adapter of the model's family, bound to ``samples``, or a clear refusal of a condition or guidance it
     cannot take (``weak``: autoguidance's weaker network)."""
     schedule = NoiseSchedule(built.scheduler.alphas_cumprod.cpu())
-    total = len(built.scheduler.timesteps)
+    timesteps = tuple(built.scheduler.timesteps.cpu().tolist())
     family = TextAdapter if loaded.kind == "text" else Adapter if loaded.num_classes is None else ClassAdapter
     family = DiTAdapter if loaded.kind == "class" else family
     common = {
         "network": Network(loaded.model),
         "prediction_type": loaded.prediction_type,
         "schedule": schedule,
-        "guidance": guidance_of(run.guidance, loaded, family, schedule, total, weak),
+        "guidance": guidance_of(run.guidance, loaded, family, schedule, timesteps, weak),
     }
     if loaded.kind == "text":
         if run.labels is not None:

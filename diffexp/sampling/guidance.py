@@ -61,12 +61,18 @@ class Guidance:
 
 @dataclass(frozen=True, eq=False)
 class GuiderGuidance(Guidance):
-    """A diffusers guider, driven at every model call (its state: the call's index among ``total_calls``)."""
+    """A diffusers guider, driven at every model call. Its step is the number of the run's timesteps above the
+    call's (0 at the noisiest: the guider resets its momentum there), out of their count, so a fresh chunk, a
+    second run or a noise-level sampler finds the same state at the same noise level."""
 
     guider: Any = None  # a diffusers.guiders BaseGuidance (stateful: step, momentum)
     schedule: NoiseSchedule | None = None  # places a timestep in the interval
-    total_calls: int = 1
+    timesteps: tuple[float, ...] = ()  # the run's timesteps, on the host
     weak: Network | None = None  # autoguidance: the weaker network, for the unconditional prediction
+
+    def step_of(self, t: torch.Tensor) -> int:
+        value = float(t)
+        return sum(1 for s in self.timesteps if s > value)
 
     def applies(self, t: torch.Tensor) -> bool:
         """Whether this call guides: the timestep's noise level on the model's own schedule, on the host."""
@@ -85,13 +91,13 @@ class GuiderGuidance(Guidance):
         )
 
     def __call__(self, adapter: Guided, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.guide(adapter, x, t, adapter.counter.calls - 1)
+        return self.guide(adapter, x, t, self.step_of(t))
 
     def guide(self, adapter: Guided, x: torch.Tensor, t: torch.Tensor, step: int) -> torch.Tensor:
         if not self.applies(t):
             return adapter.evaluate(x, t, adapter.cond)
         guider = self.guider
-        guider.set_state(step, self.total_calls, t)
+        guider.set_state(step, max(len(self.timesteps), 1), t)
         uncond = adapter.uncond if adapter.uncond is not None else adapter.cond
         batches = guider.prepare_inputs({k: (adapter.cond[k], uncond[k]) for k in adapter.cond})
         names = [getattr(b, guider._identifier_key) for b in batches]
@@ -143,10 +149,10 @@ def guidance_for(
     settings: GuidanceSettings,
     schedule: NoiseSchedule,
     guider: Any = None,
-    total_calls: int = 1,
+    timesteps: tuple[float, ...] = (),
     weak: Network | None = None,
 ) -> Guidance:
     """The guidance object of these settings: none where the method does not guide (cfg at scale 1)."""
     if not settings.enabled or guider is None:
         return Guidance(settings)
-    return GuiderGuidance(settings, guider, schedule, total_calls, weak)
+    return GuiderGuidance(settings, guider, schedule, timesteps, weak)

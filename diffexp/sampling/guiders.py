@@ -187,7 +187,7 @@ def guidance_of(
     loaded: LoadedModel,
     family: Any,
     schedule: NoiseSchedule,
-    total_calls: int,
+    timesteps: tuple[float, ...],
     weak: Network | None = None,
 ) -> Guidance:
     """The guidance object of a run: the guider of its method for the model (``family``: its adapter class, which
@@ -197,4 +197,4 @@ def guidance_of(
     check_prediction(settings, loaded.prediction_type, loaded.name)
     kind = LAYER_KINDS.get(settings.diffusers_class, "block")
     guider = build_guider(settings, loaded.model, family.default_layers(kind, loaded.model))
-    return guidance_for(settings, schedule, guider, total_calls, weak)
+    return guidance_for(settings, schedule, guider, timesteps, weak)
