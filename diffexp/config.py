@@ -55,6 +55,15 @@ class GuidanceSettings:
         return self.conditional and guided(self.scale)
 
     @property
+    def record(self) -> dict[str, Any]:
+        """What a run records of its guidance, in JSON's own types (the same after a round trip)."""
+        record = dataclasses.asdict(self)
+        record["options"] = {k: list(v) if isinstance(v, tuple) else v for k, v in self.options}
+        for key in ("interval", "layers", "prediction_types"):
+            record[key] = None if record[key] is None else list(record[key])
+        return record
+
+    @property
     def label(self) -> str:
         """The method and scale in a run's name: ``cfg3``, ``apg5``, ``pag`` (PAG alone at scale 1)."""
         return f"{self.method}{self.scale:g}" if guided(self.scale) else self.method
