@@ -184,8 +184,17 @@ def build(logged: Logged, entity: str, project: str, metric: str | None = None) 
         wr.BarPlot(title=k, metrics=[wr.SummaryMetric(k)], orientation="v")
         for k in _present(COST_KEYS, summary, left_out, "summary")
     ]
+    methods: list[Any] = []  # the guidance method as an axis: quality at equal network evaluations, per method
+    if "guidance.name" in swept and "net_evals" in summary:
+        methods = [scatter(q, wr.SummaryMetric("net_evals")) for q in quality]
+        keys = [wr.Config(k) for k in ("guidance.name", "guidance_scale") if k in swept]
+        keys += [wr.SummaryMetric("net_evals"), *([wr.SummaryMetric(metric)] if metric else [])]
+        title = f"guidance method, scale, net evals{f' and {metric}' if metric else ''}"
+        columns = [wr.ParallelCoordinatesPlotColumn(metric=k) for k in keys]
+        methods.append(wr.ParallelCoordinatesPlot(title=title, columns=columns))
     sections = [
         ("Quality vs cost", [scatter(q, x) for q in quality for x in axes]),
+        ("Guidance methods", methods),
         ("Trajectories", trajectories),
         ("Schedulers", schedulers),
         ("Cost", cost),

@@ -175,3 +175,32 @@ def guidance_figure(jobs: Sequence[Job], key: str, better: Better, stated: Seque
     fig.legend([legend[n] for n in order], order, loc="outside right center", fontsize=9, frameon=False)
     fig.suptitle(f"{_stated(jobs, key, stated)} against the guidance scale, per step count ({better} is better)")
     return fig
+
+
+def methods_figure(jobs: Sequence[Job], key: str, better: Better, stated: Sequence[str] = ()) -> Figure:
+    """``key`` against network evaluations per sample, one colour per guidance method: a method that evaluates the
+    network more often per call (PAG, SLG: three passes) sits to the right, so methods compare at equal cost.
+    Each point is one run, labelled with its guidance scale; a method's points are joined in order of cost."""
+    methods = list(dict.fromkeys(j.method for j in jobs))
+    fig = Figure(figsize=(8.5, 5.2), dpi=110, layout="constrained")
+    ax = fig.subplots()
+    for method, color in zip(methods, colors(len(methods)), strict=True):
+        pts = sorted(
+            (v, y, j.guidance)
+            for j in jobs
+            if j.method == method and j.finished and (v := j.value("net_evals")) is not None
+            if (y := j.value(key)) is not None
+        )
+        if not pts:
+            continue
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o", color=color, markersize=6, label=method, alpha=0.85)
+        for x, y, g in pts:
+            ax.annotate(f"{g:g}", (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7, color=color)
+    ax.set_xscale("log")
+    plain_log_ticks(ax, "x")
+    ax.set_xlabel(NET_EVALS["net_evals"])
+    ax.set_ylabel(f"{key} ({better} is better)")
+    ax.grid(True, alpha=0.3, which="both")
+    ax.legend(title="guidance method (labels: scale)", fontsize=9, frameon=False)
+    ax.set_title(f"{_stated(jobs, key, stated)} against network evaluations, per guidance method")
+    return fig
