@@ -289,3 +289,22 @@ def test_pag_alone_guides_an_unconditional_model_with_two_passes() -> None:
 def test_a_refused_method_exits_with_its_reason(tmp_path: Path) -> None:
     result = run_cli([*COND, "guidance_scale=3", "guidance=seg", "progress=false", "logger=none"], cwd=tmp_path)
     assert result.returncode == 2 and "no-op" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_autoguidance_of_digits_cond_uses_its_shipped_weak_model() -> None:
+    from diffexp.sampling.models import load_model
+    from diffexp.settings import model_config
+
+    exp = prepare(compose("model=digits-cond", "labels=[3,8]", "guidance=autoguidance", "guidance_scale=2",
+                          "scheduler=ddim", f"steps={N}", "batch_size=2"))  # fmt: skip
+    final = sample(exp.steps())
+    weak = load_model(model_config("digits-cond-weak"), torch.device("cpu")).model
+    scheduler = type(exp.built.scheduler).from_config(exp.built.scheduler.config)
+    scheduler.set_timesteps(N)
+    x, labels = exp.noise * scheduler.init_noise_sigma, torch.tensor([3, 8])
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            x_in = scheduler.scale_model_input(x, t)
+            good, bad = (m(x_in, t, class_labels=labels).sample for m in (exp.loaded.model, weak))
+            x = scheduler.step(bad + 2.0 * (good - bad), t, x).prev_sample
+    assert (final.x - x).abs().max() < 1e-5 and final.net_evals == 2 * N
