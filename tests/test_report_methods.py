@@ -48,3 +48,14 @@ def test_a_methods_own_varying_option_joins_its_row() -> None:
     label_rows(jobs)
     assert [j.row for j in jobs] == ["ddim cfg", "ddim apg guidance.eta=0.0", "ddim apg guidance.eta=1.0"]
     assert [g for g, _ in facets(jobs)] == [None]  # one scale: no facet
+
+
+def test_the_dashboard_of_a_method_sweep_compares_methods_at_equal_net_evals(sweep: Path) -> None:
+    from diffexp.report import dashboard
+    from diffexp.report.logged import read_logged
+
+    spec = dashboard.build(read_logged([sweep]), "E", "diffexp").to_json()
+    outline = {s["section"]: s["panels"] for s in spec["outline"]}
+    assert list(outline)[:2] == ["Quality vs cost", "Guidance methods"]
+    assert "ref_rmse vs net_evals" in outline["Guidance methods"]
+    assert any("guidance method, scale" in p for p in outline["Guidance methods"])
