@@ -180,13 +180,14 @@ def guidance_figure(jobs: Sequence[Job], key: str, better: Better, stated: Seque
 def methods_figure(jobs: Sequence[Job], key: str, better: Better, stated: Sequence[str] = ()) -> Figure:
     """``key`` against network evaluations per sample, one colour per guidance method: a method that evaluates the
     network more often per call (PAG, SLG: three passes) sits to the right, so methods compare at equal cost.
-    Each point is one run, labelled with its guidance scale; a method's points are joined in order of cost."""
+    Each point is one run, labelled with its guidance scale; methods at the same cost sit slightly side by side."""
     methods = list(dict.fromkeys(j.method for j in jobs))
     fig = Figure(figsize=(8.5, 5.2), dpi=110, layout="constrained")
     ax = fig.subplots()
-    for method, color in zip(methods, colors(len(methods)), strict=True):
+    for i, (method, color) in enumerate(zip(methods, colors(len(methods)), strict=True)):
+        shift = 1 + 0.012 * (i - (len(methods) - 1) / 2)  # methods at the same cost side by side, not on top
         pts = sorted(
-            (v, y, j.guidance)
+            (v * shift, y, j.guidance)
             for j in jobs
             if j.method == method and j.finished and (v := j.value("net_evals")) is not None
             if (y := j.value(key)) is not None
@@ -197,7 +198,9 @@ def methods_figure(jobs: Sequence[Job], key: str, better: Better, stated: Sequen
         for x, y, g in pts:
             ax.annotate(f"{g:g}", (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7, color=color)
     ax.set_xscale("log")
-    plain_log_ticks(ax, "x")
+    costs = sorted({v for j in jobs if j.finished and (v := j.value("net_evals")) is not None})
+    ax.set_xticks(costs, [f"{v:g}" for v in costs])  # the costs the runs have, each labelled
+    ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
     ax.set_xlabel(NET_EVALS["net_evals"])
     ax.set_ylabel(f"{key} ({better} is better)")
     ax.grid(True, alpha=0.3, which="both")
