@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from conftest import run_cli
 
 
+@pytest.mark.slow  # four runs of digits-cond through the script, twice
 def test_the_table_names_each_method_with_its_cost(tmp_path: Path) -> None:
     args = ["--samples", "2", "--methods", "cfg,pag", "--scales", "3", "--schedulers", "dpmsolver", "--steps", "4",
             "--out", str(tmp_path / "table")]  # fmt: skip
