@@ -308,3 +308,14 @@ def test_autoguidance_of_digits_cond_uses_its_shipped_weak_model() -> None:
             good, bad = (m(x_in, t, class_labels=labels).sample for m in (exp.loaded.model, weak))
             x = scheduler.step(bad + 2.0 * (good - bad), t, x).prev_sample
     assert (final.x - x).abs().max() < 1e-5 and final.net_evals == 2 * N
+
+
+def test_a_config_without_the_guidance_group_is_cfg_and_names_runs_as_before() -> None:
+    from diffexp.catalog import run_label, scheduler_spec
+
+    settings = read_guidance(3.0, 0.7, [0.5, 5.0], {})
+    assert (settings.method, settings.diffusers_class) == ("cfg", "ClassifierFreeGuidance")
+    assert settings.interval == (0.5, 5.0) and settings.rescale == 0.7
+    spec = scheduler_spec({"name": "unipc"})
+    assert run_label(spec, 6, 2.5) == "unipc-6-cfg2.5" and run_label(spec, 6, 2.5, "apg") == "unipc-6-apg2.5"
+    assert run_label(spec, 6, 1.0, "pag") == "unipc-6-pag" and run_label(spec, 6) == "unipc-6"
