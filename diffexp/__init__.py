@@ -51,8 +51,17 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "diffexp.targets",
         "diffexp.numbers",
     ),
-    # the schema (and its schedule group); refused scheduler names; scheduler files; the typed run
-    ("diffexp.config", "diffexp.schedule_config", "diffexp.refused", "diffexp.catalog", "diffexp.settings"),
+    # the schema (and its schedule group); refused scheduler names; scheduler files; guidance files; the typed run
+    (
+        "diffexp.guidance_settings",
+        "diffexp.naming",
+        "diffexp.config",
+        "diffexp.schedule_config",
+        "diffexp.refused",
+        "diffexp.catalog",
+        "diffexp.methods",
+        "diffexp.settings",
+    ),
     ("diffexp.sampling",),  # the loop, schedulers, models, noise, the experiment
     ("diffexp.metrics",),  # the Metric contract and each metric
     ("diffexp.tracking",),  # the W&B session policy and the offline reader

@@ -27,9 +27,11 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
-from diffexp.config import NO_GUIDANCE, RunConfig, config_dir, guided, schedule_label
+from diffexp.config import RunConfig, config_dir, schedule_label
 from diffexp.errors import DiffexpError
 from diffexp.folders import safe_name
+from diffexp.guidance_settings import NO_GUIDANCE
+from diffexp.naming import run_label, scheduler_label
 from diffexp.refused import REFUSED, REFUSED_NAMES
 
 # keys of a scheduler file that are no options
@@ -223,51 +225,15 @@ def scheduler_spec(node: Mapping[str, Any]) -> SchedulerSpec:
     )
 
 
-# short words for the options people compare; the rest are spelled key-value
-_TAGS = {
-    "use_karras_sigmas": "karras",
-    "use_exponential_sigmas": "exponential",
-    "use_beta_sigmas": "beta",
-    "use_lu_lambdas": "lu",
-    "skip_prk_steps": "plms",
-    "thresholding": "thresholding",
-}
-_VALUE_ONLY = ("algorithm_type", "timestep_spacing", "solver_type")
-
-
-def scheduler_label(spec: SchedulerSpec) -> str:
-    """A name that says what a scheduler is: ``ddim``, ``dpmsolver-karras``, ``ddim-eta1`` ...
-
-    Only options that differ from the class default appear, so a row named "karras" really is Karras.
-    """
-    parts = [spec.name]
-    for key, value in spec.non_default_options().items():
-        short = key.replace("_", "")
-        if key in _TAGS and value is True:
-            parts.append(_TAGS[key])
-        elif key in _VALUE_ONLY:
-            parts.append(str(value))
-        elif isinstance(value, bool):
-            parts.append(f"{short}{'on' if value else 'off'}")
-        else:
-            parts.append(f"{short}{value:g}" if isinstance(value, float) else f"{short}{value}")
-    return "-".join(parts)
-
-
-def run_label(spec: SchedulerSpec, steps: int, guidance_scale: float = NO_GUIDANCE, schedule: str = "default") -> str:
-    """What a run is: the scheduler label, a schedule other than the scheduler's own, the steps and any guidance,
-    e.g. ``dpmsolver-karras-20-cfg3``, ``k-euler-beta-20``."""
-    middle = "" if schedule == "default" else f"-{schedule}"
-    return f"{spec.label}{middle}-{steps}" + (f"-cfg{guidance_scale:g}" if guided(guidance_scale) else "")
-
-
-def run_label_resolver(scheduler: Any, steps: int, guidance_scale: float = NO_GUIDANCE, schedule: Any = None) -> str:
+def run_label_resolver(
+    scheduler: Any, steps: int, guidance_scale: float = NO_GUIDANCE, schedule: Any = None, method: str = "cfg"
+) -> str:
     """The run label as a folder name (``${run_label:...}`` in hydra.run.dir): ``safe_name`` keeps a '/' or '..'
     in an option value out of the path. A scheduler the run will refuse is named as given: the run says why."""
     node = OmegaConf.to_container(scheduler, resolve=True) if OmegaConf.is_config(scheduler) else scheduler
     plan = OmegaConf.to_container(schedule, resolve=True) if OmegaConf.is_config(schedule) else schedule
     try:
-        label = run_label(scheduler_spec(node), steps, guidance_scale, schedule_label(plan))  # type: ignore[arg-type]
+        label = run_label(scheduler_spec(node), steps, guidance_scale, schedule_label(plan), str(method))  # type: ignore[arg-type]
     except (DiffexpError, TypeError):
         label = f"{node.get('name')}-{steps}"  # type: ignore[union-attr]
     return safe_name(label)

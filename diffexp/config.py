@@ -17,32 +17,8 @@ from typing import Any
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from diffexp.errors import DiffexpError
+from diffexp.guidance_settings import NO_GUIDANCE
 from diffexp.numbers import non_finite
-
-NO_GUIDANCE = 1.0  # a guidance scale of 1 is the model's own output: no guidance
-
-
-def guided(scale: float) -> bool:
-    """Whether a guidance scale guides at all."""
-    return scale != NO_GUIDANCE
-
-
-@dataclass(frozen=True)
-class GuidanceSettings:
-    """Classifier-free guidance: the scale (1 is none), the rescale (0 is none) and the noise levels it acts at."""
-
-    scale: float = NO_GUIDANCE
-    rescale: float = 0.0
-    interval: tuple[float, float] | None = None  # [sigma_lo, sigma_hi]; None: every noise level
-
-    @property
-    def enabled(self) -> bool:
-        return guided(self.scale)
-
-    def applies_at(self, sigma: float) -> bool:
-        if not self.enabled:
-            return False
-        return self.interval is None or self.interval[0] <= sigma <= self.interval[1]
 
 
 class Precision(str, Enum):
@@ -225,6 +201,8 @@ class RunConfig:
     guidance_scale: float = NO_GUIDANCE  # classifier-free guidance; 1 is none
     guidance_rescale: float = 0.0  # Lin et al. 2023; 0 is none
     guidance_interval: list[float] | None = None  # [sigma_lo, sigma_hi]: guidance only at these noise levels
+    # the guidance method: name + options of one diffusers guider (configs/guidance/), checked against its signature
+    guidance: dict[str, Any] = field(default_factory=dict)
     # text-to-image models: a string or a list (sample k gets prompt[k mod len]); null is the empty prompt
     prompt: Any = None
     negative_prompt: Any = None  # the unconditional half of guidance (null: the empty prompt), string or list

@@ -18,7 +18,6 @@ from omegaconf import DictConfig, OmegaConf
 from diffexp.catalog import SchedulerSpec, register, run_label, scheduler_spec
 from diffexp.config import (
     SEED_MAX,
-    GuidanceSettings,
     LoggerConfig,
     MetricsConfig,
     ModelConfig,
@@ -32,6 +31,8 @@ from diffexp.config import (
     config_dir,
 )
 from diffexp.errors import DiffexpError
+from diffexp.guidance_settings import GuidanceSettings
+from diffexp.methods import read_guidance
 from diffexp.samples import Chunks
 from diffexp.schedule_config import read_schedule
 
@@ -82,7 +83,7 @@ class RunSettings:
     @property
     def label(self) -> str:
         """What the run is, e.g. ``dpmsolver-karras-20-cfg3``."""
-        return run_label(self.scheduler, self.steps, self.guidance.scale, self.schedule.label)
+        return run_label(self.scheduler, self.steps, self.guidance.scale, self.schedule.label, self.guidance.method)
 
     def chunks(self) -> Chunks:
         """The run's sample indices in chunks of ``batch_size`` (the last may be smaller), computed lazily."""
@@ -125,7 +126,7 @@ def read_settings(cfg: DictConfig) -> RunSettings:
         log_every=node.log_every,
         progress=node.progress,
         labels=read_labels(node.labels),
-        guidance=read_guidance(node.guidance_scale, node.guidance_rescale, node.guidance_interval),
+        guidance=read_guidance(node.guidance_scale, node.guidance_rescale, node.guidance_interval, node.guidance),
         prompts=read_prompts("prompt", node.prompt),
         negative_prompts=read_prompts("negative_prompt", node.negative_prompt),
         height=node.height,
@@ -140,23 +141,6 @@ def read_settings(cfg: DictConfig) -> RunSettings:
         sweep=node.sweep,
         config=OmegaConf.to_container(cfg, resolve=True),  # type: ignore[arg-type]
     )
-
-
-def read_guidance(scale: float, rescale: float, interval: Sequence[float] | None) -> GuidanceSettings:
-    """The guidance settings, or a clear refusal."""
-    if scale < 0:
-        raise DiffexpError(f"guidance_scale={scale} is not allowed: it must be >= 0 (1 is no guidance).")
-    if not 0 <= rescale <= 1:
-        raise DiffexpError(f"guidance_rescale={rescale} is not allowed: it must be in [0, 1] (0 is no rescaling).")
-    if interval is None:
-        return GuidanceSettings(float(scale), float(rescale))
-    values = list(interval)
-    if len(values) != 2 or not all(isinstance(v, (int, float)) for v in values) or not 0 <= values[0] < values[1]:
-        raise DiffexpError(
-            f"guidance_interval={values} is not allowed: it must be two increasing noise levels "
-            "[sigma_lo, sigma_hi] with 0 <= sigma_lo < sigma_hi (sigma = sqrt((1 - abar) / abar))."
-        )
-    return GuidanceSettings(float(scale), float(rescale), (float(values[0]), float(values[1])))
 
 
 def read_labels(labels: Any) -> str | tuple[int, ...] | None:
@@ -181,3 +165,13 @@ def read_prompts(key: str, prompt: Any) -> tuple[str, ...] | None:
     if not isinstance(values, list) or not values or not all(isinstance(v, str) for v in values):
         raise DiffexpError(f"{key}={prompt} is not allowed: use a string or a list of strings.")
     return tuple(values)
+
+
+def model_config(name: str) -> ModelConfig:
+    """The model config ``configs/model/<name>.yaml`` (autoguidance's weak model), or a refusal."""
+    path = config_dir() / "model" / f"{name}.yaml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in path.parent.glob("*.yaml")))
+        raise DiffexpError(f"guidance.weak_model={name} names no model config; known: {known}.")
+    node = OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(path))
+    return OmegaConf.to_object(node)  # type: ignore[return-value]

@@ -13,7 +13,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -108,7 +108,7 @@ def reference_key(
     if model is not None and (labels or model.guidance.settings.enabled or model.cond):  # a conditioned ODE
         null = getattr(getattr(model, "source", None), "null_class", None)
         condition = {"labels": None if labels is None else list(labels), "null": null}
-        parts["condition"] = condition | asdict(model.guidance.settings)
+        parts["condition"] = condition | model.guidance.settings.record
         if "encoder_hidden_states" in model.cond:  # a text model: its prompts' and negative prompts' embeddings
             halves = [model.cond, model.uncond or {}]
             data = b"".join(h["encoder_hidden_states"].float().cpu().numpy().tobytes() for h in halves if h)

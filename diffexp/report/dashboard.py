@@ -1,7 +1,8 @@
 """The W&B dashboard of a sweep: a saved workspace (view) and a report that compare schedulers.
 
-Sections: "Quality vs cost" (each final quality metric against NFE and sampling time), "Trajectories" (x and x0
-with the step slider, convergence curves against step and NFE), "Schedulers" (the effective scheduler configs
+Sections: "Quality vs cost" (each final quality metric against NFE and sampling time), "Guidance methods" (where the
+method varies: quality against network evaluations; method, scale, cost and quality joined), "Trajectories" (x and
+x0 with the step slider, convergence curves against step and NFE), "Schedulers" (the effective scheduler configs
 side by side, the swept settings against a quality metric) and "Cost" (throughput, memory, load time). The runs
 are the sweep's group(s), ``job_type=sample``, grouped by ``scheduler_label``.
 
@@ -42,6 +43,11 @@ TEXT = {
         "twice per step. The best scheduler reaches a given quality with the fewest model calls; sampling time "
         "adds each scheduler's own overhead. In a guided sweep, every model call evaluates the network twice: "
         "`net_evals` counts both."
+    ),
+    "Guidance methods": (
+        "Each point is a finished run; compare guidance methods at equal `net_evals` (network evaluations per "
+        "sample), not at equal steps: PAG and SLG evaluate the network three times per perturbed call, the others "
+        "twice. The parallel coordinates join each run's method and scale to its cost and quality."
     ),
     "Trajectories": (
         "Drag the step slider of `x` (the current sample) and `x0` (the predicted clean image) to scrub the "
@@ -184,8 +190,17 @@ def build(logged: Logged, entity: str, project: str, metric: str | None = None) 
         wr.BarPlot(title=k, metrics=[wr.SummaryMetric(k)], orientation="v")
         for k in _present(COST_KEYS, summary, left_out, "summary")
     ]
+    methods: list[Any] = []  # the guidance method as an axis: quality at equal network evaluations, per method
+    if "guidance.name" in swept and "net_evals" in summary:
+        methods = [scatter(q, wr.SummaryMetric("net_evals")) for q in quality]
+        keys = [wr.Config(k) for k in ("guidance.name", "guidance_scale") if k in swept]
+        keys += [wr.SummaryMetric("net_evals"), *([wr.SummaryMetric(metric)] if metric else [])]
+        title = f"guidance method, scale, net evals{f' and {metric}' if metric else ''}"
+        columns = [wr.ParallelCoordinatesPlotColumn(metric=k) for k in keys]
+        methods.append(wr.ParallelCoordinatesPlot(title=title, columns=columns))
     sections = [
         ("Quality vs cost", [scatter(q, x) for q in quality for x in axes]),
+        ("Guidance methods", methods),
         ("Trajectories", trajectories),
         ("Schedulers", schedulers),
         ("Cost", cost),

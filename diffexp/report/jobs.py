@@ -19,7 +19,6 @@ import yaml
 from omegaconf import OmegaConf
 
 from diffexp.catalog import scheduler_spec
-from diffexp.config import NO_GUIDANCE
 from diffexp.errors import DiffexpError
 from diffexp.folders import (
     METRICS_FILE,
@@ -31,6 +30,7 @@ from diffexp.folders import (
     read_plan,
     read_status_record,
 )
+from diffexp.guidance_settings import NO_GUIDANCE
 from diffexp.settings import compose
 
 FACET = "guidance_scale"  # the config key that becomes the third axis of the report where it varies
@@ -63,6 +63,12 @@ class Job:
         """The classifier-free guidance scale (1: none; sweeps from before guidance have none)."""
         g = self.config.get("guidance_scale")
         return NO_GUIDANCE if g is None else float(g)
+
+    @property
+    def method(self) -> str:
+        """The guidance method (configs/guidance/; sweeps from before the group ran cfg)."""
+        node = self.config.get("guidance")
+        return str(node.get("name") or "cfg") if isinstance(node, Mapping) else "cfg"
 
     @property
     def series(self) -> str:
@@ -178,19 +184,31 @@ def flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _varies(flats: Sequence[Mapping[str, Any]], key: str) -> bool:
+    return len({json.dumps(f.get(key), default=str) for f in flats}) > 1
+
+
 def label_rows(jobs: Sequence[Job]) -> None:
-    """Row = scheduler label (its non-default options) plus any other setting that varies across the sweep;
-    a guidance scale that varies is the facet instead."""
+    """Row = scheduler label (its non-default options), the guidance method where it varies (and the method's
+    options that vary among its own runs), plus any other setting that varies across the sweep; a guidance scale
+    that varies is the facet instead. Rows x facets is then the grid of methods x scales."""
     flats = [
         {k: v for k, v in flat(j.config).items() if not k.startswith("scheduler.") and k not in ("steps", "progress")}
         for j in jobs
     ]
     keys = sorted({k for f in flats for k in f})
-    varying = [k for k in keys if len({json.dumps(f.get(k), default=str) for f in flats}) > 1 and k != FACET]
+    varying = [k for k in keys if _varies(flats, k) and k != FACET and not k.startswith("guidance.")]
+    methods = len({j.method for j in jobs}) > 1
     faceted = len({j.guidance for j in jobs}) > 1  # a run without the key (an older one) counts as scale 1
     for job, settings in zip(jobs, flats, strict=True):
+        same = [f for f, j in zip(flats, jobs, strict=True) if j.method == job.method]
+        options = [k for k in keys if k.startswith("guidance.") and k != "guidance.name" and _varies(same, k)]
         job.row = " ".join(
-            [scheduler_spec(job.config["scheduler"]).label, *(f"{k}={settings.get(k)}" for k in varying)]
+            [
+                scheduler_spec(job.config["scheduler"]).label,
+                *([job.method] if methods else []),
+                *(f"{k}={settings.get(k)}" for k in [*options, *varying]),
+            ]
         )
         job.facet = job.guidance if faceted else None
 

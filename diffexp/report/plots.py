@@ -205,3 +205,35 @@ def guidance_figure(jobs: Sequence[Job], key: str, better: Better, stated: Seque
     fig.legend([legend[n] for n in order], order, loc="outside right center", fontsize=9, frameon=False)
     fig.suptitle(f"{_stated(jobs, key, stated)} against the guidance scale, per step count ({better} is better)")
     return fig
+
+
+def methods_figure(jobs: Sequence[Job], key: str, better: Better, stated: Sequence[str] = ()) -> Figure:
+    """``key`` against network evaluations per sample, one colour per guidance method: a method that evaluates the
+    network more often per call (PAG, SLG: three passes) sits to the right, so methods compare at equal cost.
+    Each point is one run, labelled with its guidance scale; methods at the same cost sit slightly side by side."""
+    methods = list(dict.fromkeys(j.method for j in jobs))
+    fig = Figure(figsize=(8.5, 5.2), dpi=110, layout="constrained")
+    ax = fig.subplots()
+    for i, (method, color) in enumerate(zip(methods, colors(len(methods)), strict=True)):
+        shift = 1 + 0.012 * (i - (len(methods) - 1) / 2)  # methods at the same cost side by side, not on top
+        pts = sorted(
+            (v * shift, y, j.guidance)
+            for j in jobs
+            if j.method == method and j.finished and (v := j.value("net_evals")) is not None
+            if (y := j.value(key)) is not None
+        )
+        if not pts:
+            continue
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o", color=color, markersize=6, label=method, alpha=0.85)
+        for x, y, g in pts:
+            ax.annotate(f"{g:g}", (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7, color=color)
+    ax.set_xscale("log")
+    costs = sorted({v for j in jobs if j.finished and (v := j.value("net_evals")) is not None})
+    ax.set_xticks(costs, [f"{v:g}" for v in costs])  # the costs the runs have, each labelled
+    ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
+    ax.set_xlabel(NET_EVALS["net_evals"])
+    ax.set_ylabel(f"{key} ({better} is better)")
+    ax.grid(True, alpha=0.3, which="both")
+    ax.legend(title="guidance method (labels: scale)", fontsize=9, frameon=False)
+    ax.set_title(f"{_stated(jobs, key, stated)} against network evaluations, per guidance method")
+    return fig

@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from diffexp.config import guided as guided_scale
+from diffexp.guidance_settings import guided as guided_scale
 from diffexp.report.jobs import Job, facets, guided, layout, options_text
 
 MEASURES = ("nfe", "wall_s", "images_per_s", "peak_mem_mb")  # metrics.json keys every finished run holds
@@ -19,6 +19,7 @@ HEADERS = {
     "scheduler": "scheduler",
     "options": "options",
     "steps": "steps",
+    "guidance": "guidance method",
     "guidance_scale": "guidance scale",
     "nfe": "NFE",
     "net_evals": "net evals",
@@ -44,9 +45,10 @@ def table_rows(
     relative to ``sweep_dir``, or None for a run that did not finish. The quality columns are followed by the keys
     each is ``stated`` with (FID: its sample count and feature network)."""
     scale = ["guidance_scale"] if any(guided_scale(j.guidance) for j in jobs) else []  # guided or varying
+    method = ["guidance"] if any(j.method != "cfg" for j in jobs) else []  # a method other than cfg
     measured = [*measures(jobs), *quality]
     measured += list(dict.fromkeys(s for q in quality for s in (stated or {}).get(q, ()) if s not in measured))
-    columns = ["scheduler", "options", "steps", *scale, *measured, "status", "error", *HIDDEN]
+    columns = ["scheduler", "options", "steps", *method, *scale, *measured, "status", "error", *HIDDEN]
     rows_order, steps_order, _ = layout(jobs)
     facet_order = [g for g, _ in facets(jobs)]
     ordered = sorted(
@@ -60,6 +62,7 @@ def table_rows(
                 "scheduler": j.row,
                 "options": options_text(j.config["scheduler"]),
                 "steps": j.steps,
+                **({"guidance": j.method} if method else {}),
                 **({"guidance_scale": j.guidance} if scale else {}),
                 **{k: j.metrics.get(k) for k in measured},
                 "status": j.status,

@@ -7,6 +7,8 @@
 - ``report/trajectories.png``: per scheduler, x0 at each snapshot of its longest run ("step k of N").
 - ``report/<metric>.png|svg``: each quality metric against NFE, wall time (and net evals, where guided runs count
   them apart), one line per scheduler, with the Pareto front; ``report/cost.png|svg``: wall time against NFE.
+- ``report/methods-<metric>.png|svg`` (the guidance method varies): each quality metric against network
+  evaluations per sample, one colour per method, so methods compare at equal cost;
 - ``report/guidance-<metric>.png|svg`` (guidance scale varies): each quality metric against the guidance scale,
   a panel per step count, a line per scheduler.
 - ``report/table.csv``, ``report/table.md``, ``report/report.json``: one row per job.
@@ -32,7 +34,7 @@ from diffexp.metrics.suite import QUALITY, STATED_WITH
 from diffexp.report.grid import caption, grid_figure, trajectory_figure
 from diffexp.report.jobs import Job, facet_title, facets, load_jobs
 from diffexp.report.page import render_page, summary
-from diffexp.report.plots import cost_figure, guidance_figure, quality_figure, schedule_figure
+from diffexp.report.plots import cost_figure, guidance_figure, methods_figure, quality_figure, schedule_figure
 from diffexp.report.tables import table_rows, write_csv, write_markdown
 
 REPORT_DIR = "report"  # in the sweep folder: the figures and tables
@@ -91,6 +93,9 @@ def _figures(jobs: list[Job], quality: Mapping[str, Better], title: str, out: Pa
         if groups:
             figure = guidance_figure(jobs, key, better, stated)
             images[f"guidance-{key}"] = _save(figure, out / f"guidance-{key}.png", True)
+        if len({j.method for j in jobs}) > 1:  # the methods at equal network evaluations
+            figure = methods_figure(jobs, key, better, stated)
+            images[f"methods-{key}"] = _save(figure, out / f"methods-{key}.png", True)
     images["cost"] = _save(cost_figure(jobs), out / "cost.png", svg=True)
     levels = schedule_figure(jobs)
     if levels is not None:

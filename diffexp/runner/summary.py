@@ -140,7 +140,7 @@ def run_summary(exp: Experiment, cost: dict[str, Any], env: dict[str, Any]) -> d
         "scheduler_options": exp.built.options,
         "prediction_type": exp.loaded.prediction_type,
         "labels": exp.labels,  # the first chunk's
-        "guidance": asdict(run.guidance),
+        "guidance": run.guidance.record,
         "warnings": exp.built.warnings,
         **env,
     }

@@ -23,7 +23,6 @@ from typing import Any, ClassVar
 
 import torch
 
-from diffexp.errors import DiffexpError
 from diffexp.sampling.flow import FlowSchedule
 from diffexp.sampling.guidance import Guidance, no_guidance
 from diffexp.sampling.network import Condition, Counter, Network
@@ -79,23 +78,22 @@ class Adapter:
     def with_network(self, network: Network) -> Adapter:
         return dataclasses.replace(self, network=network)
 
-    def evaluate(self, x: torch.Tensor, t: torch.Tensor, condition: Condition, passes: int = 1) -> torch.Tensor:
-        """One network evaluation of a batch that holds each sample ``passes`` times, float32 out."""
+    @classmethod
+    def default_layers(cls, kind: str, module: torch.nn.Module) -> tuple[str, ...] | None:
+        """The layers a perturbation guider acts on where none are named (``kind``: attention for PAG, block for
+        SLG): a UNet's mid-block attention (PAG: Ahn et al. 2024 perturb SD's mid block)."""
+        return ("mid_block.attentions",) if hasattr(module, "mid_block") else None
+
+    def evaluate(
+        self, x: torch.Tensor, t: torch.Tensor, condition: Condition, passes: int = 1, network: Network | None = None
+    ) -> torch.Tensor:
+        """One network evaluation (of ``network``, default the adapter's) of a batch that holds each sample
+        ``passes`` times, float32 out."""
         t = torch.as_tensor(t).to(x.device, non_blocking=True)  # host timesteps: a copy without waiting
         if self.expand_t:
             t = t.reshape(-1).expand(x.shape[0])
         self.counter.net_evals += passes
-        return self.network(x, t, condition, self.kept_channels)
-
-    def evaluate_pair(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The unconditional and conditional outputs, as one evaluation of a doubled batch (the pipelines' way)."""
-        if self.uncond is None:
-            raise DiffexpError(f"{type(self).__name__} has no unconditional input, so it cannot be guided.")
-        first, second = (self.uncond, self.cond) if self.uncond_first else (self.cond, self.uncond)
-        doubled = {k: torch.cat([first[k], second[k]]) for k in self.cond}
-        halves = self.evaluate(torch.cat([x, x]), t, doubled, passes=2).chunk(2)
-        uncond, cond = halves if self.uncond_first else halves[::-1]
-        return uncond, cond
+        return (network or self.network)(x, t, condition, self.kept_channels)
 
     def output(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The model's output in its prediction type at timestep ``t``, guided as the guidance says."""
@@ -181,6 +179,15 @@ class DiTAdapter(ClassAdapter):
     def kept_channels(self) -> int | None:
         return self.learned_channels
 
+    @classmethod
+    def default_layers(cls, kind: str, module: torch.nn.Module) -> tuple[str, ...] | None:
+        """The middle transformer block (PAG), the three middle ones (SLG; SD3.5 skips 7-9 of 24)."""
+        n = len(getattr(module, "transformer_blocks", ()))
+        if not n:
+            return None
+        middle = range(max(n // 2 - 1, 0), min(n // 2 + 2, n)) if kind == "block" else [n // 2]
+        return tuple(f"transformer_blocks.{i}" for i in middle)
+
 
 @dataclass(frozen=True, eq=False)
 class PromptSource:
@@ -217,6 +224,11 @@ class TextAdapter(Adapter):
             "cond": {"encoder_hidden_states": self.source.embeddings(self.source.of(samples))},
             "uncond": {"encoder_hidden_states": self.source.embeddings(self.source.of(samples, negative=True))},
         }
+
+    @classmethod
+    def default_layers(cls, kind: str, module: torch.nn.Module) -> tuple[str, ...] | None:
+        """SD's mid block (PAG: Ahn et al. 2024); SLG: its transformer blocks, skipped whole."""
+        return ("mid_block.attentions",) if kind == "attention" else ("mid_block.attentions.0.transformer_blocks",)
 
     @property
     def prompts(self) -> tuple[str, ...]:

@@ -24,7 +24,7 @@ from diffexp.sampling.adapters import (
 )
 from diffexp.sampling.device import resolve_device, resolve_dtype
 from diffexp.sampling.flow import FlowSchedule, is_flow
-from diffexp.sampling.guidance import guidance_for
+from diffexp.sampling.guiders import check_options, guidance_of, weak_network
 from diffexp.sampling.kdiffusion import iter_k_steps
 from diffexp.sampling.loop import StepState, initial_noise, iter_steps
 from diffexp.sampling.models import LoadedModel, load_model
@@ -119,6 +119,7 @@ def prepare(settings: RunSettings | DictConfig, model: LoadedModel | None = None
     run = settings if isinstance(settings, RunSettings) else read_settings(settings)
     if not run.scheduler.is_k:
         split_options(run.scheduler)  # refuse a bad scheduler or option before loading anything
+    check_options(run.guidance)  # and a bad guidance method or option
     device = resolve_device(run.device)
     dtype = resolve_dtype(run.precision)
     check_precision(run.precision, device)
@@ -127,9 +128,10 @@ def prepare(settings: RunSettings | DictConfig, model: LoadedModel | None = None
     loaded = model or load_model(run.model, device, dtype)
     built = build_for(run, loaded)  # the scheduler or k-diffusion sampler, the schedule placed (or refused)
     check_latent(run, loaded)
-    check_memory(adapter_for(run, loaded, built, range(1), device), loaded, device, run.batch_size, built)
+    weak = weak_network(run.guidance, loaded, device, dtype)
+    check_memory(adapter_for(run, loaded, built, range(1), device, weak), loaded, device, run.batch_size, built)
     first = run.chunks()[0]
-    adapter = adapter_for(run, loaded, built, first, device)
+    adapter = adapter_for(run, loaded, built, first, device, weak)
     noise, generators = initial_noise(loaded.sample_shape, run.seed, len(first), device, first.start)
     t = built.scheduler.timesteps[:1].cpu()[0]
     key = (identity, tuple(noise.shape), run.guidance)  # the compiled network of an earlier run of the process
@@ -143,18 +145,26 @@ def prepare(settings: RunSettings | DictConfig, model: LoadedModel | None = None
 
 
 def adapter_for(
-    run: RunSettings, loaded: LoadedModel, built: BuiltScheduler, samples: range, device: torch.device
+    run: RunSettings,
+    loaded: LoadedModel,
+    built: BuiltScheduler,
+    samples: range,
+    device: torch.device,
+    weak: Network | None = None,
 ) -> Adapter:
     """The adapter of the model's family, bound to ``samples``, or a clear refusal of a condition or guidance it
-    cannot take."""
+    cannot take (``weak``: autoguidance's weaker network)."""
     flow = is_flow(loaded.scheduler_config)
     steps = int(loaded.scheduler_config.get("num_train_timesteps", 1000))
     schedule = FlowSchedule(steps) if flow else NoiseSchedule(built.scheduler.alphas_cumprod.cpu())
+    timesteps = tuple(built.scheduler.timesteps.cpu().tolist())
+    family = TextAdapter if loaded.kind == "text" else Adapter if loaded.num_classes is None else ClassAdapter
+    family = DiTAdapter if loaded.kind == "class" else family
     common = {
         "network": Network(loaded.model),
         "prediction_type": loaded.prediction_type,
         "schedule": schedule,
-        "guidance": guidance_for(run.guidance, schedule),
+        "guidance": guidance_of(run.guidance, loaded, family, schedule, timesteps, weak),
     }
     if loaded.kind == "text":
         if run.labels is not None:
@@ -173,7 +183,7 @@ def adapter_for(
         refuse_guidance(run, loaded)
         return build_adapter(Adapter, samples, **common)
     labels = check_labels(run, loaded)
-    if run.guidance.enabled and (labels is None or loaded.null_class is None):
+    if run.guidance.needs_uncond and (labels is None or loaded.null_class is None):
         refuse_guidance(run, loaded)
     source = LabelSource(labels, loaded.num_classes, loaded.null_class, device)
     if loaded.kind == "class":  # DiT: a transformer that learns sigma has twice the input's channels out
@@ -184,10 +194,10 @@ def adapter_for(
 
 
 def refuse_guidance(run: RunSettings, loaded: LoadedModel) -> None:
-    if run.guidance.enabled:
+    if run.guidance.needs_uncond:
         raise DiffexpError(
-            f"guidance_scale={run.guidance.scale} needs a conditional model with a null class (or unconditional "
-            f"input) for the unconditional half; {loaded.name} has "
+            f"guidance={run.guidance.method} at guidance_scale={run.guidance.scale} needs a conditional model with a "
+            f"null class (or unconditional input) for the unconditional half; {loaded.name} has "
             + ("no class labels." if loaded.num_classes is None else "no known null class (set model.null_class).")
         )
 

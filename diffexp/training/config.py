@@ -61,7 +61,11 @@ class TrainConfig:
 
 
 def register() -> None:
-    """Store the training schema (``scripts/train.py`` and the tests call it before composing ``train``)."""
+    """Store the training schema and the resolvers its files use, ``${safe:...}`` (``scripts/train.py`` and the
+    tests call it before composing ``train``)."""
+    from diffexp.catalog import register as register_resolvers
+
+    register_resolvers()
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
 
 
