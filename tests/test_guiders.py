@@ -317,5 +317,6 @@ def test_a_config_without_the_guidance_group_is_cfg_and_names_runs_as_before() -
     assert (settings.method, settings.diffusers_class) == ("cfg", "ClassifierFreeGuidance")
     assert settings.interval == (0.5, 5.0) and settings.rescale == 0.7
     spec = scheduler_spec({"name": "unipc"})
-    assert run_label(spec, 6, 2.5) == "unipc-6-cfg2.5" and run_label(spec, 6, 2.5, "apg") == "unipc-6-apg2.5"
-    assert run_label(spec, 6, 1.0, "pag") == "unipc-6-pag" and run_label(spec, 6) == "unipc-6"
+    assert run_label(spec, 6, 2.5) == "unipc-6-cfg2.5" and run_label(spec, 6, 2.5, method="apg") == "unipc-6-apg2.5"
+    assert run_label(spec, 6, 1.0, method="pag") == "unipc-6-pag" and run_label(spec, 6) == "unipc-6"
+    assert run_label(spec, 6, 2.5, "karras", "apg") == "unipc-karras-6-apg2.5"  # a schedule of its own, and a method
