@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import socket
+import time
 from pathlib import Path
 
 import diffusers
@@ -39,10 +40,21 @@ def offline(*overrides: str) -> DictConfig:
     return compose("logger=wandb", "logger.mode=offline", *overrides)
 
 
-def read_wandb(run_dir: Path) -> OfflineRun:
-    """The run's .wandb file, once W&B's service has written all of it (it flushes asynchronously)."""
-    wandb.teardown()
-    return OfflineRun.read(run_dir / "wandb")
+def read_wandb(run_dir: Path, timeout: float = 120.0) -> OfflineRun:
+    """The run's .wandb file, once W&B's service has written all of it: it flushes asynchronously, and the exit
+    record comes last. (Waiting for the file, not for the service to stop: a service that an earlier test of the
+    process still keeps busy would hold a teardown up.)"""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            run = OfflineRun.read(run_dir / "wandb")
+            if run.exit_code is not None:
+                return run
+        except Exception:  # a record being written: read again
+            if time.monotonic() > deadline:
+                raise
+        assert time.monotonic() < deadline, f"W&B wrote no exit record in {run_dir} within {timeout} s"
+        time.sleep(0.2)
 
 
 def steps_jsonl(run_dir: Path) -> list[dict]:
