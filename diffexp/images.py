@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 from pathlib import Path
 
 import numpy as np
@@ -39,3 +40,8 @@ def save_grid(x: torch.Tensor, path: Path, nrow: int | None = None) -> Path:
     with atomic(path) as tmp:
         grid(x, nrow, MIN_TILE).save(tmp, compress_level=1)  # fast: grids are small, written at every snapshot
     return path
+
+
+def png_data_uri(path: Path) -> str:
+    """A PNG file as a data URI: a page that embeds it needs nothing beside it."""
+    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")

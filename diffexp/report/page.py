@@ -6,7 +6,6 @@ the page; the figures are embedded as data URIs and the CSS inline, so the file 
 
 from __future__ import annotations
 
-import base64
 import functools
 import time
 from collections.abc import Mapping, Sequence
@@ -17,6 +16,7 @@ import yaml
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
 from diffexp.folders import DASHBOARD_FILE, RunStatus
+from diffexp.images import png_data_uri
 from diffexp.report.jobs import Job
 from diffexp.report.scrub import scrub_runs
 from diffexp.report.tables import HEADERS, format_value, shown_columns
@@ -39,10 +39,6 @@ def environment() -> Environment:
         lstrip_blocks=True,
         keep_trailing_newline=True,
     )
-
-
-def data_uri(path: Path) -> str:
-    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
 
 
 def sweep_command(sweep_dir: Path) -> str:
@@ -119,7 +115,7 @@ def render_page(
         written=time.strftime("%Y-%m-%d %H:%M"),
         summary=summary(jobs),
         command=sweep_command(sweep_dir),
-        images={name: data_uri(path) for name, path in images.items()},
+        images={name: png_data_uri(path) for name, path in images.items()},
         quality=quality,
         searched=list(searched),
         table=html_table(columns, rows),

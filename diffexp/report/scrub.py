@@ -7,18 +7,14 @@ picks on the page; each run shows its snapshot nearest to the slider. The grids 
 
 from __future__ import annotations
 
-import base64
 import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from diffexp.images import png_data_uri
 from diffexp.report.jobs import Job
-
-
-def png_uri(path: Path) -> str:
-    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
 
 
 def snapshots(folder: Path) -> list[dict[str, Any]]:
@@ -39,8 +35,8 @@ def snapshots(folder: Path) -> list[dict[str, Any]]:
                 "step": step,
                 "fraction": step / steps,
                 "log_sigma": math.log(sigma) if finite else None,
-                "x0": png_uri(x0),
-                "x": png_uri(x) if x.is_file() else None,
+                "x0": png_data_uri(x0),
+                "x": png_data_uri(x) if x.is_file() else None,
             }
         )
     return out

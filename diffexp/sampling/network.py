@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -33,8 +34,9 @@ class Network:
     channels_last: bool = False  # inputs in channels-last memory format, like the weights
     cudagraphs: bool = False  # outputs live in a CUDA graph's memory until copied
 
-    @property
+    @functools.cached_property
     def dtype(self) -> torch.dtype:
+        """The module's precision, read once (``ModelMixin.dtype`` walks the parameters: not at every call)."""
         return getattr(self.module, "dtype", None) or next((p.dtype for p in self.module.parameters()), torch.float32)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, condition: Condition, channels: int | None) -> torch.Tensor:
