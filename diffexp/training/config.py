@@ -45,6 +45,9 @@ class TrainConfig:
     num_classes: int | None = None
     label_dropout: float = 0.0  # probability that a training label becomes the null class id (for guidance)
     ema_decay: float = 0.999
+    # a diffusers pipeline folder whose UNet weights start the training (fine-tuning; same network and prediction
+    # type); the optimiser, LR schedule and EMA start afresh. null: initialised from seed
+    init_from: str | None = None
     seed: int = 0
     device: str = "auto"
     threads: int | None = None  # CPU threads for torch; null: torch's default
@@ -61,8 +64,14 @@ class TrainConfig:
 
 
 def register() -> None:
-    """Store the training schema (``scripts/train.py`` and the tests call it before composing ``train``)."""
+    """Store the training schema and the resolvers its YAML uses (``${safe:...}`` in ``hydra.run.dir``);
+    ``scripts/train.py`` and the tests call it before composing ``train``."""
+    from diffexp.catalog import RESOLVERS
+
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+    for name, function in RESOLVERS.items():
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, function)
 
 
 # every numeric key's range: (lowest, highest, whether the lowest itself is allowed); checked before training
