@@ -326,3 +326,19 @@ def test_training_logs_loss_and_samples_to_wandb_through_the_logger_config(tmp_p
     assert run.run.job_type == "train" and run.exit_code == 0 and run.config["steps"] == 4
     assert [row["_step"] for row in run.history] == [2, 4]
     assert all(row["loss"] > 0 for row in run.history) and "samples" in run.history[-1]
+
+
+def test_init_from_starts_from_a_trained_folder_with_a_fresh_optimiser(tmp_path: Path) -> None:
+    train(train_cfg("steps=2", "num_classes=10"), tmp_path / "first")
+    start = load_file(tmp_path / "first/model/unet/diffusion_pytorch_model.safetensors")
+    trainer = new_trainer(train_cfg("num_classes=10", f"init_from={tmp_path / 'first/model'}"), torch.device("cpu"))
+    online = trainer.unet.state_dict()
+    assert trainer.step == 0 and all(torch.equal(online[k], v) for k, v in start.items())
+    assert not trainer.optimizer.state  # Adam's moments start afresh
+    fresh = new_trainer(train_cfg("num_classes=10"), torch.device("cpu")).unet.state_dict()
+    assert not all(torch.equal(fresh[k], v) for k, v in start.items())  # seed-initialised weights differ
+    with pytest.raises(DiffexpError, match="prediction_type=v_prediction"):
+        new_trainer(train_cfg("num_classes=10", "prediction_type=v_prediction", f"init_from={tmp_path / 'first/model'}"),
+                    torch.device("cpu"))  # fmt: skip
+    with pytest.raises(DiffexpError, match="not the network"):
+        new_trainer(train_cfg(f"init_from={tmp_path / 'first/model'}"), torch.device("cpu"))  # no class embedding
