@@ -337,8 +337,8 @@ def test_init_from_starts_from_a_trained_folder_with_a_fresh_optimiser(tmp_path:
     assert not trainer.optimizer.state  # Adam's moments start afresh
     fresh = new_trainer(train_cfg("num_classes=10"), torch.device("cpu")).unet.state_dict()
     assert not all(torch.equal(fresh[k], v) for k, v in start.items())  # seed-initialised weights differ
+    init = f"init_from={tmp_path / 'first/model'}"
     with pytest.raises(DiffexpError, match="prediction_type=v_prediction"):
-        new_trainer(train_cfg("num_classes=10", "prediction_type=v_prediction", f"init_from={tmp_path / 'first/model'}"),
-                    torch.device("cpu"))  # fmt: skip
+        new_trainer(train_cfg("num_classes=10", "prediction_type=v_prediction", init), torch.device("cpu"))
     with pytest.raises(DiffexpError, match="not the network"):
-        new_trainer(train_cfg(f"init_from={tmp_path / 'first/model'}"), torch.device("cpu"))  # no class embedding
+        new_trainer(train_cfg(init), torch.device("cpu"))  # no class embedding
