@@ -16,7 +16,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 import diffexp
@@ -26,7 +25,7 @@ from diffexp.metrics.digits_quality import digits_quality
 
 def run_one(args: argparse.Namespace, scheduler: str, steps: int, scale: float) -> dict[str, Any]:
     out = args.out / args.model / f"{scheduler}-{steps}-cfg{scale:g}"
-    if (out / "metrics.json").exists() and (out / "samples.npy").exists():
+    if (out / "metrics.json").exists():
         metrics = json.loads((out / "metrics.json").read_text())
     else:
         overrides = [f"model={args.model}", f"scheduler={scheduler}", f"steps={steps}", f"seed={args.seed}"]
@@ -40,7 +39,7 @@ def run_one(args: argparse.Namespace, scheduler: str, steps: int, scale: float) 
             overrides += ["metrics=fid", f"metrics.fid.n={args.fid_n}"]
         metrics = diffexp.run(diffexp.compose(overrides), out)
     if not args.labels:  # the digits classifier's own reading (scikit-learn), beside the noise figures
-        quality = digits_quality(torch.from_numpy(np.load(out / "samples.npy")))
+        quality = digits_quality(torch.from_numpy(diffexp.load_samples(out)))
         metrics |= {k: quality[k] for k in ("confident_fraction", "recognisable_fraction", "classes_present")}
     return metrics
 
