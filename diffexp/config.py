@@ -166,6 +166,7 @@ class MetricsConfig:
     fid: FidConfig = field(default_factory=FidConfig)
     landing: bool = False  # digits-ideal: where the samples land among the training images (cheap)
     hit_tol: float = 0.02  # a sample within this RMSE of a training image has landed on it
+    residual_noise: bool = True  # high-frequency energy of the samples against the real set's (residual_noise.py)
     label_accuracy: bool = True  # runs with labels on 1-channel samples: the digits classifier reads each sample
     cache_dir: str = "outputs/cache"  # reference solutions and real-data statistics
 

@@ -1,7 +1,8 @@
 """FID statistics of a real set, computed once: python scripts/fid_stats.py FOLDER OUT.npz --features digits
 
 Writes ``mu`` and ``sigma`` (the mean and covariance of the images' features, as pytorch-fid and clean-fid write
-them) plus ``n``, ``features``, ``size`` and ``channels``; a run takes it as ``metrics.fid.real=OUT.npz`` (FID only:
+them) plus ``n``, ``features``, ``size``, ``channels`` and ``residual_noise_p99`` (the limit of the residual-noise
+metric, diffexp/metrics/residual_noise.py); a run takes it as ``metrics.fid.real=OUT.npz`` (FID only:
 KID needs the features themselves). Images are resized to ``--size`` as a run resizes its real set: use the
 resolution of the samples you will compare.
 """
@@ -14,7 +15,8 @@ import torch
 
 from diffexp.errors import DiffexpError
 from diffexp.metrics.features import feature_net
-from diffexp.metrics.real_stats import image_files, write_stats
+from diffexp.metrics.real_stats import image_files, real_images, write_stats
+from diffexp.metrics.residual_noise import SIZE, STATS_KEY, limit_of
 from diffexp.settings import compose
 
 
@@ -36,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
         net = feature_net(compose(overrides).metrics.fid, torch.device(args.device), args.cache_dir)
         size = args.size or (32 if args.real == "digits" else _width(image_files(args.real, REAL)[0]))
         channels = args.channels or (1 if args.features == "digits" else 3)
-        info = write_stats(args.out, net, args.real, (channels, size, size), REAL)
+        limit = limit_of(real_images(args.real, (channels, SIZE, SIZE), REAL))  # residual noise (its 32 px)
+        info = write_stats(args.out, net, args.real, (channels, size, size), REAL, {STATS_KEY: limit})
     except DiffexpError as err:
         print(f"diffexp: {err}", file=sys.stderr)
         return 2

@@ -21,6 +21,7 @@ from diffexp.metrics.features import FeatureNet, feature_net
 from diffexp.metrics.fid import fid_kid
 from diffexp.metrics.inception import INCEPTION_FILES
 from diffexp.metrics.real_stats import write_stats
+from diffexp.metrics.residual_noise import digits_limit
 from diffexp.metrics.suite import STATED_WITH
 from diffexp.report.grid import caption
 from diffexp.report.jobs import Job, label_rows
@@ -183,6 +184,8 @@ def test_a_run_against_npz_statistics_records_fid_its_counts_and_no_kid(
     done = run_main("scripts/fid_stats.py", args, tmp_path, monkeypatch)
     assert done.returncode == 0, done.stderr
     assert "1797 images" in done.stdout
+    with np.load(stats) as saved:  # the residual-noise limit travels with the statistics
+        assert float(saved["residual_noise_p99"]) == pytest.approx(digits_limit(), rel=1e-6)
     metrics = _run(tmp_path, "run", "metrics=fid", "batch_size=6", f"metrics.fid.real={stats}")
     assert metrics["fid"] > 0 and metrics["fid_n"] == 6 and metrics["fid_n_real"] == 1797
     assert metrics["fid_features"].startswith("digits-cnn@") and metrics["fid_features"].endswith(" 64")

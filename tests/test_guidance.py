@@ -132,4 +132,16 @@ def test_digits_cond_draws_the_requested_classes_under_guidance(tmp_path: Path) 
                   "batch_size=20", "metrics.cache_dir=" + str(tmp_path))  # fmt: skip
     metrics = diffexp.run(cfg, tmp_path / "run")
     assert metrics["labels"] == [k % 10 for k in range(20)] and metrics["net_evals"] == 40
-    assert metrics["label_accuracy"] >= 0.85 and metrics["classes_produced"] == 10
+    assert metrics["label_agreement"] >= 0.85 and metrics["classes_produced"] == 10
+    # a sample above the noise limit is never recognisable, and only recognisable samples count as accurate
+    assert metrics["recognisable"] <= 1 - metrics["noisy_share"] + 1e-9
+    assert metrics["label_accuracy"] <= metrics["recognisable"] and metrics["residual_noise_real"] == "digits"
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="digits-cond leaves grain on about half its ODE samples (its model card)")
+def test_digits_cond_is_clean_with_dpmsolver_20_and_guidance_3(tmp_path: Path) -> None:
+    cfg = compose("model=digits-cond", "labels=all", "guidance_scale=3", "scheduler=dpmsolver", "steps=20",
+                  "batch_size=100", "progress=false", "metrics.cache_dir=" + str(tmp_path))  # fmt: skip
+    metrics = diffexp.run(cfg, tmp_path / "run")
+    assert metrics["noisy_share"] <= 0.1 and metrics["label_accuracy"] >= 0.95

@@ -241,7 +241,7 @@ def test_shipped_digits_cond_is_class_conditional_with_a_null_class() -> None:
     assert (folder / "unet/diffusion_pytorch_model.safetensors").stat().st_size <= 10 * 2**20
     assert (folder / "README.md").is_file()
     unet, scheduler_config = models.load_pretrained(str(folder))
-    assert unet.config.num_class_embeds == 11 and scheduler_config["prediction_type"] == "epsilon"
+    assert unet.config.num_class_embeds == 11 and scheduler_config["prediction_type"] == "v_prediction"
     x, t = torch.zeros(2, 1, 32, 32), torch.tensor([500, 500])
     with torch.no_grad():
         out = unet(x, t, class_labels=torch.tensor([3, 10])).sample  # a digit and the null class
@@ -314,3 +314,19 @@ def test_training_logs_loss_and_samples_to_wandb_through_the_logger_config(tmp_p
     assert run.run.job_type == "train" and run.exit_code == 0 and run.config["steps"] == 4
     assert [row["_step"] for row in run.history] == [2, 4]
     assert all(row["loss"] > 0 for row in run.history) and "samples" in run.history[-1]
+
+
+def test_init_from_starts_from_a_trained_folder_with_a_fresh_optimiser(tmp_path: Path) -> None:
+    train(train_cfg("steps=2", "num_classes=10"), tmp_path / "first")
+    start = load_file(tmp_path / "first/model/unet/diffusion_pytorch_model.safetensors")
+    trainer = new_trainer(train_cfg("num_classes=10", f"init_from={tmp_path / 'first/model'}"), torch.device("cpu"))
+    online = trainer.unet.state_dict()
+    assert trainer.step == 0 and all(torch.equal(online[k], v) for k, v in start.items())
+    assert not trainer.optimizer.state  # Adam's moments start afresh
+    fresh = new_trainer(train_cfg("num_classes=10"), torch.device("cpu")).unet.state_dict()
+    assert not all(torch.equal(fresh[k], v) for k, v in start.items())  # seed-initialised weights differ
+    init = f"init_from={tmp_path / 'first/model'}"
+    with pytest.raises(DiffexpError, match="prediction_type=v_prediction"):
+        new_trainer(train_cfg("num_classes=10", "prediction_type=v_prediction", init), torch.device("cpu"))
+    with pytest.raises(DiffexpError, match="not the network"):
+        new_trainer(train_cfg(init), torch.device("cpu"))  # no class embedding

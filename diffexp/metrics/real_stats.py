@@ -224,16 +224,22 @@ def check_real(source: str, net: FeatureNet) -> None:
 
 
 def write_stats(
-    out: Path, net: FeatureNet, source: str, shape: tuple[int, ...], key: str = "metrics.fid.real"
+    out: Path,
+    net: FeatureNet,
+    source: str,
+    shape: tuple[int, ...],
+    key: str = "metrics.fid.real",
+    extra: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """The real set's ``mu`` and ``sigma`` (np.cov, as pytorch-fid computes them) in an .npz, with ``n``,
-    ``features``, ``size`` and ``channels``; returns what was written besides mu and sigma."""
+    ``features``, ``size``, ``channels`` and ``extra`` (e.g. the residual-noise limit); returns what was written
+    besides mu and sigma."""
     if not is_stats(str(out)):
         raise DiffexpError(f"{out}: the statistics file must end in {STATS_SUFFIX}, which is how a run recognises it.")
     feats = net.features(real_images(source, shape, key)).numpy()
     if len(feats) < 2:
         raise DiffexpError(f"{key}={source} holds {len(feats)} image(s); statistics need at least 2.")
-    info = {"n": len(feats), "features": net.name, "size": shape[-1], "channels": shape[0]}
+    info = {"n": len(feats), "features": net.name, "size": shape[-1], "channels": shape[0], **(extra or {})}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("wb") as f:  # np.savez would add .npz to a path without it

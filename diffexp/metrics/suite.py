@@ -12,12 +12,20 @@ from diffexp.metrics.base import Chunk, Context, Metric, RunFacts, Values, quali
 from diffexp.metrics.fid import FidKid
 from diffexp.metrics.labels import LabelAccuracy
 from diffexp.metrics.landing import Landing
+from diffexp.metrics.residual_noise import ResidualNoise
 from diffexp.metrics.scheduler_flags import SchedulerFlags
 from diffexp.sampling.experiment import Experiment
 from diffexp.sampling.loop import StepState
 
 # in the order they are prepared: the reference (which landing uses) before the others
-METRICS: tuple[type[Metric], ...] = (SchedulerFlags, ReferenceAgreement, Landing, FidKid, LabelAccuracy)
+METRICS: tuple[type[Metric], ...] = (
+    SchedulerFlags,
+    ReferenceAgreement,
+    Landing,
+    FidKid,
+    ResidualNoise,
+    LabelAccuracy,
+)
 QUALITY = quality_keys(METRICS)  # final keys with a direction: the report's quality axes
 STATED_WITH = stated_with(METRICS)  # keys shown beside a value wherever it is shown (FID: its n and network)
 

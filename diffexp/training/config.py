@@ -45,6 +45,9 @@ class TrainConfig:
     num_classes: int | None = None
     label_dropout: float = 0.0  # probability that a training label becomes the null class id (for guidance)
     ema_decay: float = 0.999
+    # a diffusers pipeline folder whose UNet weights start the training (fine-tuning; same network and prediction
+    # type); the optimiser, LR schedule and EMA start afresh. null: initialised from seed
+    init_from: str | None = None
     seed: int = 0
     device: str = "auto"
     threads: int | None = None  # CPU threads for torch; null: torch's default

@@ -174,10 +174,25 @@ def new_trainer(cfg: DictConfig, device: torch.device) -> Trainer:
     """A trainer at step 0: a fresh UNet (initialised from ``seed``) and the configured noise schedule."""
     torch.manual_seed(cfg.seed)
     unet = build_unet(cfg).to(device)
+    if cfg.get("init_from"):
+        _load_weights(cfg, unet)
     ema_unet = copy.deepcopy(unet).requires_grad_(False)
     scheduler_config = dict(OmegaConf.to_container(cfg.noise_schedule, resolve=True))
     scheduler_config["prediction_type"] = cfg.prediction_type  # saved with the model
     return _assemble(cfg, device, unet, ema_unet, scheduler_config)
+
+
+def _load_weights(cfg: DictConfig, unet: UNet2DModel) -> None:
+    """``init_from``'s UNet weights into ``unet``: the same network and prediction type, or a DiffexpError."""
+    start, scheduler_config = models.load_pretrained(str(cfg.init_from))
+    found = scheduler_config.get("prediction_type") or "epsilon"
+    if found != cfg.prediction_type:
+        raise DiffexpError(f"init_from={cfg.init_from} predicts {found}, not prediction_type={cfg.prediction_type}.")
+    try:
+        unet.load_state_dict(start.state_dict())
+    except RuntimeError as err:
+        reason = str(err).splitlines()[0]
+        raise DiffexpError(f"init_from={cfg.init_from} is not the network of unet and num_classes: {reason}") from None
 
 
 def resume_trainer(cfg: DictConfig, device: torch.device, checkpoint: Path) -> Trainer:
