@@ -68,6 +68,8 @@ class RunSettings:
     guidance: GuidanceSettings
     prompts: tuple[str, ...] | None  # None: no prompt given
     negative_prompts: tuple[str, ...] | None
+    max_sequence_length: int | None  # SD3, Flux: the T5 prompt length; None: the pipeline's own
+    guidance_embed: float | None  # Flux.1-dev's distilled guidance scale; None: the pipeline's default
     height: int | None
     width: int | None
     preview: Preview
@@ -95,7 +97,7 @@ def read_settings(cfg: DictConfig) -> RunSettings:
     check_config(cfg)
     node = OmegaConf.to_object(cfg)
     assert isinstance(node, RunConfig)
-    for key in ("steps", "batch_size", "log_every", "num_samples", "height", "width"):
+    for key in ("steps", "batch_size", "log_every", "num_samples", "height", "width", "max_sequence_length"):
         value = getattr(node, key)
         if value is not None and value <= 0:
             raise DiffexpError(f"{key}={value} is not allowed: {key} must be a positive integer.")
@@ -129,6 +131,8 @@ def read_settings(cfg: DictConfig) -> RunSettings:
         guidance=read_guidance(node.guidance_scale, node.guidance_rescale, node.guidance_interval, node.guidance),
         prompts=read_prompts("prompt", node.prompt),
         negative_prompts=read_prompts("negative_prompt", node.negative_prompt),
+        max_sequence_length=node.max_sequence_length,
+        guidance_embed=node.guidance_embed,
         height=node.height,
         width=node.width,
         preview=Preview(node.preview),

@@ -32,6 +32,7 @@ from diffexp.sampling.network import Network
 from diffexp.sampling.noise import NoiseSchedule
 from diffexp.sampling.placement import build_for
 from diffexp.sampling.schedulers import BuiltScheduler, split_options
+from diffexp.sampling.sd3 import SD3Adapter, TransformerLatent, check_text_options
 from diffexp.sampling.speed import SpeedRecord, accelerate, check_compile, check_precision
 from diffexp.settings import RunSettings, read_settings
 
@@ -63,7 +64,7 @@ class Experiment:
     @property
     def prompts(self) -> list[str] | None:
         """Text models: the prompt of each sample."""
-        return list(self.model.prompts) if isinstance(self.model, TextAdapter) else None
+        return list(self.model.prompts) if isinstance(self.model, (TextAdapter, SD3Adapter)) else None
 
     @property
     def num_samples(self) -> int:
@@ -126,8 +127,8 @@ def prepare(settings: RunSettings | DictConfig, model: LoadedModel | None = None
     check_compile(run.compile, device)
     identity = ("model", id(model.model)) if model is not None else ("config", repr(run.model))
     loaded = model or load_model(run.model, device, dtype)
+    check_latent(run, loaded)  # first: the size sets a dynamic shift
     built = build_for(run, loaded)  # the scheduler or k-diffusion sampler, the schedule placed (or refused)
-    check_latent(run, loaded)
     weak = weak_network(run.guidance, loaded, device, dtype)
     check_memory(adapter_for(run, loaded, built, range(1), device, weak), loaded, device, run.batch_size, built)
     first = run.chunks()[0]
@@ -160,6 +161,8 @@ def adapter_for(
     timesteps = tuple(built.scheduler.timesteps.cpu().tolist())
     family = TextAdapter if loaded.kind == "text" else Adapter if loaded.num_classes is None else ClassAdapter
     family = DiTAdapter if loaded.kind == "class" else family
+    transformer = loaded.latent if isinstance(loaded.latent, TransformerLatent) else None  # SD3, Flux
+    family = transformer.family if transformer else family
     common = {
         "network": Network(loaded.model),
         "prediction_type": loaded.prediction_type,
@@ -172,6 +175,8 @@ def adapter_for(
                 f"labels={run.labels} was given, but {loaded.name} is a text-to-image model: give prompt=... instead."
             )
         assert loaded.latent is not None
+        if transformer:
+            return transformer.adapter(run, samples, device, common)
         latent = loaded.latent
         source = PromptSource(lambda prompts: latent.encode(prompts, device), run.prompts, run.negative_prompts)
         return build_adapter(TextAdapter, samples, source=source, **common)
@@ -220,7 +225,8 @@ def check_labels(run: RunSettings, loaded: LoadedModel) -> str | tuple[int, ...]
 
 
 def check_latent(run: RunSettings, loaded: LoadedModel) -> None:
-    """Size, preview, prompts: what only some models take."""
+    """Size, preview, prompts, T5 length, guidance embedding: what only some models take."""
+    check_text_options(run, loaded.name, loaded.latent)
     if loaded.latent is None:
         if run.height is not None or run.width is not None:
             raise DiffexpError(
@@ -234,7 +240,7 @@ def check_latent(run: RunSettings, loaded: LoadedModel) -> None:
         what = "class-conditional (use labels=...)" if loaded.num_classes is not None else "unconditional"
         raise DiffexpError(
             f"prompt / negative_prompt was given, but {loaded.name} is {what}: only text-to-image models "
-            "(the StableDiffusionPipeline family) take prompts."
+            "(Stable Diffusion, SD3, Flux) take prompts."
         )
 
 

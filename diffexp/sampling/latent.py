@@ -23,6 +23,8 @@ from diffexp.errors import DiffexpError
 
 # the pipeline class of model_index.json -> what conditions it: text (prompts) or class labels
 LATENT_PIPELINES = {"StableDiffusionPipeline": "text", "DiTPipeline": "class"}
+# flow-matching text-to-image transformers (diffexp.sampling.sd3, diffexp.sampling.flux)
+LATENT_PIPELINES |= {"StableDiffusion3Pipeline": "text", "FluxPipeline": "text"}
 # what diffexp leaves out, and why
 NOT_SUPPORTED = {
     "StableDiffusionXLPipeline": "SDXL needs two text encoders and added time ids (size and crop conditioning), "
@@ -85,9 +87,21 @@ class LatentModel:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     @property
+    def denoiser(self) -> Any:
+        return self.pipeline.unet if self.kind == "text" else self.pipeline.transformer
+
+    @property
+    def channels(self) -> int:
+        """Latent channels of a sample as the loop holds it."""
+        return int(self.denoiser.config.in_channels)
+
+    def timesteps_kwargs(self, scheduler: Any, steps: int) -> dict[str, Any]:
+        """The ``set_timesteps`` arguments the pipeline itself passes beyond the step count (none here)."""
+        return {}
+
+    @property
     def default_hw(self) -> tuple[int, int]:
-        denoiser = self.pipeline.unet if self.kind == "text" else self.pipeline.transformer
-        size = denoiser.config.sample_size
+        size = self.denoiser.config.sample_size
         h, w = (size, size) if isinstance(size, int) else tuple(size)
         return h * self.scale, w * self.scale
 
@@ -137,17 +151,26 @@ class LatentModel:
         return embeds
 
 
-def load_latent(source: str, revision: str | None, class_name: str, device: torch.device, dtype: torch.dtype) -> Any:
-    """The latent pipeline ``source`` holds, on ``device`` in ``dtype``; the safety checker is not loaded."""
+def load_latent(
+    source: str,
+    revision: str | None,
+    class_name: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    components: dict[str, Any] | None = None,
+) -> Any:
+    """The latent pipeline ``source`` holds, on ``device`` in ``dtype``; the safety checker is not loaded;
+    ``components``: parts given instead of loaded (None: left out, as SD3's T5 may be)."""
     import diffusers
 
     if class_name in NOT_SUPPORTED:
         raise DiffexpError(f"'{source}' is a {class_name}; diffexp leaves it out: {NOT_SUPPORTED[class_name]}.")
     kind = LATENT_PIPELINES[class_name]
-    extra: dict[str, Any] = {}
+    extra: dict[str, Any] = dict(components or {})
     if kind == "text":
         check_text_parts(source)
-        extra = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+    if class_name == "StableDiffusionPipeline":
+        extra |= {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
         import transformers  # noqa: F401  (a dependency only text models need; fail here, clearly, if missing)
     try:
         with quiet_loading():

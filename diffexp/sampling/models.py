@@ -19,6 +19,7 @@ from diffusers import DiffusionPipeline, UNet2DModel
 from diffexp.config import WEIGHTS_DIR, ModelConfig, ModelSource, Parameterisation
 from diffexp.errors import DiffexpError
 from diffexp.sampling.flow import FLOW_PREDICTION, is_flow
+from diffexp.sampling.flux import FluxLatent
 from diffexp.sampling.ideal import DDPM_SCHEDULER_CONFIG, FLOW_SCHEDULER_CONFIG, DigitsIdealDenoiser
 from diffexp.sampling.latent import (
     LATENT_PIPELINES,
@@ -29,7 +30,13 @@ from diffexp.sampling.latent import (
     pipeline_class,
     quiet_loading,
 )
+from diffexp.sampling.sd3 import SD3Latent, TransformerLatent
 
+# the pipeline class -> the latent model of a text-to-image transformer
+TRANSFORMER_LATENTS: dict[str, type[TransformerLatent]] = {
+    "StableDiffusion3Pipeline": SD3Latent,
+    "FluxPipeline": FluxLatent,
+}
 OFFLINE_MODELS = "model=digits-unet (the default), model=digits-ideal, model=tiny, or model=local model.path=DIR"
 
 
@@ -67,7 +74,7 @@ class LoadedModel:
     def sample_shape(self) -> tuple[int, int, int]:
         cfg = self.model.config
         if self.latent is not None:
-            return (cfg.in_channels, *self.latent.size)
+            return (self.latent.channels, *self.latent.size)
         size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
         return (cfg.in_channels, size, size)
 
@@ -176,10 +183,14 @@ def _latent(source: str, cfg: ModelConfig, device: torch.device, dtype: torch.dt
             "model.prediction_type, model.num_classes and model.null_class do not apply to a latent pipeline: they "
             "come from its scheduler config and its denoiser."
         )
-    pipe = load_latent(source, cfg.revision, str(class_name), device, dtype)
+    family = TRANSFORMER_LATENTS.get(str(class_name))
+    if not cfg.t5 and family is None:
+        raise DiffexpError(f"model.t5=false applies to SD3 (its optional T5 encoder); {cfg.name} has no T5 encoder.")
+    components = family.components(DiffusionPipeline.load_config(source, revision=cfg.revision), cfg) if family else {}
+    pipe = load_latent(source, cfg.revision, str(class_name), device, dtype, components)
     kind = LATENT_PIPELINES[str(class_name)]
-    denoiser = pipe.unet if kind == "text" else pipe.transformer
-    latent = LatentModel(pipe, kind, (0, 0))
+    latent = (family or LatentModel)(pipe, kind, (0, 0))
+    denoiser = latent.denoiser
     latent.set_size(None, None)
     # DiTPipeline: classes 0 .. N-1, the null class N (its label dropout embedding)
     num_classes = int(denoiser.config.num_embeds_ada_norm) if kind == "class" else None
