@@ -24,15 +24,17 @@ from diffexp.sampling.adapters import (
 )
 from diffexp.sampling.device import resolve_device, resolve_dtype
 from diffexp.sampling.flow import FlowSchedule, is_flow
+from diffexp.sampling.flux import FluxAdapter
 from diffexp.sampling.guiders import check_options, guidance_of, weak_network
 from diffexp.sampling.kdiffusion import iter_k_steps
 from diffexp.sampling.loop import StepState, initial_noise, iter_steps
+from diffexp.sampling.mmdit import FluxLatent, TransformerLatent
 from diffexp.sampling.models import LoadedModel, load_model
 from diffexp.sampling.network import Network
 from diffexp.sampling.noise import NoiseSchedule
 from diffexp.sampling.placement import build_for
 from diffexp.sampling.schedulers import BuiltScheduler, split_options
-from diffexp.sampling.sd3 import SD3Adapter, TransformerLatent, check_text_options
+from diffexp.sampling.sd3 import SD3Adapter, TextOptions, check_text_options
 from diffexp.sampling.speed import SpeedRecord, accelerate, check_compile, check_precision
 from diffexp.settings import RunSettings, read_settings
 
@@ -162,7 +164,7 @@ def adapter_for(
     family = TextAdapter if loaded.kind == "text" else Adapter if loaded.num_classes is None else ClassAdapter
     family = DiTAdapter if loaded.kind == "class" else family
     transformer = loaded.latent if isinstance(loaded.latent, TransformerLatent) else None  # SD3, Flux
-    family = transformer.family if transformer else family
+    family = (FluxAdapter if isinstance(transformer, FluxLatent) else SD3Adapter) if transformer else family
     common = {
         "network": Network(loaded.model),
         "prediction_type": loaded.prediction_type,
@@ -176,7 +178,7 @@ def adapter_for(
             )
         assert loaded.latent is not None
         if transformer:
-            return transformer.adapter(run, samples, device, common)
+            return family.build(text_options(run), transformer, samples, device, common)
         latent = loaded.latent
         source = PromptSource(lambda prompts: latent.encode(prompts, device), run.prompts, run.negative_prompts)
         return build_adapter(TextAdapter, samples, source=source, **common)
@@ -226,7 +228,7 @@ def check_labels(run: RunSettings, loaded: LoadedModel) -> str | tuple[int, ...]
 
 def check_latent(run: RunSettings, loaded: LoadedModel) -> None:
     """Size, preview, prompts, T5 length, guidance embedding: what only some models take."""
-    check_text_options(run, loaded.name, loaded.latent)
+    check_text_options(text_options(run), loaded.name, loaded.latent)
     if loaded.latent is None:
         if run.height is not None or run.width is not None:
             raise DiffexpError(
@@ -242,6 +244,10 @@ def check_latent(run: RunSettings, loaded: LoadedModel) -> None:
             f"prompt / negative_prompt was given, but {loaded.name} is {what}: only text-to-image models "
             "(Stable Diffusion, SD3, Flux) take prompts."
         )
+
+
+def text_options(run: RunSettings) -> TextOptions:
+    return TextOptions(run.prompts, run.negative_prompts, run.max_sequence_length, run.guidance_embed)
 
 
 def free_memory(device: torch.device) -> int | None:

@@ -19,7 +19,6 @@ from diffusers import DiffusionPipeline, UNet2DModel
 from diffexp.config import WEIGHTS_DIR, ModelConfig, ModelSource, Parameterisation
 from diffexp.errors import DiffexpError
 from diffexp.sampling.flow import FLOW_PREDICTION, is_flow
-from diffexp.sampling.flux import FluxLatent
 from diffexp.sampling.ideal import DDPM_SCHEDULER_CONFIG, FLOW_SCHEDULER_CONFIG, DigitsIdealDenoiser
 from diffexp.sampling.latent import (
     LATENT_PIPELINES,
@@ -30,13 +29,8 @@ from diffexp.sampling.latent import (
     pipeline_class,
     quiet_loading,
 )
-from diffexp.sampling.sd3 import SD3Latent, TransformerLatent
+from diffexp.sampling.mmdit import TRANSFORMER_LATENTS
 
-# the pipeline class -> the latent model of a text-to-image transformer
-TRANSFORMER_LATENTS: dict[str, type[TransformerLatent]] = {
-    "StableDiffusion3Pipeline": SD3Latent,
-    "FluxPipeline": FluxLatent,
-}
 OFFLINE_MODELS = "model=digits-unet (the default), model=digits-ideal, model=tiny, or model=local model.path=DIR"
 
 

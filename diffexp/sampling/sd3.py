@@ -1,30 +1,34 @@
-"""Stable Diffusion 3 and 3.5 (Esser et al. 2024): an MMDiT transformer (``SD3Transformer2DModel``) on 16-channel
-latents, sampled on the flow path, conditioned on text embeddings (two CLIP encoders and T5, as
-``encoder_hidden_states``) and on the CLIP encoders' pooled projections (``pooled_projections``).
-``StableDiffusion3Pipeline``'s own ``encode_prompt`` makes both. Without T5 (``model.t5=false``: the pipeline's
-``text_encoder_3=None``) its part of the embeddings is zeros, as the pipeline makes it.
+"""Stable Diffusion 3 and 3.5 (Esser et al. 2024): ``SD3Transformer2DModel`` as ``StableDiffusion3Pipeline``
+drives it, on the flow path, conditioned on text embeddings (``encoder_hidden_states``) and pooled projections
+(``pooled_projections``) that the pipeline's own ``encode_prompt`` makes (``diffexp.sampling.mmdit``).
 
-The classes here are also the base of Flux (``diffexp.sampling.flux``): a latent transformer whose prompts become
-several keyword arguments of the network, one row per sample.
+``SD3Adapter`` is also the base of Flux's (``diffexp.sampling.flux``): prompts that become several keyword
+arguments of the network, one row per sample.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import torch
 
 from diffexp.errors import DiffexpError
 from diffexp.sampling.adapters import Adapter, DiTAdapter, build_adapter
 from diffexp.sampling.latent import LatentModel
+from diffexp.sampling.mmdit import PIPELINE_SEQUENCE_LIMIT, TransformerLatent
 
-if TYPE_CHECKING:
-    from diffexp.config import ModelConfig
-    from diffexp.settings import RunSettings
 
-PIPELINE_SEQUENCE_LIMIT = 512  # the SD3 and Flux pipelines refuse a longer max_sequence_length (check_inputs)
+@dataclass(frozen=True)
+class TextOptions:
+    """What a run asks of a text transformer: prompts and negative prompts (None: none given), the T5 prompt length
+    and the guidance embedding (None: the pipeline's own)."""
+
+    prompts: tuple[str, ...] | None = None
+    negatives: tuple[str, ...] | None = None
+    max_sequence_length: int | None = None
+    guidance_embed: float | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -77,80 +81,36 @@ class SD3Adapter(Adapter):
         assert self.source is not None
         return self.source.of(self.samples)
 
-
-@dataclass
-class TransformerLatent(LatentModel):
-    """A latent text-to-image transformer (SD3, Flux): its pipeline's parts, and how prompts reach the network."""
-
-    family: ClassVar[type[SD3Adapter]] = SD3Adapter
-    t5_tokenizer: ClassVar[str] = "tokenizer_3"  # the pipeline's name of its T5 tokenizer
-
-    @property
-    def denoiser(self) -> Any:
-        return self.pipeline.transformer
-
-    @property
-    def guidance_embeds(self) -> bool:
-        """Whether the transformer takes a distilled guidance scale as an input (Flux.1-dev)."""
-        return False
-
     @classmethod
-    def components(cls, index: Mapping[str, Any], cfg: ModelConfig) -> dict[str, Any]:
-        """Parts to leave out when loading (``model.t5=false``), from the folder's ``model_index.json``."""
-        if not cfg.t5:
-            raise DiffexpError(
-                f"model.t5=false is not allowed for {cfg.name}: its T5 encoder gives the text embeddings the "
-                "transformer attends to. Only SD3 can leave T5 out (text_encoder_3=None)."
-            )
+    def fields(cls, options: TextOptions, latent: TransformerLatent) -> dict[str, Any]:
+        """The family's own fields beyond the prompts (Flux: the guidance embedding)."""
         return {}
 
-    def sequence_limit(self) -> int:
-        """The longest max_sequence_length: the T5 tokenizer's model_max_length, at most the pipelines' 512."""
-        tokenizer = getattr(self.pipeline, self.t5_tokenizer, None)
-        length = getattr(tokenizer, "model_max_length", None) or PIPELINE_SEQUENCE_LIMIT
-        return min(int(length), PIPELINE_SEQUENCE_LIMIT)
-
-    def encode_parts(
-        self, prompts: list[str], device: torch.device, max_sequence_length: int | None
-    ) -> dict[str, torch.Tensor]:
-        """The network's keyword arguments for ``prompts``, one row each, from the pipeline's ``encode_prompt``."""
-        length = {} if max_sequence_length is None else {"max_sequence_length": max_sequence_length}
-        embeds, _, pooled, _ = self.pipeline.encode_prompt(
-            prompts, None, None, device=device, do_classifier_free_guidance=False, **length
-        )
-        return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
-
-    def adapter_fields(self, run: RunSettings) -> dict[str, Any]:
-        """The family's own adapter fields beyond the prompts (Flux: the guidance embedding)."""
-        return {}
-
-    def adapter(self, run: RunSettings, samples: range, device: torch.device, common: dict[str, Any]) -> Adapter:
-        """The adapter of this family bound to ``samples``: prompts encoded at the run's max_sequence_length."""
-        length = run.max_sequence_length
-        source = PromptParts(lambda p: self.encode_parts(p, device, length), run.prompts, run.negative_prompts)
-        return build_adapter(self.family, samples, source=source, **common, **self.adapter_fields(run))
-
-
-@dataclass
-class SD3Latent(TransformerLatent):
-    """StableDiffusion3Pipeline's parts; T5 may be left out."""
-
     @classmethod
-    def components(cls, index: Mapping[str, Any], cfg: ModelConfig) -> dict[str, Any]:
-        entry = index.get("text_encoder_3") or [None]
-        return {} if cfg.t5 and entry[0] is not None else {"text_encoder_3": None, "tokenizer_3": None}
+    def build(
+        cls,
+        options: TextOptions,
+        latent: TransformerLatent,
+        samples: range,
+        device: torch.device,
+        common: dict[str, Any],
+    ) -> Adapter:
+        """This family's adapter bound to ``samples``, its prompts encoded at the run's max_sequence_length."""
+        length = options.max_sequence_length
+        source = PromptParts(lambda p: latent.encode_parts(p, device, length), options.prompts, options.negatives)
+        return build_adapter(cls, samples, source=source, **common, **cls.fields(options, latent))
 
 
-def check_text_options(run: RunSettings, name: str, latent: LatentModel | None) -> None:
-    """guidance_embed and max_sequence_length, refused where the model has no such input or limit is passed."""
+def check_text_options(options: TextOptions, name: str, latent: LatentModel | None) -> None:
+    """guidance_embed and max_sequence_length, refused where the model has no such input or the limit is passed."""
     transformer = latent if isinstance(latent, TransformerLatent) else None
-    if run.guidance_embed is not None and not (transformer and transformer.guidance_embeds):
+    if options.guidance_embed is not None and not (transformer and transformer.guidance_embeds):
         raise DiffexpError(
-            f"guidance_embed={run.guidance_embed:g} is not allowed: {name} has no guidance embedding. Only "
+            f"guidance_embed={options.guidance_embed:g} is not allowed: {name} has no guidance embedding. Only "
             "guidance-distilled models take one (Flux.1-dev: its transformer's guidance_embeds); Flux.1-schnell, SD3 "
             "and Stable Diffusion do not. guidance_scale is classifier-free guidance with a negative prompt."
         )
-    length = run.max_sequence_length
+    length = options.max_sequence_length
     if length is None:
         return
     if transformer is None:
