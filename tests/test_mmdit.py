@@ -203,6 +203,7 @@ def test_bad_transformer_input_is_refused(
         (["prompt=[a cat]"], "digits-ideal is unconditional: only text-to-image models"),
         (["max_sequence_length=16"], "max_sequence_length=16 is not allowed: it is the prompt length of a T5"),
         (["guidance_embed=3.5"], "digits-ideal has no guidance embedding"),
+        (["model.t5=false"], "digits-ideal has no T5 encoder"),
     ],
 )
 def test_text_options_on_a_flow_model_without_text_are_refused(

@@ -158,6 +158,7 @@ def load_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype = torc
             f"model.prediction_type={cfg.prediction_type} applies only to digits-ideal and tiny; a trained model's "
             "prediction type is the one in its scheduler config."
         )
+    check_no_t5(cfg, True)
     # torch's own cast: diffusers' ModelMixin.to warns on any dtype, and pretrained models already load in it
     model = torch.nn.Module.to(model, device=device, dtype=dtype).eval().requires_grad_(False)
     num_classes, null_class = classes(model, cfg)
@@ -178,8 +179,7 @@ def _latent(source: str, cfg: ModelConfig, device: torch.device, dtype: torch.dt
             "come from its scheduler config and its denoiser."
         )
     family = TRANSFORMER_LATENTS.get(str(class_name))
-    if not cfg.t5 and family is None:
-        raise DiffexpError(f"model.t5=false applies to SD3 (its optional T5 encoder); {cfg.name} has no T5 encoder.")
+    check_no_t5(cfg, family is None)
     components = family.components(DiffusionPipeline.load_config(source, revision=cfg.revision), cfg) if family else {}
     pipe = load_latent(source, cfg.revision, str(class_name), device, dtype, components)
     kind = LATENT_PIPELINES[str(class_name)]
@@ -192,6 +192,12 @@ def _latent(source: str, cfg: ModelConfig, device: torch.device, dtype: torch.dt
     return LoadedModel(
         denoiser, dict(pipe.scheduler.config), cfg.name, ident, cfg.revision, load_s, num_classes, num_classes, latent
     )
+
+
+def check_no_t5(cfg: ModelConfig, no_t5: bool) -> None:
+    """``model.t5=false`` on a model without a T5 encoder: refused (it would be ignored)."""
+    if no_t5 and not cfg.t5:
+        raise DiffexpError(f"model.t5=false applies to SD3 (its optional T5 encoder); {cfg.name} has no T5 encoder.")
 
 
 def classes(model: torch.nn.Module, cfg: ModelConfig) -> tuple[int | None, int | None]:
