@@ -235,7 +235,9 @@ def check_latent(run: RunSettings, loaded: LoadedModel) -> None:
             loaded.latent.preview_map()  # refuses a VAE without a known map before sampling
     given = [k for k in ("original_size", "crops_coords_top_left", "target_size") if getattr(run, k) is not None]
     if given and not is_sdxl(loaded.latent):
-        raise DiffexpError(f"{' / '.join(given)} apply to SDXL only (its size conditioning); {loaded.name} is not SDXL.")
+        raise DiffexpError(
+            f"{' / '.join(given)} apply to SDXL only (its size conditioning); {loaded.name} is not SDXL."
+        )
     if loaded.kind != "text" and (run.prompts is not None or run.negative_prompts is not None):
         what = "class-conditional (use labels=...)" if loaded.num_classes is not None else "unconditional"
         raise DiffexpError(

@@ -1,5 +1,6 @@
 """Latent diffusion models: the Stable Diffusion family (text, ``StableDiffusionPipeline`` and
-``StableDiffusionXLPipeline``) and DiT (class labels, ``DiTPipeline``), loaded with their own diffusers pipeline, whose class in ``model_index.json`` picks the adapter.
+``StableDiffusionXLPipeline``) and DiT (class labels, ``DiTPipeline``), loaded with their own diffusers pipeline,
+whose class in ``model_index.json`` picks the adapter.
 
 The loop runs in latent space; ``to_pixels`` decodes x or x0 as the pipelines do,
 ``vae.decode(latents / scaling_factor + shift_factor).sample``, or shows them through a fixed linear

@@ -10,6 +10,7 @@ shift factor.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -102,10 +103,10 @@ LATENT_RGB: dict[tuple[int, float, float], LatentRGB] = {
 }
 
 
-def vae_key(config: object) -> tuple[int, float, float]:
+def vae_key(config: Any) -> tuple[int, float, float]:
     """A VAE config's (latent channels, scaling factor, shift factor), rounded as the table holds them."""
-    shift = getattr(config, "shift_factor", None) or 0.0
-    return (int(getattr(config, "latent_channels")), round(float(getattr(config, "scaling_factor")), 5), round(shift, 5))
+    shift = round(float(getattr(config, "shift_factor", None) or 0.0), 5)
+    return int(config.latent_channels), round(float(config.scaling_factor), 5), shift
 
 
 def known_previews() -> str:
