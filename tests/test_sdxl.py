@@ -4,10 +4,12 @@ SD3 and Flux VAEs."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
 import diffusers
+import numpy as np
 import pytest
 import torch
 from conftest import compose, run_main, shared_folder
@@ -164,3 +166,17 @@ def test_sdxl_model_config_names_the_hub_model() -> None:
     model = compose("model=sdxl-base-1.0").model
     assert model.id == "stabilityai/stable-diffusion-xl-base-1.0" and model.revision is None
     assert model.source == "hub" and model.ays == "sdxl"
+
+
+def test_cli_runs_sdxl_and_records_its_size_conditioning(
+    sdxl: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "run"
+    args = ["model=local", f"model.path={sdxl}", "prompt=a cat", "guidance_scale=5", "scheduler=euler", "steps=2"]
+    args += ["crops_coords_top_left=[8,0]", "logger=none", "progress=false", f"hydra.run.dir={out}"]
+    result = run_main("scripts/run.py", args, tmp_path, monkeypatch)
+    assert result.returncode == 0, result.stderr
+    assert np.load(out / "samples.npy").shape == (4, 3, 16, 16)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["net_evals"] == 4 and metrics["latent"]["vae"]["scaling_factor"] == SDXL_SCALING
+    assert metrics["latent"]["time_ids"] == [16, 16, 8, 0, 16, 16]
