@@ -5,6 +5,7 @@ SD3 and Flux VAEs."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -120,6 +121,11 @@ def test_sdxl_size_conditioning_bad_input_is_refused(
     sd = save_tiny_sd(tmp_path / "sd")
     with pytest.raises(DiffexpError, match="apply to SDXL only"):
         diffexp.prepare(compose("model=local", f"model.path={sd}", "original_size=[64,64]"))
+    broken = tmp_path / "no-text_encoder_2"
+    shutil.copytree(sdxl, broken)
+    shutil.rmtree(broken / "text_encoder_2")
+    with pytest.raises(DiffexpError, match=r"StableDiffusionXLPipeline folder .* has no text_encoder_2"):
+        diffexp.prepare(compose("model=local", f"model.path={broken}"))
 
 
 def test_previews_hold_the_published_factors() -> None:
