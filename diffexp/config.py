@@ -209,6 +209,10 @@ class RunConfig:
     negative_prompt: Any = None  # the unconditional half of guidance (null: the empty prompt), string or list
     height: int | None = None  # latent models: the image size in pixels; null: the model's own
     width: int | None = None
+    # SDXL's size conditioning (its added time ids), [height, width] in pixels: null is the image size, and [0, 0]
+    original_size: Any = None
+    crops_coords_top_left: Any = None
+    target_size: Any = None
     preview: Preview = Preview.vae  # latent models: how snapshot grids show x and x0 (vae | latent)
     logger: LoggerConfig | None = None
     metrics: MetricsConfig = field(default_factory=MetricsConfig)

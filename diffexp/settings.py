@@ -70,6 +70,9 @@ class RunSettings:
     negative_prompts: tuple[str, ...] | None
     height: int | None
     width: int | None
+    original_size: tuple[int, int] | None  # SDXL's size conditioning; None: the pipeline's default
+    crops_coords_top_left: tuple[int, int] | None
+    target_size: tuple[int, int] | None
     preview: Preview
     resume: bool
     overwrite: bool
@@ -131,6 +134,9 @@ def read_settings(cfg: DictConfig) -> RunSettings:
         negative_prompts=read_prompts("negative_prompt", node.negative_prompt),
         height=node.height,
         width=node.width,
+        original_size=read_size("original_size", node.original_size),
+        crops_coords_top_left=read_size("crops_coords_top_left", node.crops_coords_top_left, least=0),
+        target_size=read_size("target_size", node.target_size),
         preview=Preview(node.preview),
         resume=node.resume,
         overwrite=node.overwrite,
@@ -165,6 +171,21 @@ def read_prompts(key: str, prompt: Any) -> tuple[str, ...] | None:
     if not isinstance(values, list) or not values or not all(isinstance(v, str) for v in values):
         raise DiffexpError(f"{key}={prompt} is not allowed: use a string or a list of strings.")
     return tuple(values)
+
+
+def read_size(key: str, value: Any, least: int = 1) -> tuple[int, int] | None:
+    """SDXL's size conditioning: two integers [height, width] of at least ``least`` (sizes 1, crop corners 0)."""
+    if value is None:
+        return None
+    pair = value if isinstance(value, list) else [value]
+    if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= least for v in pair):
+        what = "positive integers, [height, width]" if least > 0 else "integers >= 0, [top, left]"
+        raise DiffexpError(
+            f"{key}={value} is not allowed: SDXL's size conditioning takes two {what} in pixels (e.g. "
+            f"{key}={'[1024,1024]' if least else '[0,0]'}); leave it null for the pipeline's default (the image size, "
+            "crops [0, 0])."
+        )
+    return (pair[0], pair[1])
 
 
 def model_config(name: str) -> ModelConfig:

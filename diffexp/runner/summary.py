@@ -82,7 +82,9 @@ def latent_record(exp: Experiment) -> dict[str, Any] | None:
     if latent is None:
         return None
     vae = latent.vae.config
+    ids = getattr(exp.model, "time_ids", None)  # SDXL: original size, crop corner, target size
     return {
+        **({} if ids is None else {"time_ids": [int(v) for v in ids[0].tolist()]}),
         "kind": latent.kind,
         "prompts": exp.prompts,
         "negative_prompt": exp.run.config["negative_prompt"],

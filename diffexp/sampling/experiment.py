@@ -32,6 +32,7 @@ from diffexp.sampling.network import Network
 from diffexp.sampling.noise import NoiseSchedule
 from diffexp.sampling.placement import build_for
 from diffexp.sampling.schedulers import BuiltScheduler, split_options
+from diffexp.sampling.sdxl import SDXLAdapter, is_sdxl, sdxl_adapter
 from diffexp.sampling.speed import SpeedRecord, accelerate, check_compile, check_precision
 from diffexp.settings import RunSettings, read_settings
 
@@ -159,7 +160,7 @@ def adapter_for(
     schedule = FlowSchedule(steps) if flow else NoiseSchedule(built.scheduler.alphas_cumprod.cpu())
     timesteps = tuple(built.scheduler.timesteps.cpu().tolist())
     family = TextAdapter if loaded.kind == "text" else Adapter if loaded.num_classes is None else ClassAdapter
-    family = DiTAdapter if loaded.kind == "class" else family
+    family = DiTAdapter if loaded.kind == "class" else SDXLAdapter if is_sdxl(loaded.latent) else family
     common = {
         "network": Network(loaded.model),
         "prediction_type": loaded.prediction_type,
@@ -173,6 +174,8 @@ def adapter_for(
             )
         assert loaded.latent is not None
         latent = loaded.latent
+        if is_sdxl(latent):
+            return sdxl_adapter(run, latent, samples, device, **common)
         source = PromptSource(lambda prompts: latent.encode(prompts, device), run.prompts, run.negative_prompts)
         return build_adapter(TextAdapter, samples, source=source, **common)
     if loaded.num_classes is None:
@@ -230,6 +233,11 @@ def check_latent(run: RunSettings, loaded: LoadedModel) -> None:
         loaded.latent.set_size(run.height, run.width)
         if run.preview.value == "latent":
             loaded.latent.preview_map()  # refuses a VAE without a known map before sampling
+    given = [k for k in ("original_size", "crops_coords_top_left", "target_size") if getattr(run, k) is not None]
+    if given and not is_sdxl(loaded.latent):
+        raise DiffexpError(
+            f"{' / '.join(given)} apply to SDXL only (its size conditioning); {loaded.name} is not SDXL."
+        )
     if loaded.kind != "text" and (run.prompts is not None or run.negative_prompts is not None):
         what = "class-conditional (use labels=...)" if loaded.num_classes is not None else "unconditional"
         raise DiffexpError(
