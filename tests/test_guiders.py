@@ -211,6 +211,7 @@ def test_cfg_through_the_guider_equals_the_cfg_formula() -> None:
 
     assert (x - by_hand(combine)).abs().max() < 1e-6 and evals == 2 * N
 
+
 # Burt & Adelson's pyramid as kornia builds it: the 5x5 binomial blur (reflected borders); down: blur, then halve by
 # bilinear interpolation; up: double by bilinear interpolation, then blur
 BINOMIAL = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0])
