@@ -7,6 +7,7 @@ of a sweep that Hydra's basic launcher runs in one process, with the same model,
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
@@ -17,6 +18,10 @@ from diffexp.config import Precision
 from diffexp.errors import DiffexpError
 from diffexp.sampling.device import synchronize
 from diffexp.sampling.network import Network
+from diffexp.settings import RunSettings
+
+log = logging.getLogger("diffexp")
+_WARNED: list[bool] = []  # cudnn_benchmark's no-op is said once per process
 
 # (identity of the model, device, dtype, input shape, guidance, mode, channels_last) -> (network, compiled network)
 _COMPILED: dict[Hashable, tuple[torch.nn.Module, Callable[..., object]]] = {}
@@ -54,6 +59,19 @@ def check_compile(mode: str | None, device: torch.device) -> None:
         raise DiffexpError(
             f"compile=reduce-overhead records CUDA graphs, which need a CUDA device; this run is on {device}. "
             "Use compile=default or compile=max-autotune there."
+        )
+
+
+def check_speed_keys(run: RunSettings, device: torch.device) -> None:
+    """cudnn_benchmark (a no-op off CUDA, said once), graph=step and a cache with what they cannot combine with."""
+    if run.cudnn_benchmark and device.type != "cuda" and not _WARNED:
+        _WARNED.append(True)
+        log.warning("cudnn_benchmark=true is a no-op on %s: cuDNN autotuning exists on CUDA only.", device)
+    torch.backends.cudnn.benchmark = run.cudnn_benchmark and device.type == "cuda"  # process-wide: set every run
+    if run.cache.enabled and (run.compile or run.graph):
+        raise DiffexpError(
+            f"cache={run.cache.name} cannot combine with compile or graph=step: diffusers' cache hooks decide on the "
+            "host, per pass, whether to run or reuse a block, which a compiled graph or a captured CUDA graph cannot."
         )
 
 
