@@ -19,6 +19,7 @@ from typing import Any
 
 from diffexp.config import config_dir
 from diffexp.errors import DiffexpError
+from diffexp.naming import cache_label
 
 DECLARED = ("name", "diffusers_class", "label", "ranges")
 NO_CACHE = "none"
@@ -31,7 +32,7 @@ class CacheSettings:
     name: str = NO_CACHE
     diffusers_class: str | None = None
     options: tuple[tuple[str, Any], ...] = ()
-    label_option: str | None = None
+    label_option: str | None = None  # the option that names the run
 
     @property
     def enabled(self) -> bool:
@@ -40,8 +41,7 @@ class CacheSettings:
     @property
     def label(self) -> str:
         """The cache in a run's name: ``first-block0.05``, ``pab2``; ``none`` when off."""
-        value = dict(self.options).get(self.label_option) if self.label_option else None
-        return self.name if value is None else f"{self.name}{value:g}"
+        return cache_label({"name": self.name, "label": self.label_option, **dict(self.options)})
 
     @property
     def record(self) -> dict[str, Any]:
@@ -83,11 +83,3 @@ def read_cache(node: Mapping[str, Any] | None) -> CacheSettings:
         options=tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in options.items())),
         label_option=node.get("label"),
     )
-
-
-def cache_label(node: Mapping[str, Any] | None) -> str:
-    """The label of a cache node for a folder name; a node the run will refuse is named as given."""
-    try:
-        return read_cache(node).label
-    except DiffexpError:
-        return str((node or {}).get("name", NO_CACHE))

@@ -27,12 +27,11 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
-from diffexp.cache_settings import cache_label
 from diffexp.config import RunConfig, config_dir, schedule_label
 from diffexp.errors import DiffexpError
 from diffexp.folders import safe_name
 from diffexp.guidance_settings import NO_GUIDANCE
-from diffexp.naming import run_label, scheduler_label
+from diffexp.naming import cache_label, run_label, scheduler_label
 from diffexp.refused import REFUSED, REFUSED_NAMES
 
 # keys of a scheduler file that are no options

@@ -62,3 +62,13 @@ def run_label(
     if guided(guidance_scale):
         return f"{head}-{method}{guidance_scale:g}{tail}"
     return head + ("" if method == "cfg" else f"-{method}") + tail
+
+
+def cache_label(node: Any) -> str:
+    """A cache in a run's name: its name and the value of the option its file names as ``label``
+    (``first-block0.05``, ``pab2``); ``none`` when off. ``node``: the ``cache`` group's values."""
+    node = dict(node or {})
+    name = str(node.get("name") or "none")
+    value = node.get(str(node.get("label")))
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return f"{name}{value:g}" if number and name != "none" else name

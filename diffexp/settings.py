@@ -64,7 +64,6 @@ class RunSettings:
     channels_last: bool
     compile: str | None  # torch.compile's mode; None: not compiled
     cudnn_benchmark: bool
-    graph: str | None  # "step": one CUDA graph per step; None: none
     cache: CacheSettings
     vae_tiling: bool
     vae_slicing: bool
@@ -136,7 +135,6 @@ def read_settings(cfg: DictConfig) -> RunSettings:
         channels_last=node.channels_last,
         compile=compile_mode(node.compile),
         cudnn_benchmark=node.cudnn_benchmark,
-        graph=read_graph(node.graph),
         cache=read_cache(node.cache),
         vae_tiling=node.vae_tiling,
         vae_slicing=node.vae_slicing,
@@ -158,15 +156,6 @@ def read_settings(cfg: DictConfig) -> RunSettings:
         sweep=node.sweep,
         config=OmegaConf.to_container(cfg, resolve=True),  # type: ignore[arg-type]
     )
-
-
-def read_graph(value: str) -> str | None:
-    """``graph``: none, or step (one CUDA graph per sampling step)."""
-    if str(value).lower() in ("none", "false", "off"):
-        return None
-    if value != "step":
-        raise DiffexpError(f"graph={value} is not allowed: use none or step.")
-    return value
 
 
 def read_labels(labels: Any) -> str | tuple[int, ...] | None:

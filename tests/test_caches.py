@@ -106,3 +106,28 @@ def test_mag_cache_without_ratios_and_faster_cache_over_the_first_step_are_refus
         run(dit, "cache=faster", "cache.spatial_attention_timestep_skip_range=[-1,1000]")
     exp = run(dit, "cache=mag", f"cache.mag_ratios=[{','.join(['1.0'] * 10)}]", "cache.threshold=0.5")
     assert torch.isfinite(sample(exp.steps()).x).all() and exp.model.cache.count.nominal == 10
+
+
+def test_vae_keys_set_the_decoder_and_are_refused_on_a_pixel_model(dit: Path) -> None:
+    exp = run(dit, "vae_tiling=true", "vae_slicing=true", "steps=2")
+    vae = exp.loaded.latent.vae
+    assert vae.use_tiling and vae.use_slicing
+    assert not run(dit, "steps=2").loaded.latent.vae.use_tiling  # set every run, off again
+    with pytest.raises(DiffexpError, match="vae_tiling=true applies to latent models.*pixel-space model"):
+        diffexp.prepare(compose("model=tiny", "vae_tiling=true"))
+
+
+def test_cudnn_benchmark_off_cuda_is_a_no_op_said_once(caplog: pytest.LogCaptureFixture) -> None:
+    from diffexp.sampling import speed
+
+    speed._WARNED.clear()
+    with caplog.at_level("WARNING", logger="diffexp"):
+        for _ in range(2):
+            diffexp.prepare(compose("model=tiny", "device=cpu", "cudnn_benchmark=true", "steps=2"))
+    said = [r for r in caplog.records if "cudnn_benchmark=true is a no-op on cpu" in r.getMessage()]
+    assert len(said) == 1 and not torch.backends.cudnn.benchmark
+
+
+def test_a_cache_with_compile_is_refused(dit: Path) -> None:
+    with pytest.raises(DiffexpError, match="cannot combine with compile=default"):
+        run(dit, "cache=first-block", "compile=default")

@@ -31,6 +31,7 @@ from diffexp.folders import (
     read_status_record,
 )
 from diffexp.guidance_settings import NO_GUIDANCE
+from diffexp.naming import cache_label
 from diffexp.settings import compose
 
 FACET = "guidance_scale"  # the config key that becomes the third axis of the report where it varies
@@ -69,6 +70,11 @@ class Job:
         """The guidance method (configs/guidance/; sweeps from before the group ran cfg)."""
         node = self.config.get("guidance")
         return str(node.get("name") or "cfg") if isinstance(node, Mapping) else "cfg"
+
+    @property
+    def cache(self) -> str:
+        """The cache's label (configs/cache/; none: no cache, and sweeps from before the group)."""
+        return cache_label(self.config.get("cache"))
 
     @property
     def series(self) -> str:
@@ -197,8 +203,9 @@ def label_rows(jobs: Sequence[Job]) -> None:
         for j in jobs
     ]
     keys = sorted({k for f in flats for k in f})
-    varying = [k for k in keys if _varies(flats, k) and k != FACET and not k.startswith("guidance.")]
+    varying = [k for k in keys if _varies(flats, k) and k != FACET and not k.startswith(("guidance.", "cache."))]
     methods = len({j.method for j in jobs}) > 1
+    caches = len({j.cache for j in jobs}) > 1  # a cache is an axis like the method: named in the row
     faceted = len({j.guidance for j in jobs}) > 1  # a run without the key (an older one) counts as scale 1
     for job, settings in zip(jobs, flats, strict=True):
         same = [f for f, j in zip(flats, jobs, strict=True) if j.method == job.method]
@@ -207,6 +214,7 @@ def label_rows(jobs: Sequence[Job]) -> None:
             [
                 scheduler_spec(job.config["scheduler"]).label,
                 *([job.method] if methods else []),
+                *([job.cache] if caches else []),
                 *(f"{k}={settings.get(k)}" for k in [*options, *varying]),
             ]
         )

@@ -16,15 +16,30 @@ What is counted, per pass:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
-from diffexp.cache_settings import CacheSettings
 from diffexp.errors import DiffexpError
+
+
+class CacheSettings(Protocol):
+    """What a cache is (``diffexp.cache_settings.CacheSettings``, a frozen dataclass)."""
+
+    name: str
+    diffusers_class: str | None
+    options: tuple[tuple[str, Any], ...]
+
+    @property
+    def enabled(self) -> bool: ...
+
+    @property
+    def record(self) -> dict[str, Any]: ...
+
 
 APPLY = {
     "FirstBlockCacheConfig": "apply_first_block_cache",
@@ -182,9 +197,7 @@ class AppliedCache:
 def hooked(module: torch.nn.Module) -> bool:
     """Whether any module under ``module`` carries one of diffusers' cache hooks."""
     names = set(hook_names())
-    return any(
-        names & set(m._diffusers_hook.hooks) for m in module.modules() if hasattr(m, "_diffusers_hook")
-    )
+    return any(names & set(m._diffusers_hook.hooks) for m in module.modules() if hasattr(m, "_diffusers_hook"))
 
 
 def remove_cache(module: torch.nn.Module) -> None:
@@ -230,6 +243,5 @@ def apply_cache(
         from diffusers.hooks.mag_cache import FLUX_MAG_RATIOS
 
         options["mag_ratios"] = tuple(FLUX_MAG_RATIOS.tolist())
-        settings = CacheSettings(settings.name, settings.diffusers_class, tuple(sorted(options.items())),
-                                 settings.label_option)  # fmt: skip
+        settings = dataclasses.replace(settings, options=tuple(sorted(options.items())))  # type: ignore[type-var]
     return AppliedCache(settings, module, steps)

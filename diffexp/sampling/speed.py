@@ -63,15 +63,15 @@ def check_compile(mode: str | None, device: torch.device) -> None:
 
 
 def check_speed_keys(run: RunSettings, device: torch.device) -> None:
-    """cudnn_benchmark (a no-op off CUDA, said once), graph=step and a cache with what they cannot combine with."""
+    """cudnn_benchmark (a no-op off CUDA, said once); a cache, refused with compilation."""
     if run.cudnn_benchmark and device.type != "cuda" and not _WARNED:
         _WARNED.append(True)
         log.warning("cudnn_benchmark=true is a no-op on %s: cuDNN autotuning exists on CUDA only.", device)
     torch.backends.cudnn.benchmark = run.cudnn_benchmark and device.type == "cuda"  # process-wide: set every run
-    if run.cache.enabled and (run.compile or run.graph):
+    if run.cache.enabled and run.compile:
         raise DiffexpError(
-            f"cache={run.cache.name} cannot combine with compile or graph=step: diffusers' cache hooks decide on the "
-            "host, per pass, whether to run or reuse a block, which a compiled graph or a captured CUDA graph cannot."
+            f"cache={run.cache.name} cannot combine with compile={run.compile}: diffusers' cache hooks decide on the "
+            "host, per pass, whether to run or reuse a block, which a compiled graph cannot."
         )
 
 
@@ -130,7 +130,7 @@ def accelerate(
     cache); with ``mode``, compiled and warmed up by ``warm_up`` (every batch shape the run calls it with)."""
     record = SpeedRecord(Precision(precision).value, channels_last, mode)
     set_tf32(precision, device)
-    cudagraphs = mode == "reduce-overhead"
+    cudagraphs = mode in ("reduce-overhead", "max-autotune") and device.type == "cuda"  # both record CUDA graphs
     key = (identity, str(device), network.dtype, mode, channels_last)
     if mode is not None and key in _COMPILED:
         module, compiled = _COMPILED[key]
