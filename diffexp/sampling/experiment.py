@@ -22,7 +22,7 @@ from diffexp.sampling.adapters import (
     TextAdapter,
     build_adapter,
 )
-from diffexp.sampling.caches import apply_cache
+from diffexp.sampling.caches import apply_cache, remove_cache
 from diffexp.sampling.device import resolve_device, resolve_dtype
 from diffexp.sampling.flow import FlowSchedule, is_flow
 from diffexp.sampling.guiders import check_options, guidance_of, weak_network
@@ -131,6 +131,7 @@ def prepare(settings: RunSettings | DictConfig, model: LoadedModel | None = None
     check_speed_keys(run, device)
     identity = ("model", id(model.model)) if model is not None else ("config", repr(run.model))
     loaded = model or load_model(run.model, device, dtype)
+    remove_cache(loaded.model)  # an earlier run's cache on a network passed in again
     built = build_for(run, loaded)  # the scheduler or k-diffusion sampler, the schedule placed (or refused)
     check_latent(run, loaded)
     set_vae_modes(loaded.latent, loaded.name, run.vae_tiling, run.vae_slicing)
