@@ -113,7 +113,7 @@ def test_vae_keys_set_the_decoder_and_are_refused_on_a_pixel_model(dit: Path) ->
     vae = exp.loaded.latent.vae
     assert vae.use_tiling and vae.use_slicing
     assert not run(dit, "steps=2").loaded.latent.vae.use_tiling  # set every run, off again
-    with pytest.raises(DiffexpError, match="vae_tiling=true applies to latent models.*pixel-space model"):
+    with pytest.raises(DiffexpError, match=r"vae_tiling=true applies to latent models.*pixel-space model"):
         diffexp.prepare(compose("model=tiny", "vae_tiling=true"))
 
 
