@@ -15,6 +15,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from diffexp.cache_settings import CacheSettings, read_cache
 from diffexp.catalog import SchedulerSpec, register, run_label, scheduler_spec
 from diffexp.config import (
     SEED_MAX,
@@ -62,6 +63,10 @@ class RunSettings:
     precision: Precision
     channels_last: bool
     compile: str | None  # torch.compile's mode; None: not compiled
+    cudnn_benchmark: bool
+    cache: CacheSettings
+    vae_tiling: bool
+    vae_slicing: bool
     log_every: int
     progress: bool
     labels: str | tuple[int, ...] | None  # "all", class ids, or None (unconditional)
@@ -86,7 +91,8 @@ class RunSettings:
     @property
     def label(self) -> str:
         """What the run is, e.g. ``dpmsolver-karras-20-cfg3``."""
-        return run_label(self.scheduler, self.steps, self.guidance.scale, self.schedule.label, self.guidance.method)
+        g = self.guidance
+        return run_label(self.scheduler, self.steps, g.scale, self.schedule.label, g.method, self.cache.label)
 
     def chunks(self) -> Chunks:
         """The run's sample indices in chunks of ``batch_size`` (the last may be smaller), computed lazily."""
@@ -113,6 +119,11 @@ def read_settings(cfg: DictConfig) -> RunSettings:
         raise DiffexpError(
             f"model.std={std} is not allowed: a standard deviation is a number >= 0 whose square is finite."
         )
+    if node.metrics.reference.against not in ("ode", "uncached"):
+        raise DiffexpError(
+            f"metrics.reference.against={node.metrics.reference.against} is not allowed: use ode (the model's "
+            "probability-flow ODE solved accurately) or uncached (the same run without its cache)."
+        )
     schedule, steps = read_schedule(node.schedule, node.steps, node.steps != RunConfig.steps)
     return RunSettings(
         model=node.model,
@@ -126,6 +137,10 @@ def read_settings(cfg: DictConfig) -> RunSettings:
         precision=Precision(node.precision),
         channels_last=node.channels_last,
         compile=compile_mode(node.compile),
+        cudnn_benchmark=node.cudnn_benchmark,
+        cache=read_cache(node.cache),
+        vae_tiling=node.vae_tiling,
+        vae_slicing=node.vae_slicing,
         log_every=node.log_every,
         progress=node.progress,
         labels=read_labels(node.labels),

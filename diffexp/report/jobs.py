@@ -33,6 +33,7 @@ from diffexp.folders import (
     read_status_record,
 )
 from diffexp.guidance_settings import NO_GUIDANCE
+from diffexp.naming import cache_label
 from diffexp.settings import compose
 
 FACET = "guidance_scale"  # the config key that becomes the third axis of the report where it varies
@@ -79,6 +80,11 @@ class Job:
         """The noise schedule (configs/schedule/; sweeps from before the group ran the scheduler's own)."""
         node = self.config.get("schedule")
         return str(node.get("name") or "default") if isinstance(node, Mapping) else "default"
+
+    @property
+    def cache(self) -> str:
+        """The cache's label (configs/cache/; none: no cache, and sweeps from before the group)."""
+        return cache_label(self.config.get("cache"))
 
     @property
     def series(self) -> str:
@@ -216,10 +222,11 @@ def label_rows(jobs: Sequence[Job]) -> None:
         for j in jobs
     ]
     keys = sorted({k for f in flats for k in f})
-    own = ("guidance.", "schedule.")  # the groups whose options join a row only among their own runs
+    own = ("guidance.", "schedule.", "cache.")  # the groups whose options join a row only among their own runs
     varying = [k for k in keys if _varies(flats, k) and k != FACET and not k.startswith(own)]
     methods = len({j.method for j in jobs}) > 1
     schedules = len({j.schedule for j in jobs}) > 1
+    caches = len({j.cache for j in jobs}) > 1  # a cache is an axis like the method: named in the row
     faceted = len({j.guidance for j in jobs}) > 1  # a run without the key (an older one) counts as scale 1
     for job, settings in zip(jobs, flats, strict=True):
         method = _own_options(jobs, flats, job, "guidance", "method")
@@ -228,7 +235,8 @@ def label_rows(jobs: Sequence[Job]) -> None:
             [*([job.schedule] if schedules else []), *(f"{k}={settings.get(k)}" for k in schedule)]
         )
         label = scheduler_spec(job.config["scheduler"]).label
-        rest = [*([job.method] if methods else []), *(f"{k}={settings.get(k)}" for k in [*method, *varying])]
+        rest = [*([job.method] if methods else []), *([job.cache] if caches else [])]
+        rest += [f"{k}={settings.get(k)}" for k in [*method, *varying]]
         job.sampler = " ".join([label, *rest])
         job.row = " ".join([label, *([job.schedule_label] if job.schedule_label else []), *rest])
         job.facet = job.guidance if faceted else None

@@ -117,8 +117,11 @@ def run_summary(exp: Experiment, cost: dict[str, Any], env: dict[str, Any]) -> d
         "decode_share": decode_s / (cost["sampling_s"] + decode_s) if decode_s else 0.0,
         "latent": latent_record(exp),
     }
+    cached = exp.model.cache
+    caching = {"net_evals_nominal": cost.get("net_evals_nominal"), "cache": cached.record} if cached else {}
     return {
         **(decoding if exp.loaded.latent is not None else {}),
+        **caching,
         "status": "finished",
         "label": exp.label,
         "steps": run.steps,
@@ -143,6 +146,7 @@ def run_summary(exp: Experiment, cost: dict[str, Any], env: dict[str, Any]) -> d
         "prediction_type": exp.loaded.prediction_type,
         "labels": exp.labels,  # the first chunk's
         "guidance": run.guidance.record,
+        "cache_name": run.cache.label,
         "warnings": exp.built.warnings,
         **env,
     }

@@ -22,10 +22,12 @@ from diffexp.sampling.adapters import (
     TextAdapter,
     build_adapter,
 )
+from diffexp.sampling.caches import apply_cache, remove_cache
 from diffexp.sampling.device import resolve_device, resolve_dtype
 from diffexp.sampling.flow import FlowSchedule, is_flow
 from diffexp.sampling.guiders import check_options, guidance_of, weak_network
 from diffexp.sampling.kdiffusion import iter_k_steps
+from diffexp.sampling.latent import set_vae_modes
 from diffexp.sampling.loop import StepState, initial_noise, iter_steps
 from diffexp.sampling.models import LoadedModel, load_model
 from diffexp.sampling.network import Network
@@ -33,7 +35,7 @@ from diffexp.sampling.noise import NoiseSchedule
 from diffexp.sampling.placement import build_for
 from diffexp.sampling.schedulers import BuiltScheduler, split_options
 from diffexp.sampling.sdxl import SDXLAdapter, is_sdxl, sdxl_adapter
-from diffexp.sampling.speed import SpeedRecord, accelerate, check_compile, check_precision
+from diffexp.sampling.speed import SpeedRecord, accelerate, check_compile, check_precision, check_speed_keys
 from diffexp.settings import RunSettings, read_settings
 
 
@@ -98,6 +100,8 @@ class Experiment:
     def steps(self) -> Iterator[StepState]:
         """The loop, one model call at a time: x, x0, timestep and NFE at each."""
         self.model.counter.reset()
+        if self.model.cache is not None:
+            self.model.cache.reset()  # the cache's hooks keep state between steps
         with torch.inference_mode():
             if self.built.sampler is not None:  # k-diffusion's sampler on the adapter's denoise
                 yield from iter_k_steps(self.built.sampler, self.model, self.noise, self.generators, self.run.log_every)
@@ -125,10 +129,13 @@ def prepare(settings: RunSettings | DictConfig, model: LoadedModel | None = None
     dtype = resolve_dtype(run.precision)
     check_precision(run.precision, device)
     check_compile(run.compile, device)
+    check_speed_keys(run, device)
     identity = ("model", id(model.model)) if model is not None else ("config", repr(run.model))
     loaded = model or load_model(run.model, device, dtype)
+    remove_cache(loaded.model)  # an earlier run's cache on a network passed in again
     built = build_for(run, loaded)  # the scheduler or k-diffusion sampler, the schedule placed (or refused)
     check_latent(run, loaded)
+    set_vae_modes(loaded.latent, loaded.name, run.vae_tiling, run.vae_slicing)
     weak = weak_network(run.guidance, loaded, device, dtype)
     check_memory(adapter_for(run, loaded, built, range(1), device, weak), loaded, device, run.batch_size, built)
     first = run.chunks()[0]
@@ -142,6 +149,8 @@ def prepare(settings: RunSettings | DictConfig, model: LoadedModel | None = None
 
     network, speed = accelerate(adapter.network, warm_up, key, run.precision, run.channels_last, run.compile, device)
     adapter = adapter.with_network(network)
+    cache = apply_cache(run.cache, loaded.model, loaded.name, run.steps, float(t))
+    adapter = dataclasses.replace(adapter, cache=cache)
     return Experiment(run, device, dtype, loaded, built, adapter, noise, generators, speed)
 
 

@@ -191,3 +191,24 @@ def quiet_loading() -> Iterator[None]:
     finally:
         if bars:
             diffusers_logging.enable_progress_bar()
+
+
+def set_vae_modes(latent: LatentModel | None, model: str, tiling: bool, slicing: bool) -> None:
+    """``vae_tiling`` and ``vae_slicing`` on a latent model's VAE (AutoencoderKL's enable_tiling / enable_slicing),
+    set on and off every run; refused on a pixel model, which has no VAE to decode with."""
+    if latent is None:
+        if tiling or slicing:
+            key = "vae_tiling" if tiling else "vae_slicing"
+            raise DiffexpError(
+                f"{key}=true applies to latent models, whose VAE decodes the samples; {model} is a pixel-space model "
+                "and has no VAE. Leave vae_tiling and vae_slicing false."
+            )
+        return
+    vae = latent.vae
+    modes = ((tiling, "enable_tiling", "disable_tiling"), (slicing, "enable_slicing", "disable_slicing"))
+    for on, enable, disable in modes:
+        if not hasattr(vae, enable):
+            if on:
+                raise DiffexpError(f"{type(vae).__name__} of {model} has no {enable}: leave it false.")
+            continue
+        getattr(vae, enable if on else disable)()
