@@ -14,6 +14,7 @@ from diffusers.models.embeddings import LabelEmbedding
 from omegaconf import DictConfig
 
 import diffexp
+from diffexp.config import WEIGHTS_DIR
 from diffexp.errors import DiffexpError
 from diffexp.sampling import models
 from diffexp.sampling.adapters import DiTAdapter
@@ -179,3 +180,27 @@ def test_pixel_dit_detection_reads_only_a_dit_pipeline_without_vae(tmp_path: Pat
     train(flow_cfg("steps=1", "checkpoint_every=1"), tmp_path / "flow")
     assert models.is_pixel_dit(str(tmp_path / "dit/model"))
     assert not models.is_pixel_dit(str(tmp_path / "flow/model")) and not models.is_pixel_dit(str(tmp_path))
+
+
+def shipped(name: str) -> pytest.MarkDecorator:
+    return pytest.mark.skipif(
+        not (WEIGHTS_DIR / name / "model_index.json").is_file(), reason=f"diffexp/weights/{name} is not there yet"
+    )
+
+
+@shipped("digits-flow")
+def test_shipped_digits_flow_is_a_small_flow_model() -> None:
+    loaded = models.load_model(compose("model=digits-flow").model, CPU)
+    assert loaded.prediction_type == "flow_prediction" and loaded.num_classes is None
+    assert loaded.scheduler_config["shift"] == 1.0 and not loaded.scheduler_config.get("use_dynamic_shifting")
+    weights = WEIGHTS_DIR / "digits-flow/unet/diffusion_pytorch_model.safetensors"
+    assert weights.stat().st_size <= 10 * 10**6 and loaded.sample_shape == (1, 32, 32)
+
+
+@shipped("digits-dit")
+def test_shipped_digits_dit_is_a_small_pixel_dit_with_a_null_class() -> None:
+    loaded = models.load_model(compose("model=digits-dit").model, CPU)
+    assert isinstance(loaded.model, DiTTransformer2DModel) and loaded.latent is None
+    assert (loaded.num_classes, loaded.null_class) == (10, 10) and loaded.sample_shape == (1, 32, 32)
+    weights = WEIGHTS_DIR / "digits-dit/transformer/diffusion_pytorch_model.safetensors"
+    assert weights.stat().st_size <= 10 * 10**6
