@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 import torch
 
 from diffexp.sampling.caches import AppliedCache
-from diffexp.sampling.flow import FlowSchedule
+from diffexp.sampling.flow import FlowSchedule, is_flow
 from diffexp.sampling.guidance import Guidance, no_guidance
 from diffexp.sampling.network import Condition, Counter, Network
 from diffexp.sampling.noise import NoiseSchedule
@@ -260,18 +260,24 @@ def pixel_adapter(
     null_class: int | None = None,
     guidance: Guidance | None = None,
 ) -> Adapter:
-    """The adapter of a UNet2DModel-like network outside a run (training previews, notebooks): unconditional, or
-    with one class per sample; the schedule is its scheduler config's (default: DDPM's linear betas)."""
-    from diffusers import DDPMScheduler
+    """The adapter of a UNet2DModel-like network or a pixel-space DiT outside a run (training previews,
+    notebooks): unconditional, or with one class per sample; the schedule is its scheduler config's (default:
+    DDPM's linear betas; a FlowMatch config: the flow's sigma = t / num_train_timesteps)."""
+    from diffusers import DDPMScheduler, DiTTransformer2DModel
 
+    config = dict(scheduler_config or {})
+    flow = is_flow(config)
     common: dict[str, Any] = {
         "network": Network(module),
         "prediction_type": prediction_type,
-        "schedule": NoiseSchedule(DDPMScheduler.from_config(dict(scheduler_config or {})).alphas_cumprod),
+        "schedule": FlowSchedule(int(config.get("num_train_timesteps", 1000)))
+        if flow
+        else NoiseSchedule(DDPMScheduler.from_config(config).alphas_cumprod),
         "guidance": guidance or no_guidance(),
     }
     if labels is None:
         return build_adapter(Adapter, range(0), **common)
     device = next((p.device for p in module.parameters()), torch.device("cpu"))
     source = LabelSource(tuple(labels), max(labels, default=0) + 1, null_class, device)
-    return build_adapter(ClassAdapter, range(len(labels)), source=source, **common)
+    family = DiTAdapter if isinstance(module, DiTTransformer2DModel) else ClassAdapter
+    return build_adapter(family, range(len(labels)), source=source, **common)
