@@ -3,7 +3,7 @@ PYTHON ?= python3
 ARGS ?=
 STAMP := .make/installed
 
-.PHONY: install run test test-all lint train-digits train-digits-cond
+.PHONY: install run test test-all lint train-digits train-digits-cond train-digits-flow train-digits-dit
 
 install: $(STAMP)
 
@@ -21,6 +21,12 @@ train-digits: install  # retrains the shipped digits-unet into outputs/train/dig
 
 train-digits-cond: install  # the class-conditional digits-cond (label dropout for guidance) into outputs/train/digits-cond/model
 	$(PYTHON) scripts/train.py --config-name train-digits-cond $(ARGS)
+
+train-digits-flow: install  # the rectified-flow UNet digits-flow into outputs/train/digits-flow/model
+	$(PYTHON) scripts/train.py --config-name train-digits-flow $(ARGS)
+
+train-digits-dit: install  # the class-conditional pixel DiT digits-dit into outputs/train/digits-dit/model
+	$(PYTHON) scripts/train.py --config-name train-digits-dit $(ARGS)
 
 test: install
 	$(PYTHON) -m ruff check .

@@ -56,6 +56,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "diffexp.guidance_settings",
         "diffexp.naming",
         "diffexp.config",
+        "diffexp.cache_settings",
         "diffexp.schedule_config",
         "diffexp.refused",
         "diffexp.catalog",

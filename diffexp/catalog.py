@@ -31,7 +31,7 @@ from diffexp.config import RunConfig, config_dir, schedule_label
 from diffexp.errors import DiffexpError
 from diffexp.folders import safe_name
 from diffexp.guidance_settings import NO_GUIDANCE
-from diffexp.naming import run_label, scheduler_label
+from diffexp.naming import cache_label, run_label, scheduler_label
 from diffexp.refused import REFUSED, REFUSED_NAMES
 
 # keys of a scheduler file that are no options
@@ -226,14 +226,20 @@ def scheduler_spec(node: Mapping[str, Any]) -> SchedulerSpec:
 
 
 def run_label_resolver(
-    scheduler: Any, steps: int, guidance_scale: float = NO_GUIDANCE, schedule: Any = None, method: str = "cfg"
+    scheduler: Any,
+    steps: int,
+    guidance_scale: float = NO_GUIDANCE,
+    schedule: Any = None,
+    method: str = "cfg",
+    cache: Any = None,
 ) -> str:
     """The run label as a folder name (``${run_label:...}`` in hydra.run.dir): ``safe_name`` keeps a '/' or '..'
     in an option value out of the path. A scheduler the run will refuse is named as given: the run says why."""
     node = OmegaConf.to_container(scheduler, resolve=True) if OmegaConf.is_config(scheduler) else scheduler
     plan = OmegaConf.to_container(schedule, resolve=True) if OmegaConf.is_config(schedule) else schedule
     try:
-        label = run_label(scheduler_spec(node), steps, guidance_scale, schedule_label(plan), str(method))  # type: ignore[arg-type]
+        cached = cache_label(OmegaConf.to_container(cache, resolve=True) if OmegaConf.is_config(cache) else cache)
+        label = run_label(scheduler_spec(node), steps, guidance_scale, schedule_label(plan), str(method), cached)  # type: ignore[arg-type]
     except (DiffexpError, TypeError):
         label = f"{node.get('name')}-{steps}"  # type: ignore[union-attr]
     return safe_name(label)

@@ -145,6 +145,7 @@ class ReferenceConfig:
     # a deterministic diffusers scheduler and its options; clipping and thresholding are always off
     scheduler: dict[str, Any] = field(default_factory=lambda: {"name": "heun", "timestep_spacing": "linspace"})
     steps: int = 500
+    against: str = "ode"  # ode: the solver above; uncached: the run's own sampler and steps without its cache
 
 
 @dataclass
@@ -196,6 +197,11 @@ class RunConfig:
     precision: Precision = Precision.fp32
     channels_last: bool = False  # the network's weights and inputs in channels-last memory format
     compile: str = "false"  # false | default | reduce-overhead (CUDA graphs) | max-autotune: torch.compile's mode
+    cudnn_benchmark: bool = False  # cuDNN picks the fastest convolution algorithm per shape (CUDA only)
+    # a training-free cache of diffusers' hooks (configs/cache/): name + options; transformer models only
+    cache: dict[str, Any] = field(default_factory=dict)
+    vae_tiling: bool = False  # latent models: the VAE decodes in tiles (AutoencoderKL.enable_tiling)
+    vae_slicing: bool = False  # latent models: the VAE decodes one sample at a time (enable_slicing)
     log_every: int = 10
     progress: bool = True
     # class labels: null (unconditional), all (sample k gets class k mod C) or a list (sample k gets labels[k mod len])
@@ -212,6 +218,10 @@ class RunConfig:
     guidance_embed: float | None = None  # Flux.1-dev: the distilled guidance scale it takes as input; null: 3.5
     height: int | None = None  # latent models: the image size in pixels; null: the model's own
     width: int | None = None
+    # SDXL's size conditioning (its added time ids), [height, width] in pixels: null is the image size, and [0, 0]
+    original_size: Any = None
+    crops_coords_top_left: Any = None
+    target_size: Any = None
     preview: Preview = Preview.vae  # latent models: how snapshot grids show x and x0 (vae | latent)
     logger: LoggerConfig | None = None
     metrics: MetricsConfig = field(default_factory=MetricsConfig)

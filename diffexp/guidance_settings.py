@@ -31,6 +31,7 @@ class GuidanceSettings:
     conditional: bool = True  # its scale needs the unconditional input (autoguidance's does not)
     prediction_types: tuple[str, ...] | None = None  # the model outputs it assumes; None: any
     scale_offset: float = 0.0  # the guider's guidance_scale is scale + scale_offset (APG: the paper's w - 1)
+    scale_levels: tuple[float, ...] | None = None  # FDG: one scale per frequency level, each scale times its factor
 
     @property
     def enabled(self) -> bool:
@@ -46,7 +47,7 @@ class GuidanceSettings:
         """What a run records of its guidance, in JSON's own types (the same after a round trip)."""
         record = dataclasses.asdict(self)
         record["options"] = {k: list(v) if isinstance(v, tuple) else v for k, v in self.options}
-        for key in ("interval", "layers", "prediction_types"):
+        for key in ("interval", "layers", "prediction_types", "scale_levels"):
             record[key] = None if record[key] is None else list(record[key])
         return record
 

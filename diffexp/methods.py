@@ -11,6 +11,9 @@ A guidance file names a diffusers guider class and its options, as a scheduler f
 - ``weak_model`` (autoguidance): the model config of the weaker network;
 - ``scale_offset`` (optional): the class's guidance_scale is ``guidance_scale + scale_offset``, where the class's
   formulation counts the scale from another base than the paper (APG).
+- ``scale_levels`` (optional): the class takes one scale per frequency level (FDG's ``guidance_scales``, from the
+  highest frequency to the lowest); each is ``guidance_scale`` times its factor here, so ``guidance_scale`` stays the
+  one scale a sweep varies.
 
 Everything else is an option of the class (null: the class default). ``guidance_scale`` and ``guidance_rescale``
 stay top-level keys and set the class's ``guidance_scale`` and ``guidance_rescale``; ``guidance_interval`` is
@@ -29,7 +32,7 @@ from diffexp.errors import DiffexpError
 from diffexp.guidance_settings import GuidanceSettings
 
 DECLARED = ("name", "diffusers_class", "aliases", "own_scale", "conditional", "prediction_types", "why", "layers",
-            "weak_model", "scale_offset")  # fmt: skip
+            "weak_model", "scale_offset", "scale_levels")  # fmt: skip
 SET_BY_RUN = ("guidance_scale", "guidance_rescale")  # top-level keys of the run, never options of a file
 
 # guiders diffexp refuses, and why (each reason is tested against the installed diffusers: tests/test_guiders.py)
@@ -44,11 +47,6 @@ REFUSED: dict[str, tuple[str, str]] = {
         "MagnitudeAwareGuidance",
         "it measures the update with torch.linalg.matrix_norm over every non-batch dimension, which fails on "
         "4-D image tensors (dim must be a 2-tuple)",
-    ),
-    "fdg": (
-        "FrequencyDecoupledGuidance",
-        "it takes one scale per frequency level (guidance_scales) instead of the one guidance_scale every other "
-        "method sweeps, so it cannot share the method x scale axis (and it needs kornia, not a dependency of diffexp)",
     ),
 }
 
@@ -109,6 +107,7 @@ def read_guidance(
         )
     own = node.get("own_scale")
     layers = node.get("layers")
+    levels = scale_levels(name, node.get("scale_levels"), options)
     return GuidanceSettings(
         scale=float(scale),
         rescale=float(rescale),
@@ -122,7 +121,26 @@ def read_guidance(
         conditional=bool(node.get("conditional", True)),
         prediction_types=tuple(node["prediction_types"]) if node.get("prediction_types") else None,
         scale_offset=float(node.get("scale_offset") or 0.0),
+        scale_levels=levels,
     )
+
+
+def scale_levels(method: str, factors: Any, options: Mapping[str, Any]) -> tuple[float, ...] | None:
+    """A method's factors of guidance_scale per frequency level (FDG), checked; None for a method with one scale."""
+    if factors is None:
+        return None
+    if "guidance_scales" in options:
+        raise DiffexpError(
+            f"guidance.guidance_scales is not allowed for {method}: its levels' scales are guidance_scale times "
+            "guidance.scale_levels (from the highest frequency to the lowest), e.g. guidance.scale_levels=[1,0.5]."
+        )
+    values = list(factors) if isinstance(factors, (list, tuple)) else [factors]
+    if not values or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in values):
+        raise DiffexpError(
+            f"guidance.scale_levels={values} is not allowed: it must be a non-empty list of factors >= 0, one per "
+            "frequency level from the highest to the lowest (each level's scale is guidance_scale times its factor)."
+        )
+    return tuple(float(v) for v in values)
 
 
 def why_prediction(settings: GuidanceSettings) -> str:

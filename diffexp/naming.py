@@ -52,11 +52,23 @@ def run_label(
     guidance_scale: float = NO_GUIDANCE,
     schedule: str = "default",
     method: str = "cfg",
+    cache: str = "none",
 ) -> str:
     """What a run is: the scheduler label, a schedule other than the scheduler's own, the steps and any guidance,
     e.g. ``dpmsolver-karras-20-cfg3``, ``k-euler-beta-20``, ``dpmsolver-20-apg3`` (a method other than cfg is named
-    at scale 1 too: ``-pag``)."""
+    at scale 1 too: ``-pag``) and a cache last (``dit-ddim-20-first-block0.05``)."""
     head = f"{scheduler_label(spec)}{'' if schedule == 'default' else f'-{schedule}'}-{steps}"
+    tail = "" if cache == "none" else f"-{cache}"
     if guided(guidance_scale):
-        return f"{head}-{method}{guidance_scale:g}"
-    return head + ("" if method == "cfg" else f"-{method}")
+        return f"{head}-{method}{guidance_scale:g}{tail}"
+    return head + ("" if method == "cfg" else f"-{method}") + tail
+
+
+def cache_label(node: Any) -> str:
+    """A cache in a run's name: its name and the value of the option its file names as ``label``
+    (``first-block0.05``, ``pab2``); ``none`` when off. ``node``: the ``cache`` group's values."""
+    node = dict(node or {})
+    name = str(node.get("name") or "none")
+    value = node.get(str(node.get("label")))
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return f"{name}{value:g}" if number and name != "none" else name

@@ -15,6 +15,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from diffexp.cache_settings import CacheSettings, read_cache
 from diffexp.catalog import SchedulerSpec, register, run_label, scheduler_spec
 from diffexp.config import (
     SEED_MAX,
@@ -62,6 +63,10 @@ class RunSettings:
     precision: Precision
     channels_last: bool
     compile: str | None  # torch.compile's mode; None: not compiled
+    cudnn_benchmark: bool
+    cache: CacheSettings
+    vae_tiling: bool
+    vae_slicing: bool
     log_every: int
     progress: bool
     labels: str | tuple[int, ...] | None  # "all", class ids, or None (unconditional)
@@ -72,6 +77,9 @@ class RunSettings:
     guidance_embed: float | None  # Flux.1-dev's distilled guidance scale; None: the pipeline's default
     height: int | None
     width: int | None
+    original_size: tuple[int, int] | None  # SDXL's size conditioning; None: the pipeline's default
+    crops_coords_top_left: tuple[int, int] | None
+    target_size: tuple[int, int] | None
     preview: Preview
     resume: bool
     overwrite: bool
@@ -85,7 +93,8 @@ class RunSettings:
     @property
     def label(self) -> str:
         """What the run is, e.g. ``dpmsolver-karras-20-cfg3``."""
-        return run_label(self.scheduler, self.steps, self.guidance.scale, self.schedule.label, self.guidance.method)
+        g = self.guidance
+        return run_label(self.scheduler, self.steps, g.scale, self.schedule.label, g.method, self.cache.label)
 
     def chunks(self) -> Chunks:
         """The run's sample indices in chunks of ``batch_size`` (the last may be smaller), computed lazily."""
@@ -112,6 +121,11 @@ def read_settings(cfg: DictConfig) -> RunSettings:
         raise DiffexpError(
             f"model.std={std} is not allowed: a standard deviation is a number >= 0 whose square is finite."
         )
+    if node.metrics.reference.against not in ("ode", "uncached"):
+        raise DiffexpError(
+            f"metrics.reference.against={node.metrics.reference.against} is not allowed: use ode (the model's "
+            "probability-flow ODE solved accurately) or uncached (the same run without its cache)."
+        )
     schedule, steps = read_schedule(node.schedule, node.steps, node.steps != RunConfig.steps)
     return RunSettings(
         model=node.model,
@@ -125,6 +139,10 @@ def read_settings(cfg: DictConfig) -> RunSettings:
         precision=Precision(node.precision),
         channels_last=node.channels_last,
         compile=compile_mode(node.compile),
+        cudnn_benchmark=node.cudnn_benchmark,
+        cache=read_cache(node.cache),
+        vae_tiling=node.vae_tiling,
+        vae_slicing=node.vae_slicing,
         log_every=node.log_every,
         progress=node.progress,
         labels=read_labels(node.labels),
@@ -135,6 +153,9 @@ def read_settings(cfg: DictConfig) -> RunSettings:
         guidance_embed=node.guidance_embed,
         height=node.height,
         width=node.width,
+        original_size=read_size("original_size", node.original_size),
+        crops_coords_top_left=read_size("crops_coords_top_left", node.crops_coords_top_left, least=0),
+        target_size=read_size("target_size", node.target_size),
         preview=Preview(node.preview),
         resume=node.resume,
         overwrite=node.overwrite,
@@ -169,6 +190,21 @@ def read_prompts(key: str, prompt: Any) -> tuple[str, ...] | None:
     if not isinstance(values, list) or not values or not all(isinstance(v, str) for v in values):
         raise DiffexpError(f"{key}={prompt} is not allowed: use a string or a list of strings.")
     return tuple(values)
+
+
+def read_size(key: str, value: Any, least: int = 1) -> tuple[int, int] | None:
+    """SDXL's size conditioning: two integers [height, width] of at least ``least`` (sizes 1, crop corners 0)."""
+    if value is None:
+        return None
+    pair = value if isinstance(value, list) else [value]
+    if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= least for v in pair):
+        what = "positive integers, [height, width]" if least > 0 else "integers >= 0, [top, left]"
+        raise DiffexpError(
+            f"{key}={value} is not allowed: SDXL's size conditioning takes two {what} in pixels (e.g. "
+            f"{key}={'[1024,1024]' if least else '[0,0]'}); leave it null for the pipeline's default (the image size, "
+            "crops [0, 0])."
+        )
+    return (pair[0], pair[1])
 
 
 def model_config(name: str) -> ModelConfig:

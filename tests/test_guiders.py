@@ -5,7 +5,6 @@ installed diffusers (a fixed upstream defect turns its test red)."""
 from __future__ import annotations
 
 import copy
-import inspect
 import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -213,6 +212,44 @@ def test_cfg_through_the_guider_equals_the_cfg_formula() -> None:
     assert (x - by_hand(combine)).abs().max() < 1e-6 and evals == 2 * N
 
 
+# Burt & Adelson's pyramid as kornia builds it: the 5x5 binomial blur (reflected borders); down: blur, then halve by
+# bilinear interpolation; up: double by bilinear interpolation, then blur
+BINOMIAL = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0])
+
+
+def blur(x: torch.Tensor) -> torch.Tensor:
+    kernel = (BINOMIAL[:, None] * BINOMIAL[None, :] / 256).expand(x.shape[1], 1, 5, 5)
+    return F.conv2d(F.pad(x, (2, 2, 2, 2), mode="reflect"), kernel, groups=x.shape[1])
+
+
+def down(x: torch.Tensor) -> torch.Tensor:
+    return F.interpolate(blur(x), size=(x.shape[2] // 2, x.shape[3] // 2), mode="bilinear", align_corners=False)
+
+
+def up(x: torch.Tensor) -> torch.Tensor:
+    return blur(F.interpolate(x, size=(x.shape[2] * 2, x.shape[3] * 2), mode="bilinear", align_corners=False))
+
+
+def test_fdg_equals_its_published_formula() -> None:
+    x, evals, unet = run("guidance=fdg", "guidance.scale_levels=[1,0.25]", "guidance.parallel_weights=0.5")
+    scales, weight = (S, 0.25 * S), 0.5
+
+    def combine(i: int, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        # Sadat et al. 2025, Algorithm 2: CFG per level of the Laplacian pyramid [x - up(down x), down x], the
+        # update's part parallel to D_cond weighted, then the pyramid rebuilt: up(level 1) + level 0
+        uncond, cond = pair(unet, x, t)
+        bands = [(uncond - up(down(uncond)), cond - up(down(cond))), (down(uncond), down(cond))]
+        levels = []
+        for w, (u, c) in zip(scales, bands, strict=True):
+            diff, unit = (c - u).flatten(1).double(), F.normalize(c.flatten(1).double(), dim=1)  # in float64
+            parallel = (diff * unit).sum(1, keepdim=True) * unit
+            orthogonal, parallel = (diff - parallel).view_as(u).float(), parallel.view_as(u).float()
+            levels.append(u + w * (weight * parallel + orthogonal))
+        return up(levels[1]) + levels[0]
+
+    assert (x - by_hand(combine)).abs().max() < 1e-6 and evals == 2 * N
+
+
 # refusals, each with its reason checked against the installed diffusers
 
 
@@ -244,15 +281,6 @@ def test_mambo_g_is_refused_and_still_fails_on_image_tensors() -> None:
         guider.forward(torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8))
 
 
-def test_fdg_is_refused_and_still_takes_no_single_scale() -> None:
-    with pytest.raises(DiffexpError, match="one scale per frequency level"):
-        prepare(compose(*COND, "guidance_scale=3", "guidance=fdg"))
-    from diffusers.guiders import FrequencyDecoupledGuidance
-
-    params = inspect.signature(FrequencyDecoupledGuidance.__init__).parameters
-    assert "guidance_scale" not in params and "guidance_scales" in params
-
-
 def test_cfg_zero_star_is_refused_on_epsilon_models_and_still_zeroes_the_first_step() -> None:
     with pytest.raises(DiffexpError, match="flow-matching velocity"):
         prepare(compose(*COND, "guidance_scale=3", "guidance=cfg-zero-star"))
@@ -271,6 +299,11 @@ BAD = {
     "layers without attention for PAG": (["guidance=pag", "guidance.layers=[down_blocks.0]"], "no self-attention"),
     "the scale as an option": (["guidance=tcfg", "+guidance.guidance_scale=2"], "sets it for every method"),
     "a weak model of another family": (["guidance=autoguidance", "guidance.weak_model=tiny"], "same family"),
+    "FDG's level scales set directly": (["guidance=fdg", "+guidance.guidance_scales=[3,1]"],
+                                        "guidance.guidance_scales is not allowed"),
+    "FDG without levels": (["guidance=fdg", "guidance.scale_levels=[]"], "non-empty list of factors"),
+    "FDG levels the sample cannot halve": (["guidance=fdg", "guidance.scale_levels=[1,1,1,1,1,1]"],
+                                           "cannot guide samples of 16x16"),
 }  # fmt: skip
 
 
@@ -279,6 +312,14 @@ def test_bad_guidance_is_refused_before_sampling(case: str) -> None:
     args, message = BAD[case]
     with pytest.raises(DiffexpError, match=re.escape(message)):
         prepare(compose(*COND, "guidance_scale=3", *args))
+
+
+def test_fdg_still_returns_the_padded_size_where_its_pyramid_pads() -> None:
+    from diffusers.guiders import FrequencyDecoupledGuidance
+
+    guider = FrequencyDecoupledGuidance(guidance_scales=[S, S / 2])
+    guider.set_state(0, N, torch.tensor(999))
+    assert guider.forward(torch.randn(1, 3, 24, 24), torch.randn(1, 3, 24, 24)).pred.shape[-2:] == (32, 32)
 
 
 def test_pag_alone_guides_an_unconditional_model_with_two_passes() -> None:

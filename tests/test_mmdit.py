@@ -1,9 +1,10 @@
 """SD3 and Flux through the same loop: diffexp's decoded samples equal StableDiffusion3Pipeline's and FluxPipeline's
-(tiny random pipelines built offline, fp32, 1e-5 max abs) with the pipelines given the same initial latents; bad
-input refused with a clear message and a non-zero exit."""
+(tiny random pipelines built offline, fp32, 1e-5 max abs) with the pipelines given the same initial latents; their
+latent previews; bad input refused with a clear message and a non-zero exit."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -11,11 +12,13 @@ from typing import Any
 import diffusers
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import compose, run_main, shared_folder
 from diffusers import FluxPipeline
 from tiny_mmdit import save_tiny_flux, save_tiny_sd3
 
 import diffexp
+from diffexp.sampling.previews import FLUX, SD3, LatentRGB
 
 PROMPTS = ["a cat", "a red dog"]
 N = 3  # samples: prompts [a cat, a red dog, a cat]
@@ -170,6 +173,36 @@ def test_flux_sample_k_depends_only_on_k(tiny: dict[str, Path]) -> None:
     exp = diffexp.prepare(compose("model=local", f"model.path={tiny['flux-dev']}", *common, "batch_size=1"))
     one = exp.to_pixels(diffexp.sample(exp.steps()).x, exact=True)
     assert (three[:1] - one).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize(("model", "rgb"), [("sd3", SD3), ("flux-dev", FLUX)])
+def test_preview_latent_maps_the_16_channel_latents_to_rgb(
+    tiny: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, model: str, rgb: LatentRGB
+) -> None:
+    """preview=latent: the SD3 and Flux.1 maps apply to the latents the loop holds, 16 channels (Flux's unpacked),
+    at every snapshot, with no decoder call; the run writes its grids from them."""
+    h, w = 24, 16
+    args = ["model=local", f"model.path={tiny[model]}", "scheduler=flow-euler", "steps=2", "log_every=1"]
+    args += ["prompt=a cat", "max_sequence_length=8", f"height={h}", f"width={w}", "preview=latent"]
+    exp = diffexp.prepare(compose(*args, f"batch_size={N}"))
+    assert exp.loaded.latent is not None and exp.loaded.latent.preview_map() is rgb
+    snapshots = [state for state in exp.steps() if state.snapshot]
+    assert len(snapshots) == 2
+    for state in snapshots:
+        assert state.x.shape == state.x0.shape == (N, 16, h // 2, w // 2)
+        for x in (state.x, state.x0):
+            preview = exp.to_pixels(x)
+            expected = F.interpolate(rgb(x), scale_factor=2, mode="nearest").clamp(-1, 1)
+            assert preview.shape == (N, 3, h, w) and torch.equal(preview, expected) and preview.std() > 0
+    final = snapshots[-1].x
+    assert not torch.equal(exp.to_pixels(final), exp.to_pixels(final, exact=True))
+    out = tmp_path / "run"
+    ran = run_main(
+        "scripts/run.py", [*args, "logger=none", "progress=false", f"hydra.run.dir={out}"], tmp_path, monkeypatch
+    )
+    assert ran.returncode == 0, ran.stderr
+    assert all((out / "grids" / f"step000{k}_{part}.png").is_file() for k in (1, 2) for part in ("x", "x0"))
+    assert json.loads((out / "metrics.json").read_text())["latent"]["preview"] == "latent"
 
 
 @pytest.mark.parametrize(

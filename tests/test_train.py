@@ -60,7 +60,7 @@ def test_snr_gamma_weights_the_per_sample_loss(gamma: str) -> None:
         trainer.generator.manual_seed(7)  # the same t and noise, by hand
         t = torch.randint(0, 1000, (32,), generator=trainer.generator)
         eps = torch.randn(batch.shape, generator=trainer.generator)
-        err = (trainer.unet(trainer.noise_scheduler.add_noise(batch, eps, t), t).sample - eps).pow(2).mean((1, 2, 3))
+        err = (trainer.network(trainer.noise_scheduler.add_noise(batch, eps, t), t).sample - eps).pow(2).mean((1, 2, 3))
     weights = torch.ones(32) if gamma == "null" else snr_weights(trainer.noise_scheduler, t, 5.0)
     torch.testing.assert_close(loss, (weights * err).mean())
     assert gamma == "null" or (weights.min() < 0.5 and loss < err.mean())  # low-noise samples weigh less
@@ -77,15 +77,15 @@ def test_label_dropout_replaces_about_p_of_the_labels_by_the_null_class() -> Non
 
 def test_class_conditional_loss_passes_the_dropped_labels_to_the_unet(monkeypatch: pytest.MonkeyPatch) -> None:
     trainer = new_trainer(train_cfg("num_classes=10", "label_dropout=0.5"), torch.device("cpu"))
-    assert trainer.unet.config.num_class_embeds == 11
+    assert trainer.network.config.num_class_embeds == 11
     seen: list[torch.Tensor] = []
-    forward = trainer.unet.forward
+    forward = trainer.network.forward
 
     def recording(x, t, class_labels=None, **kwargs):
         seen.append(class_labels)
         return forward(x, t, class_labels=class_labels, **kwargs)
 
-    monkeypatch.setattr(trainer.unet, "forward", recording)
+    monkeypatch.setattr(trainer.network, "forward", recording)
     images, labels = batch_of(trainer.data, torch.arange(0, 1797, 7))
     assert labels is not None and torch.equal(labels, diffexp.sampling.ideal.digits_labels()[::7])
     with torch.no_grad():
@@ -109,7 +109,7 @@ def test_loss_target_follows_the_prediction_type(prediction_type: str, gamma: st
         abar = trainer.noise_scheduler.alphas_cumprod[t][:, None, None, None]
         xt = abar.sqrt() * batch + (1 - abar).sqrt() * eps
         target = {"epsilon": eps, "v_prediction": abar.sqrt() * eps - (1 - abar).sqrt() * batch, "sample": batch}
-        err = (trainer.unet(xt, t).sample - target[prediction_type]).pow(2).mean((1, 2, 3))
+        err = (trainer.network(xt, t).sample - target[prediction_type]).pow(2).mean((1, 2, 3))
     snr = abar.flatten() / (1 - abar.flatten())
     clipped = snr.clamp(max=5.0)
     weights = {"epsilon": clipped / snr, "v_prediction": clipped / (snr + 1), "sample": clipped}[prediction_type]
@@ -169,8 +169,8 @@ def test_checkpoint_loads_as_model_local_and_resumes_exactly(tmp_path: Path) -> 
         for d in (straight, split)
     )
     assert a.step == b.step == 4
-    for key, value in a.unet.state_dict().items():
-        torch.testing.assert_close(b.unet.state_dict()[key], value, rtol=0, atol=0)
+    for key, value in a.network.state_dict().items():
+        torch.testing.assert_close(b.network.state_dict()[key], value, rtol=0, atol=0)
     ema_a = load_file(straight / "model/unet/diffusion_pytorch_model.safetensors")
     ema_b = load_file(split / "model/unet/diffusion_pytorch_model.safetensors")
     assert ema_a.keys() == ema_b.keys() and all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
@@ -320,10 +320,10 @@ def test_init_from_starts_from_a_trained_folder_with_a_fresh_optimiser(tmp_path:
     train(train_cfg("steps=2", "num_classes=10"), tmp_path / "first")
     start = load_file(tmp_path / "first/model/unet/diffusion_pytorch_model.safetensors")
     trainer = new_trainer(train_cfg("num_classes=10", f"init_from={tmp_path / 'first/model'}"), torch.device("cpu"))
-    online = trainer.unet.state_dict()
+    online = trainer.network.state_dict()
     assert trainer.step == 0 and all(torch.equal(online[k], v) for k, v in start.items())
     assert not trainer.optimizer.state  # Adam's moments start afresh
-    fresh = new_trainer(train_cfg("num_classes=10"), torch.device("cpu")).unet.state_dict()
+    fresh = new_trainer(train_cfg("num_classes=10"), torch.device("cpu")).network.state_dict()
     assert not all(torch.equal(fresh[k], v) for k, v in start.items())  # seed-initialised weights differ
     init = f"init_from={tmp_path / 'first/model'}"
     with pytest.raises(DiffexpError, match="prediction_type=v_prediction"):

@@ -6,14 +6,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from diffexp.metrics.base import Chunk, Context, Key, Metric, Values
 from diffexp.metrics.reference import Reference, solve_reference
-from diffexp.sampling.loop import StepState
+from diffexp.sampling.adapters import Adapter
+from diffexp.sampling.kdiffusion import iter_k_steps
+from diffexp.sampling.loop import StepState, initial_noise, iter_steps, sample
+from diffexp.sampling.network import Counter
 
 DATA_RANGE = 2.0  # samples live in [-1, 1]
 STOCHASTIC = "stochastic: reference from the same noise is not its target"
@@ -80,6 +87,12 @@ class ReferenceAgreement(Metric):
 
     def solve(self, chunk: Chunk) -> Reference:
         """The reference of this chunk's samples, solved or read from the cache."""
+        if self.ctx.settings.reference.against == "uncached":
+            return self.uncached(chunk)
+        with without_cache(chunk.model) as model:  # the ODE's reference solves the model itself
+            return self.solve_ode(chunk, model)
+
+    def solve_ode(self, chunk: Chunk, model: Adapter) -> Reference:
         ref, run = self.ctx.settings.reference, self.ctx.run
         return solve_reference(
             dict(ref.scheduler),
@@ -90,9 +103,27 @@ class ReferenceAgreement(Metric):
             run.precision,
             self.ctx.cache_dir,
             self.ctx.progress,
-            chunk.model,
+            model,
             chunk.samples.start,
         )
+
+    def uncached(self, chunk: Chunk) -> Reference:
+        """The run's own sampler and steps from the same noise (and generators) with its cache off: what a cache
+        costs. Not stored on disk: it is one more run of the same length."""
+        run, model = self.ctx.run, chunk.model
+        noise, generators = initial_noise(
+            noise_shape(chunk), run.seed, len(chunk.samples), run.device, chunk.samples.start
+        )
+        built = run.scheduler
+        with torch.inference_mode(), without_cache(model) as uncached:
+            if built.sampler is not None:
+                states = iter_k_steps(built.sampler, uncached, noise, generators, run.steps)
+            else:
+                states = iter_steps(uncached, built.scheduler, noise, run.steps, generators, built.step_kwargs,
+                                    run.steps, built.timesteps_kwargs)  # fmt: skip
+            final = sample(states)
+        solver = {"against": "uncached", "scheduler": built.name, "steps": run.steps}
+        return Reference(final.x.float().cpu(), "uncached", Path(), False, final.nfe, solver)
 
     def snapshot(self, state: StepState) -> dict[str, Any]:
         return {"x0_ref_rmse": rmse(state.x0.float().cpu(), self.first.x)}
@@ -109,3 +140,17 @@ class ReferenceAgreement(Metric):
         out["ref_kind"] = STOCHASTIC if self.ctx.run.scheduler.stochastic else "deterministic"
         out["reference"] = self.first.describe()
         return out
+
+
+def noise_shape(chunk: Chunk) -> tuple[int, ...]:
+    return tuple(chunk.noise.shape[1:])
+
+
+@contextmanager
+def without_cache(model: Adapter) -> Iterator[Adapter]:
+    """The adapter with its cache's hooks off the network (applied again after), counting afresh."""
+    if model.cache is None:
+        yield model
+        return
+    with model.cache.removed():
+        yield dataclasses.replace(model, cache=None, counter=Counter())

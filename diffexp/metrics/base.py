@@ -60,6 +60,7 @@ class RunFacts:
     scheduler: BuiltScheduler
     pixel_shape: tuple[int, int, int]  # the run's images (a latent model's decoded), known without sampling
     first: Chunk  # the first chunk, whose snapshots the metrics see
+    steps: int = 0  # the run's steps (the uncached reference samples them again)
 
 
 @dataclass

@@ -109,9 +109,9 @@ def reference_key(
         null = getattr(getattr(model, "source", None), "null_class", None)
         condition = {"labels": None if labels is None else list(labels), "null": null}
         parts["condition"] = condition | model.guidance.settings.record
-        if "encoder_hidden_states" in model.cond:  # a text model: its prompts' and negative prompts' embeddings
+        if "encoder_hidden_states" in model.cond:  # a text model: its halves' embeddings (SDXL: pooled, time ids)
             halves = [model.cond, model.uncond or {}]
-            data = b"".join(h["encoder_hidden_states"].float().cpu().numpy().tobytes() for h in halves if h)
+            data = b"".join(h[k].float().cpu().numpy().tobytes() for h in halves if h for k in sorted(h))
             parts["condition"]["text"] = hashlib.sha1(data).hexdigest()
     text = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha1(text.encode()).hexdigest()[:20], json.loads(text)

@@ -79,4 +79,5 @@ def run_facts(exp: Experiment) -> RunFacts:
         exp.built,
         shape,  # type: ignore[arg-type]
         chunk_of(exp),
+        exp.run.steps,
     )

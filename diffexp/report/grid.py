@@ -110,8 +110,9 @@ def _draw_cell(fig: Figure, job: Job | None, box: tuple[float, ...], img_w: floa
 def grid_figure(
     jobs: Sequence[Job], quality: Sequence[str], title: str, stated: Mapping[str, Sequence[str]] | None = None
 ) -> Figure:
-    """Rows: schedulers; columns: steps; cells: the first samples of each run (same seeds), captioned (``stated``:
-    as in ``caption``). Where the guidance scale varies (the facet), the facets are stacked, each under its heading."""
+    """Rows: schedulers (sampler by sampler, a rule between samplers where the schedule varies, each of its schedules
+    a row); columns: steps; cells: the first samples of each run (same seeds), captioned (``stated``: as in
+    ``caption``). Where the guidance scale varies (the facet), the facets are stacked, each under its heading."""
     groups = [(g, layout(group)) for g, group in facets(jobs)]
     cols = sorted({j.steps for j in jobs})
     first = next((x for j in jobs if j.finished and (x := j.samples()) is not None), None)
@@ -138,6 +139,8 @@ def grid_figure(
         x = (label_w + c * pitch_w + col_w / 2) / W
         fig.text(x, 1 - 0.8 / H, f"{steps} steps", ha="center", va="center", fontsize=11, weight="bold")
     top = H - head
+    sampler = {j.row: j.sampler for j in jobs}
+    rules = len({j.schedule_label for j in jobs}) > 1  # a rule between samplers, each with its schedules
     for g, (rows, _, cells) in groups:
         if band:
             fig.add_artist(Line2D([pad / W, 1 - pad / W], [(top - 0.06) / H] * 2, color="#bdbdbd", linewidth=1))
@@ -145,6 +148,9 @@ def grid_figure(
             top -= band
         for r, row in enumerate(rows):
             y0 = top - (r + 1) * pitch_h + cap_h
+            if rules and r > 0 and sampler[row] != sampler[rows[r - 1]]:
+                y = (top - r * pitch_h + 0.03) / H
+                fig.add_artist(Line2D([pad / W, 1 - pad / W], [y, y], color="#e0e0e0", linewidth=1))
             _row_label(fig, row, label_w - 0.15, y0 + img_h / 2, (W, H))
             for c, steps in enumerate(cols):
                 job = cells.get((row, steps))

@@ -1,8 +1,10 @@
 """The jobs of a sweep as the report sees them: one ``Job`` per job folder or planned job, each with its row label.
 
 A row is the scheduler label plus every other setting that varies across the sweep; the columns of the grid are
-step counts, so (row, steps) names a cell. A guidance scale that varies is a third axis, the facet: one grid per
-value, and it is left out of the row label (``Job.series`` names row and facet together, for lines and strips).
+step counts, so (row, steps) names a cell. The noise schedule, where it varies, is an axis of the rows: a row is a
+sampler (the row without its schedule: one colour in the charts) x a schedule (one line style), and rows are grouped
+sampler by sampler. A guidance scale that varies is a third axis, the facet: one grid per value, and it is left out
+of the row label (``Job.series`` names row and facet together, for lines and strips).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from diffexp.folders import (
     read_status_record,
 )
 from diffexp.guidance_settings import NO_GUIDANCE
+from diffexp.naming import cache_label
 from diffexp.settings import compose
 
 FACET = "guidance_scale"  # the config key that becomes the third axis of the report where it varies
@@ -48,6 +51,8 @@ class Job:
     metrics: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
     row: str = ""  # the scheduler label, plus the settings that vary across the sweep (except the facet)
+    sampler: str = ""  # the row without its schedule
+    schedule_label: str = ""  # the schedule as the row names it, where it varies ("" where it does not)
     facet: float | None = None  # the guidance scale where it varies across the sweep, else None
 
     @property
@@ -69,6 +74,17 @@ class Job:
         """The guidance method (configs/guidance/; sweeps from before the group ran cfg)."""
         node = self.config.get("guidance")
         return str(node.get("name") or "cfg") if isinstance(node, Mapping) else "cfg"
+
+    @property
+    def schedule(self) -> str:
+        """The noise schedule (configs/schedule/; sweeps from before the group ran the scheduler's own)."""
+        node = self.config.get("schedule")
+        return str(node.get("name") or "default") if isinstance(node, Mapping) else "default"
+
+    @property
+    def cache(self) -> str:
+        """The cache's label (configs/cache/; none: no cache, and sweeps from before the group)."""
+        return cache_label(self.config.get("cache"))
 
     @property
     def series(self) -> str:
@@ -188,29 +204,50 @@ def _varies(flats: Sequence[Mapping[str, Any]], key: str) -> bool:
     return len({json.dumps(f.get(key), default=str) for f in flats}) > 1
 
 
+def _own_options(jobs: Sequence[Job], flats: Sequence[Mapping[str, Any]], job: Job, group: str, attr: str) -> list[str]:
+    """The ``group.*`` options (other than its name) that vary among the runs of ``job``'s ``attr`` (its method, its
+    schedule), in key order."""
+    picked = [f for f, j in zip(flats, jobs, strict=True) if getattr(j, attr) == getattr(job, attr)]
+    keys = sorted({k for f in picked for k in f if k.startswith(f"{group}.") and k != f"{group}.name"})
+    return [k for k in keys if _varies(picked, k)]
+
+
 def label_rows(jobs: Sequence[Job]) -> None:
-    """Row = scheduler label (its non-default options), the guidance method where it varies (and the method's
-    options that vary among its own runs), plus any other setting that varies across the sweep; a guidance scale
-    that varies is the facet instead. Rows x facets is then the grid of methods x scales."""
+    """Row = scheduler label (its non-default options), the schedule where it varies (and the schedule's options
+    that vary among its own runs), the guidance method where it varies (likewise with its options), plus any other
+    setting that varies across the sweep; a guidance scale that varies is the facet instead. Rows x facets is then
+    the grid of methods x scales; ``sampler`` is the row without its schedule."""
     flats = [
         {k: v for k, v in flat(j.config).items() if not k.startswith("scheduler.") and k not in ("steps", "progress")}
         for j in jobs
     ]
     keys = sorted({k for f in flats for k in f})
-    varying = [k for k in keys if _varies(flats, k) and k != FACET and not k.startswith("guidance.")]
+    own = ("guidance.", "schedule.", "cache.")  # the groups whose options join a row only among their own runs
+    varying = [k for k in keys if _varies(flats, k) and k != FACET and not k.startswith(own)]
     methods = len({j.method for j in jobs}) > 1
+    schedules = len({j.schedule for j in jobs}) > 1
+    caches = len({j.cache for j in jobs}) > 1  # a cache is an axis like the method: named in the row
     faceted = len({j.guidance for j in jobs}) > 1  # a run without the key (an older one) counts as scale 1
     for job, settings in zip(jobs, flats, strict=True):
-        same = [f for f, j in zip(flats, jobs, strict=True) if j.method == job.method]
-        options = [k for k in keys if k.startswith("guidance.") and k != "guidance.name" and _varies(same, k)]
-        job.row = " ".join(
-            [
-                scheduler_spec(job.config["scheduler"]).label,
-                *([job.method] if methods else []),
-                *(f"{k}={settings.get(k)}" for k in [*options, *varying]),
-            ]
+        method = _own_options(jobs, flats, job, "guidance", "method")
+        schedule = _own_options(jobs, flats, job, "schedule", "schedule")
+        job.schedule_label = " ".join(
+            [*([job.schedule] if schedules else []), *(f"{k}={settings.get(k)}" for k in schedule)]
         )
+        label = scheduler_spec(job.config["scheduler"]).label
+        rest = [*([job.method] if methods else []), *([job.cache] if caches else [])]
+        rest += [f"{k}={settings.get(k)}" for k in [*method, *varying]]
+        job.sampler = " ".join([label, *rest])
+        job.row = " ".join([label, *([job.schedule_label] if job.schedule_label else []), *rest])
         job.facet = job.guidance if faceted else None
+
+
+def in_row_order(jobs: Sequence[Job]) -> list[Job]:
+    """The jobs grouped sampler by sampler, each sampler's schedules in turn (both in order of first appearance),
+    then in job order."""
+    samplers = list(dict.fromkeys(j.sampler for j in jobs))
+    schedules = list(dict.fromkeys(j.schedule_label for j in jobs))
+    return sorted(jobs, key=lambda j: (samplers.index(j.sampler), schedules.index(j.schedule_label), j.num))
 
 
 def facets(jobs: Sequence[Job]) -> list[tuple[float | None, list[Job]]]:
@@ -227,8 +264,8 @@ def facet_title(g: float) -> str:
 
 
 def series_order(jobs: Sequence[Job]) -> list[str]:
-    """Every series (row, and facet if any) in grid order: facet by facet, rows in job order."""
-    return list(dict.fromkeys(j.series for _, group in facets(jobs) for j in group))
+    """Every series (row, and facet if any) in grid order: facet by facet, rows in row order."""
+    return list(dict.fromkeys(j.series for _, group in facets(jobs) for j in in_row_order(group)))
 
 
 def guided(jobs: Sequence[Job]) -> bool:
@@ -242,7 +279,8 @@ def options_text(scheduler: Mapping[str, Any]) -> str:
 
 
 class Layout(NamedTuple):
-    """The grid of a sweep: rows (in job order), step counts (ascending) and the job shown in each cell."""
+    """The grid of a sweep: rows (sampler by sampler, schedules within), step counts (ascending) and the job shown
+    in each cell."""
 
     rows: list[str]
     steps: list[int]
@@ -250,7 +288,7 @@ class Layout(NamedTuple):
 
 
 def layout(jobs: Sequence[Job]) -> Layout:
-    rows = list(dict.fromkeys(j.row for j in jobs))
+    rows = list(dict.fromkeys(j.row for j in in_row_order(jobs)))
     steps = sorted({j.steps for j in jobs})
     cells: dict[tuple[str, int], Job] = {}
     for j in jobs:  # a later attempt of the same cell wins only if it finished

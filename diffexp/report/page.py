@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 TEMPLATES = Path(__file__).parent / "templates"
 PAGE_TEMPLATE = "report.html.j2"
-TEXT_COLUMNS = {"scheduler", "options", "status"}  # left-aligned, unwrapped
+TEXT_COLUMNS = {"scheduler", "options", "schedule", "status"}  # left-aligned, unwrapped
 
 
 @functools.cache
@@ -122,6 +122,7 @@ def render_page(
         failed=[j for j in jobs if not j.finished],
         facets=list(facets),
         net_evals="net_evals" in columns,
+        schedules=len({j.schedule for j in jobs}) > 1,  # the schedule is an axis
         dashboard=DASHBOARD_FILE if (Path(sweep_dir) / DASHBOARD_FILE).exists() else None,
         scrub=scrub_runs(jobs),
     )

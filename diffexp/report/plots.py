@@ -1,23 +1,28 @@
-"""The report's charts: each quality metric against cost with its Pareto front, sampling time against NFE, and
-(where the guidance scale varies) each quality metric against the guidance scale."""
+"""The report's charts: each quality metric against cost with its Pareto front, sampling time against NFE, the noise
+levels of each schedule and (where the guidance scale varies) each quality metric against the guidance scale.
+
+A line is one series (a row, and a guidance scale where it varies): its colour is the sampler, its dash the schedule
+where schedules vary (else the guidance scale), its marker the guidance scale where it varies (else the schedule).
+"""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
-from diffexp.report.jobs import Job, facets, guided, layout, series_order, stated_text
+from diffexp.report.jobs import Job, facets, guided, in_row_order, layout, series_order, stated_text
 
 if TYPE_CHECKING:
     from diffexp.metrics.base import Better
 
 COSTS: dict[str, str] = {"nfe": "NFE (model calls)", "wall_s": "sampling time (s)"}  # metrics.json key -> axis
-DASHES, MARKERS = ("-", "--", ":", "-."), ("o", "s", "^", "D", "v")  # per guidance facet
+DASHES, MARKERS = ("-", "--", ":", "-."), ("o", "s", "^", "D", "v")  # per schedule or guidance facet
 NET_EVALS = {"net_evals": "net evals (network evaluations per sample)"}  # the third cost of guided runs
 
 
@@ -63,27 +68,47 @@ def _points(jobs: Sequence[Job], x: str, y: str) -> list[tuple[float, float]]:
     return sorted(p for p in values if None not in p)  # type: ignore[misc]
 
 
-def _series_styles(jobs: Sequence[Job]) -> dict[str, dict[str, Any]]:
-    """The line of each series in grid order: its row's colour, and a dash and marker per guidance facet."""
-    rows, scales = layout(jobs).rows, [g for g, _ in facets(jobs)]
-    palette = colors(len(rows))
+@dataclass(frozen=True)
+class Line:
+    """One line of a chart: a series, its sampler and schedule, its style and its (x, y) points."""
+
+    series: str
+    sampler: str
+    schedule: str  # "" where the schedule does not vary
+    color: Any
+    linestyle: str
+    marker: str
+    points: tuple[tuple[float, float], ...] = ()
+
+
+def lines(jobs: Sequence[Job], x: str | None = None, y: str | None = None) -> list[Line]:
+    """Every series in grid order, styled (colour: sampler; dash and marker: schedule and guidance scale), with the
+    (x, y) metrics of its finished runs (no points without ``x`` and ``y``)."""
+    ordered = in_row_order(jobs)
+    samplers = list(dict.fromkeys(j.sampler for j in ordered))
+    schedules = list(dict.fromkeys(j.schedule_label for j in ordered))
+    scales = [g for g, _ in facets(jobs)]
+    palette = colors(len(samplers))
     by_series = {j.series: j for j in jobs}
-    return {
-        name: {
-            "color": palette[rows.index(by_series[name].row)],
-            "linestyle": DASHES[scales.index(by_series[name].facet) % len(DASHES)],
-            "marker": MARKERS[scales.index(by_series[name].facet) % len(MARKERS)],
-        }
-        for name in series_order(jobs)
-    }
+    out = []
+    for name in series_order(jobs):
+        job = by_series[name]
+        schedule, scale = schedules.index(job.schedule_label), scales.index(job.facet)
+        points = _points([j for j in jobs if j.series == name], x, y) if x and y else []
+        out.append(Line(
+            name, job.sampler, job.schedule_label, palette[samplers.index(job.sampler)],
+            DASHES[(schedule if len(schedules) > 1 else scale) % len(DASHES)],
+            MARKERS[(scale if len(scales) > 1 else schedule) % len(MARKERS)], tuple(points),
+        ))  # fmt: skip
+    return out
 
 
 def _line_per_row(ax: Any, jobs: Sequence[Job], x: str, y: str, **style: Any) -> None:
     """One line per series (row, and guidance scale where it varies) through its finished runs' (x, y) values."""
-    for name, look in _series_styles(jobs).items():
-        pts = _points([j for j in jobs if j.series == name], x, y)
-        if pts:
-            ax.plot(*zip(*pts, strict=True), label=name, markersize=5, **look, **style)
+    for line in lines(jobs, x, y):
+        if line.points:
+            look = {"color": line.color, "linestyle": line.linestyle, "marker": line.marker}
+            ax.plot(*zip(*line.points, strict=True), label=line.series, markersize=5, **look, **style)
 
 
 def _legend(ax: Any) -> None:
@@ -156,9 +181,11 @@ def schedule_figure(jobs: Sequence[Job]) -> Figure | None:
         return None
     fig = Figure(figsize=(8, 4.4), dpi=110, layout="constrained")
     ax = fig.subplots()
-    for (series, job), color in zip(longest.items(), colors(len(longest)), strict=True):
-        levels = schedule_levels(job)
-        ax.plot(range(len(levels)), levels, marker=".", color=color, label=f"{series} ({job.steps} steps)")
+    for line in lines(jobs):
+        if (job := longest.get(line.series)) is not None:
+            levels = schedule_levels(job)
+            label = f"{line.series} ({job.steps} steps)"
+            ax.plot(range(len(levels)), levels, marker=".", color=line.color, linestyle=line.linestyle, label=label)
     ax.set_yscale("log")
     ax.set_xlabel("step (the noise level of each model call, in order)")
     ax.set_ylabel("sigma (log scale)")

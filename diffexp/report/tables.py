@@ -19,6 +19,7 @@ HEADERS = {
     "scheduler": "scheduler",
     "options": "options",
     "steps": "steps",
+    "schedule": "schedule",
     "guidance": "guidance method",
     "guidance_scale": "guidance scale",
     "nfe": "NFE",
@@ -46,9 +47,10 @@ def table_rows(
     each is ``stated`` with (FID: its sample count and feature network)."""
     scale = ["guidance_scale"] if any(guided_scale(j.guidance) for j in jobs) else []  # guided or varying
     method = ["guidance"] if any(j.method != "cfg" for j in jobs) else []  # a method other than cfg
+    schedule = ["schedule"] if any(j.schedule != "default" for j in jobs) else []  # a schedule of its own
     measured = [*measures(jobs), *quality]
     measured += list(dict.fromkeys(s for q in quality for s in (stated or {}).get(q, ()) if s not in measured))
-    columns = ["scheduler", "options", "steps", *method, *scale, *measured, "status", "error", *HIDDEN]
+    columns = ["scheduler", "options", *schedule, "steps", *method, *scale, *measured, "status", "error", *HIDDEN]
     rows_order, steps_order, _ = layout(jobs)
     facet_order = [g for g, _ in facets(jobs)]
     ordered = sorted(
@@ -61,6 +63,7 @@ def table_rows(
             {
                 "scheduler": j.row,
                 "options": options_text(j.config["scheduler"]),
+                **({"schedule": j.schedule} if schedule else {}),
                 "steps": j.steps,
                 **({"guidance": j.method} if method else {}),
                 **({"guidance_scale": j.guidance} if scale else {}),

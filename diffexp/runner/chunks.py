@@ -84,7 +84,8 @@ def sample_chunk(
         images=final.x_pixels.float().cpu(),
         latents=final.x.float().cpu() if final.x_image is not None else None,
         values=measures.measure(exp, final),
-        cost={"sampling_s": final.elapsed_s, "decode_s": decode_s, "nfe": final.nfe, "net_evals": final.net_evals},
+        cost={"sampling_s": final.elapsed_s, "decode_s": decode_s, "nfe": final.nfe, "net_evals": final.net_evals}
+        | ({"net_evals_nominal": exp.model.counter.net_evals} if exp.model.cache else {}),
         final=final,
     )
 

@@ -226,6 +226,7 @@ def summarise(
         "decode_s": sum(c.cost["decode_s"] for c in order),
         "nfe": order[0].cost["nfe"],
         "net_evals": order[0].cost["net_evals"],
+        "net_evals_nominal": order[0].cost.get("net_evals_nominal"),  # a cache's: every pass, the skipped too
         "world_size": w.size,
         "run_s": max((c.cost.get("run_s", 0.0) for c in sampled.values()), default=0.0),
     }

@@ -82,7 +82,9 @@ def latent_record(exp: Experiment) -> dict[str, Any] | None:
     if latent is None:
         return None
     vae = latent.vae.config
+    ids = getattr(exp.model, "time_ids", None)  # SDXL: original size, crop corner, target size
     return {
+        **({} if ids is None else {"time_ids": [int(v) for v in ids[0].tolist()]}),
         "kind": latent.kind,
         "prompts": exp.prompts,
         "negative_prompt": exp.run.config["negative_prompt"],
@@ -115,8 +117,11 @@ def run_summary(exp: Experiment, cost: dict[str, Any], env: dict[str, Any]) -> d
         "decode_share": decode_s / (cost["sampling_s"] + decode_s) if decode_s else 0.0,
         "latent": latent_record(exp),
     }
+    cached = exp.model.cache
+    caching = {"net_evals_nominal": cost.get("net_evals_nominal"), "cache": cached.record} if cached else {}
     return {
         **(decoding if exp.loaded.latent is not None else {}),
+        **caching,
         "status": "finished",
         "label": exp.label,
         "steps": run.steps,
@@ -141,6 +146,7 @@ def run_summary(exp: Experiment, cost: dict[str, Any], env: dict[str, Any]) -> d
         "prediction_type": exp.loaded.prediction_type,
         "labels": exp.labels,  # the first chunk's
         "guidance": run.guidance.record,
+        "cache_name": run.cache.label,
         "warnings": exp.built.warnings,
         **env,
     }

@@ -23,7 +23,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from diffexp.sampling.flow import FlowSchedule
+from diffexp.sampling.caches import AppliedCache
+from diffexp.sampling.flow import FlowSchedule, is_flow
 from diffexp.sampling.guidance import Guidance, no_guidance
 from diffexp.sampling.network import Condition, Counter, Network
 from diffexp.sampling.noise import NoiseSchedule
@@ -42,6 +43,7 @@ class Adapter:
     cond: Condition = field(default_factory=dict)  # the network's keyword arguments for the bound samples
     uncond: Condition | None = None  # those of guidance's unconditional half; None: the family cannot guide
     counter: Counter = field(default_factory=Counter, compare=False)
+    cache: AppliedCache | None = None  # a training-free cache on the network (diffexp.sampling.caches)
 
     uncond_first: ClassVar[bool] = True  # the halves of guidance's doubled batch: [uncond, cond] (the pipelines')
     expand_t: ClassVar[bool] = False  # the timestep as one per sample
@@ -61,7 +63,8 @@ class Adapter:
 
     @property
     def net_evals(self) -> int:
-        return self.counter.net_evals
+        """Network evaluations per sample that ran: a pass a cache skipped does not count."""
+        return self.counter.net_evals - (self.cache.count.nominal - self.cache.count.ran if self.cache else 0)
 
     @property
     def module(self) -> torch.nn.Module:
@@ -89,15 +92,22 @@ class Adapter:
     ) -> torch.Tensor:
         """One network evaluation (of ``network``, default the adapter's) of a batch that holds each sample
         ``passes`` times, float32 out."""
+        host_t = t
         t = torch.as_tensor(t).to(x.device, non_blocking=True)  # host timesteps: a copy without waiting
         if self.expand_t:
             t = t.reshape(-1).expand(x.shape[0])
         self.counter.net_evals += passes
-        return (network or self.network)(x, t, condition, self.kept_channels)
+        if self.cache is None or network is not None:
+            return (network or self.network)(x, t, condition, self.kept_channels)
+        self.counter.passes += 1
+        name, timestep = f"pass{self.counter.passes}", float(torch.as_tensor(host_t).reshape(-1)[0])
+        with self.cache.context(name, self.counter.calls - 1, timestep, passes):
+            return self.network(x, t, condition, self.kept_channels)
 
     def output(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The model's output in its prediction type at timestep ``t``, guided as the guidance says."""
         self.counter.calls += 1
+        self.counter.passes = 0
         return self.guidance(self, x, t)
 
     __call__ = output
@@ -250,18 +260,24 @@ def pixel_adapter(
     null_class: int | None = None,
     guidance: Guidance | None = None,
 ) -> Adapter:
-    """The adapter of a UNet2DModel-like network outside a run (training previews, notebooks): unconditional, or
-    with one class per sample; the schedule is its scheduler config's (default: DDPM's linear betas)."""
-    from diffusers import DDPMScheduler
+    """The adapter of a UNet2DModel-like network or a pixel-space DiT outside a run (training previews,
+    notebooks): unconditional, or with one class per sample; the schedule is its scheduler config's (default:
+    DDPM's linear betas; a FlowMatch config: the flow's sigma = t / num_train_timesteps)."""
+    from diffusers import DDPMScheduler, DiTTransformer2DModel
 
+    config = dict(scheduler_config or {})
+    flow = is_flow(config)
     common: dict[str, Any] = {
         "network": Network(module),
         "prediction_type": prediction_type,
-        "schedule": NoiseSchedule(DDPMScheduler.from_config(dict(scheduler_config or {})).alphas_cumprod),
+        "schedule": FlowSchedule(int(config.get("num_train_timesteps", 1000)))
+        if flow
+        else NoiseSchedule(DDPMScheduler.from_config(config).alphas_cumprod),
         "guidance": guidance or no_guidance(),
     }
     if labels is None:
         return build_adapter(Adapter, range(0), **common)
     device = next((p.device for p in module.parameters()), torch.device("cpu"))
     source = LabelSource(tuple(labels), max(labels, default=0) + 1, null_class, device)
-    return build_adapter(ClassAdapter, range(len(labels)), source=source, **common)
+    family = DiTAdapter if isinstance(module, DiTTransformer2DModel) else ClassAdapter
+    return build_adapter(family, range(len(labels)), source=source, **common)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
@@ -22,12 +21,15 @@ from diffexp.sampling.adapters import (
     TextAdapter,
     build_adapter,
 )
+from diffexp.sampling.caches import apply_cache, remove_cache
 from diffexp.sampling.device import resolve_device, resolve_dtype
 from diffexp.sampling.flow import FlowSchedule, is_flow
 from diffexp.sampling.flux import FluxAdapter
 from diffexp.sampling.guiders import check_options, guidance_of, weak_network
 from diffexp.sampling.kdiffusion import iter_k_steps
+from diffexp.sampling.latent import set_vae_modes
 from diffexp.sampling.loop import StepState, initial_noise, iter_steps
+from diffexp.sampling.memory import check_memory
 from diffexp.sampling.mmdit import FluxLatent, TransformerLatent
 from diffexp.sampling.models import LoadedModel, load_model
 from diffexp.sampling.network import Network
@@ -35,7 +37,8 @@ from diffexp.sampling.noise import NoiseSchedule
 from diffexp.sampling.placement import build_for
 from diffexp.sampling.schedulers import BuiltScheduler, split_options
 from diffexp.sampling.sd3 import SD3Adapter, TextOptions, check_text_options
-from diffexp.sampling.speed import SpeedRecord, accelerate, check_compile, check_precision
+from diffexp.sampling.sdxl import SDXLAdapter, is_sdxl, sdxl_adapter
+from diffexp.sampling.speed import SpeedRecord, accelerate, check_compile, check_precision, check_speed_keys
 from diffexp.settings import RunSettings, read_settings
 
 
@@ -100,6 +103,8 @@ class Experiment:
     def steps(self) -> Iterator[StepState]:
         """The loop, one model call at a time: x, x0, timestep and NFE at each."""
         self.model.counter.reset()
+        if self.model.cache is not None:
+            self.model.cache.reset()  # the cache's hooks keep state between steps
         with torch.inference_mode():
             if self.built.sampler is not None:  # k-diffusion's sampler on the adapter's denoise
                 yield from iter_k_steps(self.built.sampler, self.model, self.noise, self.generators, self.run.log_every)
@@ -127,10 +132,13 @@ def prepare(settings: RunSettings | DictConfig, model: LoadedModel | None = None
     dtype = resolve_dtype(run.precision)
     check_precision(run.precision, device)
     check_compile(run.compile, device)
+    check_speed_keys(run, device)
     identity = ("model", id(model.model)) if model is not None else ("config", repr(run.model))
     loaded = model or load_model(run.model, device, dtype)
-    check_latent(run, loaded)  # first: the size sets a dynamic shift
+    remove_cache(loaded.model)  # an earlier run's cache on a network passed in again
+    check_latent(run, loaded)  # first: the image size sets Flux's dynamic shift
     built = build_for(run, loaded)  # the scheduler or k-diffusion sampler, the schedule placed (or refused)
+    set_vae_modes(loaded.latent, loaded.name, run.vae_tiling, run.vae_slicing)
     weak = weak_network(run.guidance, loaded, device, dtype)
     check_memory(adapter_for(run, loaded, built, range(1), device, weak), loaded, device, run.batch_size, built)
     first = run.chunks()[0]
@@ -144,6 +152,8 @@ def prepare(settings: RunSettings | DictConfig, model: LoadedModel | None = None
 
     network, speed = accelerate(adapter.network, warm_up, key, run.precision, run.channels_last, run.compile, device)
     adapter = adapter.with_network(network)
+    cache = apply_cache(run.cache, loaded.model, loaded.name, run.steps, float(t))
+    adapter = dataclasses.replace(adapter, cache=cache)
     return Experiment(run, device, dtype, loaded, built, adapter, noise, generators, speed)
 
 
@@ -162,7 +172,7 @@ def adapter_for(
     schedule = FlowSchedule(steps) if flow else NoiseSchedule(built.scheduler.alphas_cumprod.cpu())
     timesteps = tuple(built.scheduler.timesteps.cpu().tolist())
     family = TextAdapter if loaded.kind == "text" else Adapter if loaded.num_classes is None else ClassAdapter
-    family = DiTAdapter if loaded.kind == "class" else family
+    family = DiTAdapter if loaded.kind == "class" else SDXLAdapter if is_sdxl(loaded.latent) else family
     transformer = loaded.latent if isinstance(loaded.latent, TransformerLatent) else None  # SD3, Flux
     family = (FluxAdapter if isinstance(transformer, FluxLatent) else SD3Adapter) if transformer else family
     common = {
@@ -180,6 +190,8 @@ def adapter_for(
         if transformer:
             return family.build(text_options(run), transformer, samples, device, common)
         latent = loaded.latent
+        if is_sdxl(latent):
+            return sdxl_adapter(run, latent, samples, device, **common)
         source = PromptSource(lambda prompts: latent.encode(prompts, device), run.prompts, run.negative_prompts)
         return build_adapter(TextAdapter, samples, source=source, **common)
     if loaded.num_classes is None:
@@ -227,7 +239,7 @@ def check_labels(run: RunSettings, loaded: LoadedModel) -> str | tuple[int, ...]
 
 
 def check_latent(run: RunSettings, loaded: LoadedModel) -> None:
-    """Size, preview, prompts, T5 length, guidance embedding: what only some models take."""
+    """Size, preview, prompts, T5 length, guidance embedding, size conditioning: what only some models take."""
     check_text_options(text_options(run), loaded.name, loaded.latent)
     if loaded.latent is None:
         if run.height is not None or run.width is not None:
@@ -238,58 +250,18 @@ def check_latent(run: RunSettings, loaded: LoadedModel) -> None:
         loaded.latent.set_size(run.height, run.width)
         if run.preview.value == "latent":
             loaded.latent.preview_map()  # refuses a VAE without a known map before sampling
+    given = [k for k in ("original_size", "crops_coords_top_left", "target_size") if getattr(run, k) is not None]
+    if given and not is_sdxl(loaded.latent):
+        raise DiffexpError(
+            f"{' / '.join(given)} apply to SDXL only (its size conditioning); {loaded.name} is not SDXL."
+        )
     if loaded.kind != "text" and (run.prompts is not None or run.negative_prompts is not None):
         what = "class-conditional (use labels=...)" if loaded.num_classes is not None else "unconditional"
         raise DiffexpError(
             f"prompt / negative_prompt was given, but {loaded.name} is {what}: only text-to-image models "
-            "(Stable Diffusion, SD3, Flux) take prompts."
+            "(Stable Diffusion, SDXL, SD3, Flux) take prompts."
         )
 
 
 def text_options(run: RunSettings) -> TextOptions:
     return TextOptions(run.prompts, run.negative_prompts, run.max_sequence_length, run.guidance_embed)
-
-
-def free_memory(device: torch.device) -> int | None:
-    """Bytes free for a chunk: the GPU's free memory, or the machine's available memory; None where unknown."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    meminfo = Path("/proc/meminfo")
-    if device.type == "cpu" and meminfo.is_file():
-        for line in meminfo.read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return None
-
-
-def check_memory(
-    one: Adapter, loaded: LoadedModel, device: torch.device, batch_size: int, built: BuiltScheduler
-) -> None:
-    """Refuse a chunk that cannot fit, before sampling: a lower bound of what a chunk needs is the largest
-    activation of one sample's model call, twice (a layer's input and output), times ``batch_size``."""
-    limit = free_memory(device)
-    if limit is None:
-        return
-    largest = 0
-
-    def record(_module: torch.nn.Module, _inputs: object, output: object) -> None:
-        nonlocal largest
-        if isinstance(output, torch.Tensor):
-            largest = max(largest, output.numel() * output.element_size())
-
-    leaves = [m for m in one.module.modules() if next(m.children(), None) is None]
-    hooks = [m.register_forward_hook(record) for m in leaves or [one.module]]
-    noise, _ = initial_noise(loaded.sample_shape, 0, 1, device)
-    try:
-        with torch.inference_mode():
-            one(noise, built.scheduler.timesteps[0])
-    finally:
-        for hook in hooks:
-            hook.remove()
-    needed = 2 * largest * batch_size
-    if needed > limit:
-        raise DiffexpError(
-            f"batch_size={batch_size} cannot fit on {device}: a chunk needs at least {needed / 2**30:.1f} GiB "
-            f"(the largest activation of one sample, {largest / 2**20:.1f} MiB, twice, times {batch_size}), and "
-            f"{limit / 2**30:.1f} GiB are free. Lower batch_size (num_samples sets how many samples the run makes)."
-        )

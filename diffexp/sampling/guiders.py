@@ -59,7 +59,8 @@ def check_options(settings: GuidanceSettings) -> dict[str, Any]:
     """The guider's keyword arguments: the file's options, guidance_scale and guidance_rescale; an option the
     class does not take is refused, with the ones it does."""
     cls = guider_class(settings)
-    params = {k for k in inspect.signature(cls.__init__).parameters if k not in NOT_OPTIONS | set(SET_BY_RUN)}
+    by_run = {*SET_BY_RUN, *(["guidance_scales"] if settings.scale_levels else [])}
+    params = {k for k in inspect.signature(cls.__init__).parameters if k not in NOT_OPTIONS | by_run}
     options = {k: list(v) if isinstance(v, tuple) else v for k, v in settings.options}
     unknown = sorted(set(options) - params)
     if unknown:
@@ -70,7 +71,26 @@ def check_options(settings: GuidanceSettings) -> dict[str, Any]:
         )
     if settings.weak_model is not None and settings.diffusers_class != "AutoGuidance":
         raise DiffexpError(f"guidance.weak_model applies to autoguidance only, not to {settings.method}.")
-    return {**options, "guidance_scale": settings.scale + settings.scale_offset, "guidance_rescale": settings.rescale}
+    scale = settings.scale + settings.scale_offset
+    levels = settings.scale_levels  # FDG: one scale per frequency level
+    scales = {"guidance_scales": [scale * f for f in levels]} if levels else {"guidance_scale": scale}
+    return {**options, **scales, "guidance_rescale": settings.rescale}
+
+
+def check_levels(settings: GuidanceSettings, shape: Sequence[int]) -> None:
+    """Refuse a sample that FDG's Laplacian pyramid would pad: kornia pads the sides unless one is a power of two
+    and both halve evenly at every level, and diffusers' guider then returns the padded size."""
+    if not settings.scale_levels:
+        return
+    h, w = shape[-2:]
+    stride = 2 ** (len(settings.scale_levels) - 1)
+    if (h & (h - 1) and w & (w - 1)) or h % stride or w % stride:
+        raise DiffexpError(
+            f"guidance={settings.method} cannot guide samples of {h}x{w}: its Laplacian pyramid of "
+            f"{len(settings.scale_levels)} levels (kornia) pads a side unless one side is a power of two and both "
+            f"divide by {stride}, and the guided output would then have the padded size. Use fewer levels "
+            "(guidance.scale_levels) or another size."
+        )
 
 
 def check_prediction(settings: GuidanceSettings, prediction_type: str, model: str) -> None:
@@ -195,6 +215,7 @@ def guidance_of(
     if not settings.enabled:
         return Guidance(settings)
     check_prediction(settings, loaded.prediction_type, loaded.name)
+    check_levels(settings, loaded.sample_shape)
     kind = LAYER_KINDS.get(settings.diffusers_class, "block")
     guider = build_guider(settings, loaded.model, family.default_layers(kind, loaded.model))
     return guidance_for(settings, schedule, guider, timesteps, weak)

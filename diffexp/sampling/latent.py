@@ -1,5 +1,7 @@
-"""Latent diffusion models: the Stable Diffusion family (text, ``StableDiffusionPipeline``) and DiT (class labels,
-``DiTPipeline``), loaded with their own diffusers pipeline, whose class in ``model_index.json`` picks the adapter.
+"""Latent diffusion models: the Stable Diffusion family (text, ``StableDiffusionPipeline``,
+``StableDiffusionXLPipeline``, and the transformers ``StableDiffusion3Pipeline`` and ``FluxPipeline``, whose latent
+models are in ``diffexp.sampling.mmdit``) and DiT (class labels, ``DiTPipeline``), loaded with their own diffusers
+pipeline, whose class in ``model_index.json`` picks the adapter.
 
 The loop runs in latent space; ``to_pixels`` decodes x or x0 as the pipelines do,
 ``vae.decode(latents / scaling_factor + shift_factor).sample``, or shows them through a fixed linear
@@ -20,27 +22,26 @@ import torch
 import torch.nn.functional as F
 
 from diffexp.errors import DiffexpError
+from diffexp.sampling.previews import LATENT_RGB, LatentRGB, known_previews, vae_key
 
 # the pipeline class of model_index.json -> what conditions it: text (prompts) or class labels
-LATENT_PIPELINES = {"StableDiffusionPipeline": "text", "DiTPipeline": "class"}
+LATENT_PIPELINES = {"StableDiffusionPipeline": "text", "StableDiffusionXLPipeline": "text", "DiTPipeline": "class"}
 # flow-matching text-to-image transformers (diffexp.sampling.sd3, diffexp.sampling.flux)
 LATENT_PIPELINES |= {"StableDiffusion3Pipeline": "text", "FluxPipeline": "text"}
 # what diffexp leaves out, and why
-NOT_SUPPORTED = {
-    "StableDiffusionXLPipeline": "SDXL needs two text encoders and added time ids (size and crop conditioning), "
-    "which diffexp's text adapter does not build",
+NOT_SUPPORTED: dict[str, str] = {}
+# the parts a text pipeline folder must hold to encode prompts
+TEXT_PARTS = {
+    "StableDiffusionPipeline": ("text_encoder", "tokenizer"),
+    "StableDiffusionXLPipeline": ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"),
+    # SD3: two CLIPs (its T5, text_encoder_3 and tokenizer_3, may be left out); Flux: CLIP and T5
+    "StableDiffusion3Pipeline": ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"),
+    "FluxPipeline": ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"),
 }
-# linear latent-to-RGB maps (rows: latent channels) of the VAEs whose latent space is known: the SD 1.x/2.x VAE
-# (4 channels, scaling_factor 0.18215; DiT uses it too), as ComfyUI's and A1111's previews use it
-LATENT_RGB = {
-    (4, 0.18215): (
-        (0.3512, 0.2297, 0.3227),
-        (0.3250, 0.4974, 0.2350),
-        (-0.2829, 0.1762, 0.2721),
-        (-0.2120, -0.2616, -0.7177),
-    ),
+# from_pretrained's options beyond the weights: SD's safety checker is not loaded
+LOAD_OPTIONS: dict[str, dict[str, Any]] = {
+    "StableDiffusionPipeline": {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False},
 }
-KNOWN_PREVIEWS = "the SD 1.x/2.x VAE (4 latent channels, scaling_factor 0.18215, used by SD 1.x, SD 2.x and DiT)"
 
 
 def pipeline_class(source: str, revision: str | None = None) -> str | None:
@@ -53,19 +54,19 @@ def pipeline_class(source: str, revision: str | None = None) -> str | None:
         return None
 
 
-def check_text_parts(source: str) -> None:
-    """A local text-to-image folder must hold its text encoder and tokenizer."""
+def check_text_parts(source: str, class_name: str) -> None:
+    """A local text-to-image folder must hold its text encoders and tokenizers."""
     folder = Path(source)
     if not folder.is_dir():
         return
     index = json.loads((folder / "model_index.json").read_text())
-    for part in ("text_encoder", "tokenizer"):
+    for part in TEXT_PARTS[class_name]:
         entry = index.get(part)
         if not entry or entry[0] is None or not (folder / part).is_dir():
             raise DiffexpError(
-                f"The Stable Diffusion folder '{source}' has no {part} ({part}/ and its model_index.json entry): "
-                "diffexp encodes prompts with the pipeline's own CLIP text encoder and tokenizer, so both must be "
-                "there, as StableDiffusionPipeline.save_pretrained writes them."
+                f"The {class_name} folder '{source}' has no {part} ({part}/ and its model_index.json entry): "
+                "diffexp encodes prompts with the pipeline's own text encoders and tokenizers, so they must be "
+                f"there, as {class_name}.save_pretrained writes them."
             )
 
 
@@ -130,19 +131,20 @@ class LatentModel:
             z = z + shift
         return vae.decode(z).sample.float().clamp(-1, 1)
 
-    def preview_map(self) -> torch.Tensor:
+    def preview_map(self) -> LatentRGB:
         """The linear latent-to-RGB map of this VAE, or a clear refusal naming the known ones."""
-        key = (int(self.vae.config.latent_channels), round(float(self.vae.config.scaling_factor), 5))
-        if key not in LATENT_RGB or getattr(self.vae.config, "shift_factor", None):
+        channels, scaling, shift = key = vae_key(self.vae.config)
+        if key not in LATENT_RGB:
             raise DiffexpError(
-                f"preview=latent has no latent-to-RGB map for this VAE ({key[0]} latent channels, scaling_factor "
-                f"{key[1]}); diffexp knows {KNOWN_PREVIEWS}. Use preview=vae (the exact decode)."
+                f"preview=latent has no latent-to-RGB map for this VAE ({channels} latent channels, scaling_factor "
+                f"{scaling}, shift_factor {shift}); diffexp knows {known_previews()}. Use preview=vae (the exact "
+                "decode)."
             )
-        return torch.tensor(LATENT_RGB[key], dtype=torch.float32)
+        return LATENT_RGB[key]
 
     def preview(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents -> an RGB approximation in [-1, 1] without the decoder, upsampled to the image size."""
-        rgb = torch.einsum("nchw,cr->nrhw", latents.float(), self.preview_map().to(latents.device))
+        rgb = self.preview_map()(latents)
         return F.interpolate(rgb, scale_factor=self.scale, mode="nearest").clamp(-1, 1)
 
     def encode(self, prompts: list[str], device: torch.device) -> torch.Tensor:
@@ -168,10 +170,9 @@ def load_latent(
     kind = LATENT_PIPELINES[class_name]
     extra: dict[str, Any] = dict(components or {})
     if kind == "text":
-        check_text_parts(source)
-    if class_name == "StableDiffusionPipeline":
-        extra |= {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+        check_text_parts(source, class_name)
         import transformers  # noqa: F401  (a dependency only text models need; fail here, clearly, if missing)
+    extra |= LOAD_OPTIONS.get(class_name, {})
     try:
         with quiet_loading():
             pipe = getattr(diffusers, class_name).from_pretrained(
@@ -184,6 +185,8 @@ def load_latent(
         raise DiffexpError(f"The {class_name} '{source}' has no text encoder or tokenizer, which prompts need.")
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
+    if class_name == "StableDiffusionXLPipeline" and dtype == torch.float16 and pipe.vae.config.force_upcast:
+        pipe.vae.to(torch.float32)  # the SDXL VAE overflows in fp16: it decodes in fp32, as the pipeline does
     for part in pipe.components.values():
         if isinstance(part, torch.nn.Module):
             part.eval().requires_grad_(False)
@@ -214,3 +217,24 @@ def quiet_loading() -> Iterator[None]:
     finally:
         if bars:
             diffusers_logging.enable_progress_bar()
+
+
+def set_vae_modes(latent: LatentModel | None, model: str, tiling: bool, slicing: bool) -> None:
+    """``vae_tiling`` and ``vae_slicing`` on a latent model's VAE (AutoencoderKL's enable_tiling / enable_slicing),
+    set on and off every run; refused on a pixel model, which has no VAE to decode with."""
+    if latent is None:
+        if tiling or slicing:
+            key = "vae_tiling" if tiling else "vae_slicing"
+            raise DiffexpError(
+                f"{key}=true applies to latent models, whose VAE decodes the samples; {model} is a pixel-space model "
+                "and has no VAE. Leave vae_tiling and vae_slicing false."
+            )
+        return
+    vae = latent.vae
+    modes = ((tiling, "enable_tiling", "disable_tiling"), (slicing, "enable_slicing", "disable_slicing"))
+    for on, enable, disable in modes:
+        if not hasattr(vae, enable):
+            if on:
+                raise DiffexpError(f"{type(vae).__name__} of {model} has no {enable}: leave it false.")
+            continue
+        getattr(vae, enable if on else disable)()

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import DiffusionPipeline, UNet2DModel
+from diffusers import DiffusionPipeline, DiTTransformer2DModel, UNet2DModel
 
 from diffexp.config import WEIGHTS_DIR, ModelConfig, ModelSource, Parameterisation
 from diffexp.errors import DiffexpError
@@ -48,8 +48,11 @@ class LoadedModel:
 
     @property
     def kind(self) -> str:
-        """pixel, text (prompts: Stable Diffusion) or class (labels: DiT); a class-conditional UNet is pixel."""
-        return "pixel" if self.latent is None else self.latent.kind
+        """pixel, text (prompts: Stable Diffusion) or class (labels: DiT, in latent or pixel space); a
+        class-conditional UNet is pixel."""
+        if self.latent is None:
+            return "class" if isinstance(self.model, DiTTransformer2DModel) else "pixel"
+        return self.latent.kind
 
     def to_pixels(self, x: torch.Tensor, preview: str = "vae") -> torch.Tensor:
         """x or x0 as an image in [-1, 1]: itself for a pixel model, else decoded (or previewed) from latents."""
@@ -60,9 +63,7 @@ class LoadedModel:
     @property
     def prediction_type(self) -> str:
         """epsilon, v_prediction or sample; flow_prediction for a flow-matching model (a FlowMatch config)."""
-        if is_flow(self.scheduler_config):
-            return FLOW_PREDICTION
-        return str(self.scheduler_config.get("prediction_type") or "epsilon")
+        return prediction_type_of(self.scheduler_config)
 
     @property
     def sample_shape(self) -> tuple[int, int, int]:
@@ -73,14 +74,34 @@ class LoadedModel:
         return (cfg.in_channels, size, size)
 
 
+def prediction_type_of(scheduler_config: dict[str, Any]) -> str:
+    """epsilon, v_prediction or sample; flow_prediction for a flow-matching model (a FlowMatch config)."""
+    if is_flow(scheduler_config):
+        return FLOW_PREDICTION
+    return str(scheduler_config.get("prediction_type") or "epsilon")
+
+
+def is_pixel_dit(source: str, revision: str | None = None) -> bool:
+    """Whether ``source`` is a DiTPipeline folder without a VAE (``"vae": [null, null]``): a DiT on pixels, as
+    scripts/train.py saves ``network: dit``."""
+    try:
+        index = DiffusionPipeline.load_config(source, revision=revision)
+    except Exception:  # the Hub client raises many types; the pipeline loader reports the failure
+        return False
+    vae = index.get("vae")
+    return index.get("_class_name") == "DiTPipeline" and isinstance(vae, list) and vae[0] is None
+
+
 def load_pretrained(
     source: str, revision: str | None = None, dtype: torch.dtype = torch.float32
 ) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """A diffusers pipeline folder or Hub id -> (unet in ``dtype``, scheduler config). Training and sampling both
-    use this."""
+    """A diffusers pipeline folder or Hub id -> (unet in ``dtype``, scheduler config); a pixel-space DiT folder ->
+    (its transformer, scheduler config). Training and sampling both use this."""
+    pixel_dit = is_pixel_dit(source, revision)
+    extra: dict[str, Any] = {"vae": None} if pixel_dit else {}
     try:
         with quiet_loading():
-            pipe = DiffusionPipeline.from_pretrained(source, revision=revision, **loading_options(dtype))
+            pipe = DiffusionPipeline.from_pretrained(source, revision=revision, **extra, **loading_options(dtype))
     except Exception as err:  # the Hub client raises many types; all mean "could not load"
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise DiffexpError(
@@ -90,7 +111,7 @@ def load_pretrained(
             f"model_index.json with unet/ and scheduler/, as DDPMPipeline.save_pretrained writes. "
             f"Offline you can use {OFFLINE_MODELS}."
         ) from None
-    unet = getattr(pipe, "unet", None)
+    unet = getattr(pipe, "transformer" if pixel_dit else "unet", None)
     scheduler = getattr(pipe, "scheduler", None)
     if unet is None or scheduler is None:
         raise DiffexpError(f"The diffusers model '{source}' has no unet and scheduler, which diffexp needs.")
@@ -170,7 +191,7 @@ def load_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype = torc
 def _latent(source: str, cfg: ModelConfig, device: torch.device, dtype: torch.dtype, ident: str) -> LoadedModel | None:
     """A latent pipeline (SD, DiT) loaded with its own diffusers class; None for any other pipeline."""
     class_name = pipeline_class(source, cfg.revision)
-    if class_name not in LATENT_PIPELINES and class_name not in NOT_SUPPORTED:
+    if (class_name not in LATENT_PIPELINES and class_name not in NOT_SUPPORTED) or is_pixel_dit(source, cfg.revision):
         return None
     start = time.perf_counter()
     if cfg.prediction_type or cfg.num_classes is not None or cfg.null_class is not None:
@@ -203,7 +224,12 @@ def check_no_t5(cfg: ModelConfig, no_t5: bool) -> None:
 def classes(model: torch.nn.Module, cfg: ModelConfig) -> tuple[int | None, int | None]:
     """(num_classes, null_class) of a class-conditional UNet: the config's, else its ``num_class_embeds`` (no null
     class: guidance needs ``model.null_class``); (None, None) for an unconditional model."""
-    embeds = getattr(getattr(model, "config", None), "num_class_embeds", None)
+    config = getattr(model, "config", None)
+    embeds = getattr(config, "num_class_embeds", None)
+    if isinstance(model, DiTTransformer2DModel):  # a pixel-space DiT: classes 0..N-1 and the null class N
+        embeds = config.num_embeds_ada_norm + 1
+        if cfg.null_class is None and cfg.num_classes in (None, embeds - 1):
+            return embeds - 1, embeds - 1
     if embeds is None:
         if cfg.num_classes is not None:
             raise DiffexpError(f"model.num_classes={cfg.num_classes}, but {cfg.name} is not class-conditional.")

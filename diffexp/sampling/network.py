@@ -15,13 +15,15 @@ Condition = Mapping[str, torch.Tensor]  # keyword arguments of the network, one 
 
 @dataclass
 class Counter:
-    """Model calls (NFE) and network evaluations per sample (a guided call makes two) since the last reset."""
+    """Model calls (NFE) and network evaluations per sample (a guided call makes two) since the last reset;
+    ``passes`` counts the network passes of the current call (a cache keeps each apart)."""
 
     calls: int = 0
     net_evals: int = 0
+    passes: int = 0
 
     def reset(self) -> None:
-        self.calls = self.net_evals = 0
+        self.calls = self.net_evals = self.passes = 0
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ of a sweep that Hydra's basic launcher runs in one process, with the same model,
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
@@ -17,6 +18,10 @@ from diffexp.config import Precision
 from diffexp.errors import DiffexpError
 from diffexp.sampling.device import synchronize
 from diffexp.sampling.network import Network
+from diffexp.settings import RunSettings
+
+log = logging.getLogger("diffexp")
+_WARNED: list[bool] = []  # cudnn_benchmark's no-op is said once per process
 
 # (identity of the model, device, dtype, input shape, guidance, mode, channels_last) -> (network, compiled network)
 _COMPILED: dict[Hashable, tuple[torch.nn.Module, Callable[..., object]]] = {}
@@ -54,6 +59,19 @@ def check_compile(mode: str | None, device: torch.device) -> None:
         raise DiffexpError(
             f"compile=reduce-overhead records CUDA graphs, which need a CUDA device; this run is on {device}. "
             "Use compile=default or compile=max-autotune there."
+        )
+
+
+def check_speed_keys(run: RunSettings, device: torch.device) -> None:
+    """cudnn_benchmark (a no-op off CUDA, said once); a cache, refused with compilation."""
+    if run.cudnn_benchmark and device.type != "cuda" and not _WARNED:
+        _WARNED.append(True)
+        log.warning("cudnn_benchmark=true is a no-op on %s: cuDNN autotuning exists on CUDA only.", device)
+    torch.backends.cudnn.benchmark = run.cudnn_benchmark and device.type == "cuda"  # process-wide: set every run
+    if run.cache.enabled and run.compile:
+        raise DiffexpError(
+            f"cache={run.cache.name} cannot combine with compile={run.compile}: diffusers' cache hooks decide on the "
+            "host, per pass, whether to run or reuse a block, which a compiled graph cannot."
         )
 
 
@@ -112,7 +130,7 @@ def accelerate(
     cache); with ``mode``, compiled and warmed up by ``warm_up`` (every batch shape the run calls it with)."""
     record = SpeedRecord(Precision(precision).value, channels_last, mode)
     set_tf32(precision, device)
-    cudagraphs = mode == "reduce-overhead"
+    cudagraphs = mode in ("reduce-overhead", "max-autotune") and device.type == "cuda"  # both record CUDA graphs
     key = (identity, str(device), network.dtype, mode, channels_last)
     if mode is not None and key in _COMPILED:
         module, compiled = _COMPILED[key]

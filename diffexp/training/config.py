@@ -6,14 +6,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from diffexp.config import SEED_MAX, LoggerConfig
 from diffexp.errors import DiffexpError
 from diffexp.numbers import non_finite
-from diffexp.sampling.ideal import DDPM_SCHEDULER_CONFIG
+from diffexp.sampling.flow import FLOW_PREDICTION, is_flow
 from diffexp.sampling.parameterisation import PREDICTION_TYPES
+from diffexp.training.networks import NETWORKS, class_rows, network_name
+
+FLOW_SCHEDULE = "FlowMatchEulerDiscreteScheduler"
+TIMESTEP_SAMPLING = ("uniform", "logit_normal")  # how the flow objective draws sigma
 
 
 @dataclass
@@ -28,10 +33,14 @@ class DatasetConfig:
 class TrainConfig:
     dataset: DatasetConfig = MISSING
     name: str = "digits-unet"  # names the output folder, outputs/train/<name>
+    network: str = "unet"  # unet (UNet2DModel, options in unet) | dit (DiTTransformer2DModel, options in dit)
     # UNet2DModel options (sample_size and channels come from the dataset)
     unet: dict[str, Any] = field(default_factory=dict)
-    # the DDPMScheduler config of the noise schedule; saved with the model
-    noise_schedule: dict[str, Any] = field(default_factory=lambda: dict(DDPM_SCHEDULER_CONFIG))
+    # DiTTransformer2DModel options (sample_size and channels from the dataset, num_embeds_ada_norm from num_classes)
+    dit: dict[str, Any] = field(default_factory=dict)
+    # the noise schedule, saved with the model: a DDPMScheduler config, or a FlowMatchEulerDiscreteScheduler config
+    # for prediction_type flow_prediction
+    noise_schedule: dict[str, Any] = field(default_factory=dict)  # configs/noise_schedule: ddpm | flow
     steps: int = 5000  # optimiser steps
     batch_size: int = 64
     lr: float = 2e-3
@@ -40,7 +49,13 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     snr_gamma: float | None = None  # min-SNR-gamma loss weights (Hang et al. 2023); null: plain MSE
-    prediction_type: str = "epsilon"  # what the UNet predicts: epsilon | v_prediction | sample
+    # what the network predicts: epsilon | v_prediction | sample | flow_prediction (the velocity eps - x0 of the
+    # rectified-flow path x = (1 - sigma) x0 + sigma eps; needs a FlowMatchEulerDiscreteScheduler noise_schedule)
+    prediction_type: str = "epsilon"
+    # flow_prediction: how sigma is drawn, uniform (rectified flow) | logit_normal (SD3: sigmoid(N(mean, std)))
+    timestep_sampling: str = "uniform"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
     # class conditioning: null = unconditional; C = labels 0..C-1 plus the null class id C (num_class_embeds = C + 1)
     num_classes: int | None = None
     label_dropout: float = 0.0  # probability that a training label becomes the null class id (for guidance)
@@ -81,6 +96,7 @@ RANGES: dict[str, tuple[float, float | None, bool]] = {
     "weight_decay": (0, None, True),
     "grad_clip": (0, None, True),  # 0: no clipping
     "snr_gamma": (0, None, False),
+    "logit_std": (0, None, False),
     "num_classes": (1, None, True),
     "label_dropout": (0, 1, True),  # below 1
     "ema_decay": (0, 1, True),  # below 1
@@ -124,19 +140,58 @@ def check_config(cfg: TrainConfig | DictConfig) -> None:
     num_classes, dropout = cfg.get("num_classes"), cfg.get("label_dropout", 0.0)
     if dropout > 0 and num_classes is None:
         raise DiffexpError(f"label_dropout={dropout} needs class-conditional training: set num_classes.")
+    if cfg.get("network", "unet") not in NETWORKS:
+        raise DiffexpError(f"network={cfg.network}: use one of {', '.join(NETWORKS)}.")
+    if cfg.get("network") == "dit" and not num_classes:
+        raise DiffexpError("network=dit is class-conditional (adaLN-Zero takes a class label): set num_classes.")
+    check_noise_path(cfg)
+
+
+def check_noise_path(cfg: TrainConfig | DictConfig) -> None:
+    """flow_prediction trains on a FlowMatchEulerDiscreteScheduler path (shift fixed, no dynamic shifting), and only
+    it does; min-SNR weights and the sigma sampling belong to one objective each."""
+    schedule = cfg.get("noise_schedule") or {}
+    name = str(schedule.get("_class_name") or "DDPMScheduler")
+    flow, flow_schedule = cfg.get("prediction_type") == FLOW_PREDICTION, name == FLOW_SCHEDULE
+    if name not in ("DDPMScheduler", FLOW_SCHEDULE):
+        raise DiffexpError(f"noise_schedule._class_name={name}: use DDPMScheduler or {FLOW_SCHEDULE}.")
+    if flow != flow_schedule:
+        raise DiffexpError(
+            f"prediction_type={cfg.prediction_type} does not fit noise_schedule._class_name={name}: the rectified-flow "
+            f"objective (prediction_type=flow_prediction) trains on a {FLOW_SCHEDULE} noise schedule, and the "
+            "epsilon, v_prediction and sample objectives on a DDPMScheduler one."
+        )
+    if flow and schedule.get("use_dynamic_shifting"):
+        raise DiffexpError(
+            "noise_schedule.use_dynamic_shifting=true is not allowed for training: its shift depends on the image's "
+            "token count at sampling time; set a fixed noise_schedule.shift instead."
+        )
+    if flow and cfg.get("snr_gamma") is not None:
+        raise DiffexpError(f"snr_gamma={cfg.snr_gamma} weights the DDPM objectives; set snr_gamma=null with flow.")
+    if cfg.get("timestep_sampling", "uniform") not in TIMESTEP_SAMPLING:
+        raise DiffexpError(
+            f"timestep_sampling={cfg.timestep_sampling}: use one of {', '.join(TIMESTEP_SAMPLING)} (flow_prediction)."
+        )
 
 
 def check_resumable(
-    cfg: TrainConfig | DictConfig, checkpoint: Path, num_class_embeds: int | None, scheduler_config: dict[str, Any]
+    cfg: TrainConfig | DictConfig, checkpoint: Path, network: torch.nn.Module, scheduler_config: dict[str, Any]
 ) -> None:
-    """A checkpoint resumes only the same kind of model: its classes and prediction type."""
+    """A checkpoint resumes only the same kind of model: its network, classes and prediction type."""
+    found = network_name(network)
+    if found != cfg.get("network", "unet"):
+        raise DiffexpError(
+            f"{checkpoint} holds network={found}, not network={cfg.get('network', 'unet')}: train into a new output "
+            "folder (name=...) or resume=false."
+        )
+    num_class_embeds = class_rows(network)
     want_embeds = cfg.num_classes + 1 if cfg.get("num_classes") else None
     if num_class_embeds != want_embeds:
         raise DiffexpError(
             f"{checkpoint} has num_class_embeds={num_class_embeds}, but num_classes={cfg.get('num_classes')} needs "
             f"{want_embeds}: train into a new output folder (name=...) or resume=false."
         )
-    saved = scheduler_config.get("prediction_type", "epsilon")
+    saved = FLOW_PREDICTION if is_flow(scheduler_config) else scheduler_config.get("prediction_type", "epsilon")
     if saved != cfg.get("prediction_type", "epsilon"):
         raise DiffexpError(
             f"{checkpoint} was trained with prediction_type={saved}, not {cfg.prediction_type}: "

@@ -33,6 +33,7 @@ from diffexp.folders import (
     write_status,
 )
 from diffexp.sampling.device import device_name, resolve_device
+from diffexp.sampling.flow import is_flow
 from diffexp.sampling.schedulers import build_scheduler
 from diffexp.startup import end_startup
 from diffexp.training.config import check_config
@@ -146,7 +147,7 @@ class Progress:
             "steps_this_session": trainer.step - self.start_step,
             "wall_s": elapsed,
             "step_s": elapsed / max(trainer.step - self.start_step, 1),
-            "parameters": sum(p.numel() for p in trainer.unet.parameters()),
+            "parameters": sum(p.numel() for p in trainer.network.parameters()),
             "device": str(device),
             "device_name": device_name(device),
             "threads": torch.get_num_threads(),
@@ -170,7 +171,9 @@ def check_sample_scheduler(cfg: DictConfig) -> None:
     if not cfg.sample_every:
         return
     schedule = dict(OmegaConf.to_container(cfg.noise_schedule, resolve=True))
-    built = build_scheduler(str(cfg.sample_scheduler), schedule | {"prediction_type": cfg.prediction_type})
+    if not is_flow(schedule):  # a FlowMatch config's prediction is always the velocity
+        schedule["prediction_type"] = cfg.prediction_type
+    built = build_scheduler(str(cfg.sample_scheduler), schedule)
     try:
         built.scheduler.set_timesteps(cfg.sample_steps)
     except (ValueError, IndexError) as err:

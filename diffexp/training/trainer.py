@@ -1,13 +1,13 @@
-"""The trainer: the UNet, its EMA copy, the optimiser and the generator, one step at a time, and checkpoints.
+"""The trainer: the network, its EMA copy, the optimiser and the generator, one step at a time, and checkpoints.
 
-The objective is diffexp.training.objective. A class-conditional UNet (``num_classes: C``) gets C + 1 class
-embeddings: ids 0..C-1 are the classes and id C, the last, is the null class that label dropout trains.
+The objective is diffexp.training.objective; the networks (UNet, DiT) are diffexp.training.networks. A
+class-conditional network (``num_classes: C``) gets C + 1 class embeddings: ids 0..C-1 are the classes and id C, the
+last, is the null class that label dropout trains.
 """
 
 from __future__ import annotations
 
 import copy
-import inspect
 import json
 import os
 import shutil
@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+from diffusers import DiffusionPipeline
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from omegaconf import DictConfig, OmegaConf
@@ -24,45 +24,43 @@ from omegaconf import DictConfig, OmegaConf
 from diffexp.errors import DiffexpError
 from diffexp.sampling import models
 from diffexp.sampling.adapters import pixel_adapter
+from diffexp.sampling.flow import FLOW_PREDICTION, is_flow
 from diffexp.sampling.loop import initial_noise, iter_steps, sample
 from diffexp.sampling.schedulers import build_scheduler
-from diffexp.training.config import TrainConfig, check_resumable
+from diffexp.training.config import check_resumable
 from diffexp.training.data import batch_of, load_dataset
-from diffexp.training.objective import drop_labels, loss_target, snr_weights
+from diffexp.training.networks import (
+    NoiseScheduler,
+    build_network,
+    build_noise_scheduler,
+    pipeline_of,
+    save_quietly,
+    without_own_label_dropout,
+)
+from diffexp.training.objective import (
+    drop_labels,
+    flow_noised,
+    flow_target,
+    flow_timesteps,
+    is_flow_objective,
+    loss_target,
+    snr_weights,
+)
 
 STATE_FILE = "training_state.pt"
 
 
-def build_unet(cfg: TrainConfig | DictConfig) -> UNet2DModel:
-    options = OmegaConf.to_container(cfg.unet, resolve=True) if isinstance(cfg.unet, DictConfig) else dict(cfg.unet)
-    allowed = set(inspect.signature(UNet2DModel.__init__).parameters) - {"self", "sample_size"}
-    allowed -= {"in_channels", "out_channels", "num_class_embeds"}
-    unknown = sorted(set(options) - allowed)
-    if unknown:
-        raise DiffexpError(
-            f"unet.{unknown[0]} is not a UNet2DModel option (sample_size and channels come from the dataset, "
-            f"num_class_embeds from num_classes). Options: {', '.join(sorted(allowed))}."
-        )
-    if cfg.num_classes:
-        options["num_class_embeds"] = cfg.num_classes + 1  # the classes and the null class (id num_classes)
-    ds = cfg.dataset
-    try:
-        return UNet2DModel(sample_size=ds.sample_size, in_channels=ds.channels, out_channels=ds.channels, **options)
-    except (ValueError, TypeError, AssertionError) as err:
-        raise DiffexpError(f"UNet2DModel refused the options {options}: {err}") from None
-
-
 @dataclass
 class Trainer:
-    """Everything a step needs; ``unet`` holds the online weights, ``ema_unet`` the averaged ones."""
+    """Everything a step needs; ``network`` holds the online weights, ``ema_network`` the averaged ones."""
 
     cfg: DictConfig
     device: torch.device
     data: torch.utils.data.Dataset
-    unet: UNet2DModel
-    ema_unet: UNet2DModel
+    network: torch.nn.Module
+    ema_network: torch.nn.Module
     ema: EMAModel
-    noise_scheduler: DDPMScheduler
+    noise_scheduler: NoiseScheduler
     optimizer: torch.optim.Optimizer
     lr_scheduler: torch.optim.lr_scheduler.LRScheduler
     generator: torch.Generator  # draws batches, timesteps and noise (CPU, so a run repeats on any device)
@@ -74,11 +72,22 @@ class Trainer:
 
     @property
     def prediction_type(self) -> str:
-        return self.noise_scheduler.config.prediction_type
+        """epsilon, v_prediction or sample; flow_prediction for a FlowMatch noise schedule."""
+        config = self.noise_scheduler.config
+        return FLOW_PREDICTION if is_flow(config) else str(config.get("prediction_type") or "epsilon")
+
+    def draw_timesteps(self, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(t, sigma) of ``n`` samples: t uniform in 0..T-1 (sigma None), or a flow's (t, sigma) pair."""
+        if not is_flow_objective(self.prediction_type):
+            steps = self.noise_scheduler.config.num_train_timesteps
+            return torch.randint(0, steps, (n,), generator=self.generator), None
+        cfg = self.cfg
+        sampling, mean, std = cfg.timestep_sampling, cfg.logit_mean, cfg.logit_std
+        return flow_timesteps(self.noise_scheduler, n, sampling, self.generator, mean, std)
 
     def loss(self, x0: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """The loss of one batch, with t, eps and then the label dropout drawn from the trainer's generator."""
-        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (x0.shape[0],), generator=self.generator)
+        t, sigma = self.draw_timesteps(x0.shape[0])
         eps = torch.randn(x0.shape, generator=self.generator)
         kwargs = {}
         if self.num_classes:
@@ -87,9 +96,12 @@ class Trainer:
             labels = drop_labels(labels, self.cfg.label_dropout, self.num_classes, self.generator)
             kwargs["class_labels"] = labels.to(self.device)
         x0, t, eps = x0.to(self.device), t.to(self.device), eps.to(self.device)
-        xt = self.noise_scheduler.add_noise(x0, eps, t)
-        target = loss_target(self.noise_scheduler, x0, eps, t, self.prediction_type)
-        out = self.unet(xt, t, **kwargs).sample
+        if sigma is not None:  # the flow path
+            xt, target = flow_noised(x0, eps, sigma), flow_target(x0, eps)
+        else:
+            xt = self.noise_scheduler.add_noise(x0, eps, t)
+            target = loss_target(self.noise_scheduler, x0, eps, t, self.prediction_type)
+        out = self.network(xt, t, **kwargs).sample
         if self.cfg.snr_gamma is None:
             return torch.nn.functional.mse_loss(out, target)
         per_sample = torch.nn.functional.mse_loss(out, target, reduction="none").mean(dim=(1, 2, 3))
@@ -98,21 +110,21 @@ class Trainer:
     def train_step(self) -> float:
         """One optimiser step on a random batch; returns its loss."""
         index = torch.randint(0, len(self.data), (self.cfg.batch_size,), generator=self.generator)
-        self.unet.train()
+        self.network.train()
         loss = self.loss(*batch_of(self.data, index))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.unet.parameters(), self.cfg.grad_clip)
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.cfg.grad_clip)
         self.optimizer.step()
         self.lr_scheduler.step()
-        self.ema.step(self.unet.parameters())
+        self.ema.step(self.network.parameters())
         self.step += 1
         return loss.item()
 
-    def ema_model(self) -> UNet2DModel:
-        self.ema.copy_to(self.ema_unet.parameters())
-        return self.ema_unet
+    def ema_model(self) -> torch.nn.Module:
+        self.ema.copy_to(self.ema_network.parameters())
+        return self.ema_network
 
     @torch.no_grad()
     def samples(self, n: int, steps: int, scheduler: str = "dpmsolver", seed: int = 0) -> torch.Tensor:
@@ -127,13 +139,13 @@ class Trainer:
         final = sample(iter_steps(denoiser, built.scheduler, noise, steps, generators, built.step_kwargs))
         return final.x.clamp(-1, 1).cpu()
 
-    def pipeline(self) -> DDPMPipeline:
-        return DDPMPipeline(unet=self.ema_model(), scheduler=self.noise_scheduler)
+    def pipeline(self) -> DiffusionPipeline:
+        return pipeline_of(self.ema_model(), self.noise_scheduler)
 
     def save_pipeline(self, folder: Path) -> None:
         """The EMA pipeline, less the scheduler options left at their defaults (timestep spacing, ...): a sampling
         scheduler built from it then uses its own defaults, as with the google/ddpm-* configs."""
-        self.pipeline().save_pretrained(folder)
+        save_quietly(self.pipeline(), folder)
         defaults = set(self.noise_scheduler.config.get("_use_default_values", []))
         path = Path(folder) / "scheduler" / "scheduler_config.json"
         config = {k: v for k, v in json.loads(path.read_text()).items() if k not in defaults}
@@ -144,10 +156,10 @@ class Trainer:
         tmp = folder.with_name(folder.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         self.save_pipeline(tmp)
-        ema_state = {k: v for k, v in self.ema.state_dict().items() if k != "shadow_params"}  # = unet/ weights
+        ema_state = {k: v for k, v in self.ema.state_dict().items() if k != "shadow_params"}  # = the saved weights
         state = {
             "step": self.step,
-            "unet": self.unet.state_dict(),
+            "network": self.network.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict(),
             "ema": ema_state,
@@ -159,8 +171,8 @@ class Trainer:
         return folder
 
 
-def _optimizer(cfg: DictConfig, unet: UNet2DModel) -> tuple[torch.optim.Optimizer, Any]:
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+def _optimizer(cfg: DictConfig, network: torch.nn.Module) -> tuple[torch.optim.Optimizer, Any]:
+    optimizer = torch.optim.AdamW(network.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     try:
         lr_scheduler = get_scheduler(
             cfg.lr_schedule, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.steps
@@ -171,39 +183,43 @@ def _optimizer(cfg: DictConfig, unet: UNet2DModel) -> tuple[torch.optim.Optimize
 
 
 def new_trainer(cfg: DictConfig, device: torch.device) -> Trainer:
-    """A trainer at step 0: a fresh UNet (initialised from ``seed``) and the configured noise schedule."""
+    """A trainer at step 0: a fresh network (initialised from ``seed``) and the configured noise schedule."""
     torch.manual_seed(cfg.seed)
-    unet = build_unet(cfg).to(device)
+    network = build_network(cfg).to(device)
     if cfg.get("init_from"):
-        _load_weights(cfg, unet)
-    ema_unet = copy.deepcopy(unet).requires_grad_(False)
+        _load_weights(cfg, network)
+    ema_network = copy.deepcopy(network).requires_grad_(False)
     scheduler_config = dict(OmegaConf.to_container(cfg.noise_schedule, resolve=True))
-    scheduler_config["prediction_type"] = cfg.prediction_type  # saved with the model
-    return _assemble(cfg, device, unet, ema_unet, scheduler_config)
+    if not is_flow(scheduler_config):  # a FlowMatch config has no prediction type: it is always the velocity
+        scheduler_config["prediction_type"] = cfg.prediction_type  # saved with the model
+    return _assemble(cfg, device, network, ema_network, scheduler_config)
 
 
-def _load_weights(cfg: DictConfig, unet: UNet2DModel) -> None:
-    """``init_from``'s UNet weights into ``unet``: the same network and prediction type, or a DiffexpError."""
+def _load_weights(cfg: DictConfig, network: torch.nn.Module) -> None:
+    """``init_from``'s weights into ``network``: the same network and prediction type, or a DiffexpError."""
     start, scheduler_config = models.load_pretrained(str(cfg.init_from))
-    found = scheduler_config.get("prediction_type") or "epsilon"
+    found = models.prediction_type_of(scheduler_config)
     if found != cfg.prediction_type:
         raise DiffexpError(f"init_from={cfg.init_from} predicts {found}, not prediction_type={cfg.prediction_type}.")
     try:
-        unet.load_state_dict(start.state_dict())
+        network.load_state_dict(start.state_dict())
     except RuntimeError as err:
         reason = str(err).splitlines()[0]
-        raise DiffexpError(f"init_from={cfg.init_from} is not the network of unet and num_classes: {reason}") from None
+        raise DiffexpError(
+            f"init_from={cfg.init_from} is not the network of network={cfg.get('network', 'unet')}, its options and "
+            f"num_classes: {reason}"
+        ) from None
 
 
 def resume_trainer(cfg: DictConfig, device: torch.device, checkpoint: Path) -> Trainer:
     """The trainer as ``checkpoint`` saved it. Its pipeline loads through ``load_pretrained``, as sampling does."""
-    ema_unet, scheduler_config = models.load_pretrained(str(checkpoint))
-    ema_unet = ema_unet.to(device).requires_grad_(False)
-    check_resumable(cfg, checkpoint, ema_unet.config.get("num_class_embeds"), scheduler_config)
+    ema_network, scheduler_config = models.load_pretrained(str(checkpoint))
+    ema_network = ema_network.to(device).requires_grad_(False)
+    check_resumable(cfg, checkpoint, ema_network, scheduler_config)
     state = torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=True)
-    unet = UNet2DModel.from_config(ema_unet.config).to(device)
-    unet.load_state_dict(state["unet"])
-    trainer = _assemble(cfg, device, unet, ema_unet, scheduler_config)
+    network = type(ema_network).from_config(ema_network.config).to(device)
+    network.load_state_dict(state["network"] if "network" in state else state["unet"])
+    trainer = _assemble(cfg, device, network, ema_network, scheduler_config)
     trainer.optimizer.load_state_dict(state["optimizer"])
     trainer.lr_scheduler.load_state_dict(state["lr_scheduler"])
     trainer.ema.load_state_dict(state["ema"])
@@ -213,14 +229,19 @@ def resume_trainer(cfg: DictConfig, device: torch.device, checkpoint: Path) -> T
 
 
 def _assemble(
-    cfg: DictConfig, device: torch.device, unet: UNet2DModel, ema_unet: UNet2DModel, scheduler_config: dict[str, Any]
+    cfg: DictConfig,
+    device: torch.device,
+    network: torch.nn.Module,
+    ema_network: torch.nn.Module,
+    scheduler_config: dict[str, Any],
 ) -> Trainer:
     data = load_dataset(cfg.dataset, labels=bool(cfg.num_classes))
-    noise_scheduler = DDPMScheduler.from_config(scheduler_config)
-    optimizer, lr_scheduler = _optimizer(cfg, unet)
-    ema = EMAModel(ema_unet.parameters(), decay=cfg.ema_decay, use_ema_warmup=True, foreach=True)
+    without_own_label_dropout(network)  # a DiT loaded from a folder drops labels itself again
+    optimizer, lr_scheduler = _optimizer(cfg, network)
+    ema = EMAModel(ema_network.parameters(), decay=cfg.ema_decay, use_ema_warmup=True, foreach=True)
     generator = torch.Generator("cpu").manual_seed(cfg.seed)
-    return Trainer(cfg, device, data, unet, ema_unet, ema, noise_scheduler, optimizer, lr_scheduler, generator)
+    schedule = build_noise_scheduler(scheduler_config)
+    return Trainer(cfg, device, data, network, ema_network, ema, schedule, optimizer, lr_scheduler, generator)
 
 
 def checkpoints(out_dir: Path) -> list[Path]:

@@ -1,0 +1,45 @@
+"""The shipped digits models give clean samples with the deterministic samplers people compare.
+
+The target of both model cards: DPM-Solver++, UniPC and Euler at 20 steps leave at most 10% of 200 samples noisier
+than the training digits (``noisy_share``, diffexp/metrics/residual_noise.py); ``digits-cond`` also draws its
+requested label recognisably (``label_accuracy`` >= 0.95) at guidance 1, 3 and 5. A fast check runs one setting of
+each model on fewer samples.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import diffexp
+from diffexp import compose
+
+SCHEDULERS = ("dpmsolver", "unipc", "euler")
+
+
+def measured(tmp_path: Path, *overrides: str, n: int) -> dict:
+    cfg = compose(*overrides, "steps=20", f"batch_size={n}", "progress=false", "metrics.cache_dir=" + str(tmp_path))
+    return diffexp.run(cfg, tmp_path / "run")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scale", [1, 3, 5])
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+def test_digits_cond_is_clean_and_recognisable(tmp_path: Path, scheduler: str, scale: float) -> None:
+    overrides = ("model=digits-cond", "labels=all", f"guidance_scale={scale}", f"scheduler={scheduler}")
+    metrics = measured(tmp_path, *overrides, n=200)
+    assert metrics["noisy_share"] <= 0.1 and metrics["label_accuracy"] >= 0.95
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+def test_digits_unet_is_clean(tmp_path: Path, scheduler: str) -> None:
+    metrics = measured(tmp_path, "model=digits-unet", f"scheduler={scheduler}", n=200)
+    assert metrics["noisy_share"] <= 0.1
+
+
+def test_digits_cond_dpmsolver_20_at_guidance_3_is_clean(tmp_path: Path) -> None:
+    overrides = ("model=digits-cond", "labels=all", "guidance_scale=3", "scheduler=dpmsolver")
+    metrics = measured(tmp_path, *overrides, n=40)
+    assert metrics["noisy_share"] <= 0.1 and metrics["label_accuracy"] >= 0.9
