@@ -16,8 +16,9 @@ $(STAMP): pyproject.toml
 run: install
 	$(PYTHON) scripts/run.py $(ARGS)
 
-train-digits: install  # retrains the shipped digits-unet into outputs/train/digits-unet/model (see its model card)
+train-digits: install  # retrains the shipped digits-unet, two stages -> outputs/train/digits-unet-settle/model (its card)
 	$(PYTHON) scripts/train.py $(ARGS)
+	$(PYTHON) scripts/train.py --config-name train-digits-unet-settle $(ARGS)
 
 train-digits-cond: install  # the class-conditional digits-cond (label dropout for guidance) into outputs/train/digits-cond/model
 	$(PYTHON) scripts/train.py --config-name train-digits-cond $(ARGS)

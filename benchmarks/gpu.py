@@ -7,9 +7,13 @@ at batch 4. Counts the FLOPs of a forward (torch.utils.flop_counter) and prints 
 allows. Writes a JSON file (written after every measurement, so a cut-short run keeps what it measured) and prints a
 Markdown table. Needs no download.
 
-python benchmarks/gpu.py                      # on a CUDA GPU: about 5 minutes, compilation included
-python benchmarks/gpu.py --variants fp32 bf16 # some variants only
-python benchmarks/gpu.py --smoke              # on the CPU with a tiny config, in seconds (the tests run this)
+The part ``large`` (``large.py``) measures SDXL- and Flux-sized networks at 1024 px in bf16 (random weights, their
+published configs): seconds per call and peak memory at batch 1 and 4, and a 28-step batch-1 run. Each part starts
+no new measurement once its time budget is spent (what is left is marked skipped), so a GPU check stays in time.
+
+python benchmarks/gpu.py                      # on a CUDA GPU: both parts, within their budgets
+python benchmarks/gpu.py --parts unet --variants fp32 bf16 # some variants only
+python benchmarks/gpu.py --smoke              # on the CPU with tiny configs, in seconds (the tests run this)
 """
 
 from __future__ import annotations
@@ -33,6 +37,13 @@ VARIANTS = {  # name -> the run's speed keys, nothing else
     "bf16 channels_last": ["precision=bf16", "channels_last=true"],
     "bf16 channels_last cudnn_benchmark": ["precision=bf16", "channels_last=true", "cudnn_benchmark=true"],
     "fp16 channels_last cudnn_benchmark": ["precision=fp16", "channels_last=true", "cudnn_benchmark=true"],
+    "fp32 graph=step": ["precision=fp32", "graph=step"],
+    "bf16 channels_last cudnn_benchmark graph=step": [
+        "precision=bf16",
+        "channels_last=true",
+        "cudnn_benchmark=true",
+        "graph=step",
+    ],
     "bf16 compile reduce-overhead": ["precision=bf16", "channels_last=true", "compile=reduce-overhead"],
     "bf16 compile default": ["precision=bf16", "channels_last=true", "compile=default"],
     "bf16 contiguous compile reduce-overhead": ["precision=bf16", "compile=reduce-overhead"],
@@ -139,6 +150,8 @@ def measure(folder: Path, name: str, args: argparse.Namespace, result: dict[str,
         result["gflop_per_image"] = flops_per_image(small) / 1e9
     row["forward_small_ms"] = forward_s(small, args.repeats[0]) * 1e3
     row["loop_small_s"], row["loop_small_wall_s"] = loop_s(small, args.repeats[2])
+    if small.speed.capture_s is not None:
+        row["capture_s"] = small.speed.capture_s  # graph=step: the steps captured once, before the timed runs
     write(args.out, result)
     large = experiment(folder, keys, args.batch[1], args.device, args.steps, loaded=small.loaded)
     row["compile_s"][str(args.batch[1])] = large.speed.compile_s
@@ -176,14 +189,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench" / "gpu.json")
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
-    parser.add_argument("--smoke", action="store_true", help="CPU, tiny config, eager variants, one repeat")
+    parser.add_argument("--smoke", action="store_true", help="CPU, tiny configs, eager variants, one repeat")
+    parser.add_argument("--parts", nargs="+", choices=("unet", "large"), default=["unet", "large"])
+    parser.add_argument("--budget-s", type=float, default=150.0, help="unet part: no new variant after this")
+    parser.add_argument("--large-budget-s", type=float, default=60.0, help="large part: no new network after this")
     args = parser.parse_args()
     args.device, args.steps, args.batch, args.repeats = "cuda", 30, (4, 64), (20, 5, 3)
     overrides: dict[str, Any] = {}
     if args.smoke:
         args.device, args.steps, args.batch, args.repeats, overrides = "cpu", 3, (2, 4), (1, 1, 1), SMOKE
         # compiling on the CPU takes minutes; fp16 is refused there
-        args.variants = [v for v in args.variants if "compile" not in v and not v.startswith("fp16")]
+        args.variants = [v for v in args.variants if not any(k in v for k in ("compile", "fp16", "graph"))]
     elif not torch.cuda.is_available():
         sys.exit("benchmarks/gpu.py needs a CUDA GPU (or --smoke, on the CPU).")
     import diffusers
@@ -192,10 +208,24 @@ def main() -> None:
     result: dict[str, Any] = {"device_name": device_name, "torch": torch.__version__}
     result |= {"diffusers": diffusers.__version__, "batches": list(args.batch), "steps": args.steps}
     result |= {"targets": TARGETS, "variants": {}}
+    if "large" in args.parts:  # first: the big networks want the device's memory to themselves
+        from large import measure_large
+        from large import table as large_table
+
+        result["large"] = measure_large(args.smoke, torch.device(args.device), args.large_budget_s, lambda part: write(
+            args.out, result | {"large": part}))  # fmt: skip
+        print(large_table(result["large"]) + "\n")
+    if "unet" not in args.parts:
+        write(args.out, result)
+        return
+    began = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         result["params_m"] = save_model(Path(tmp), overrides)
         result["gflop_per_image"] = None
         for name in args.variants:
+            if time.perf_counter() - began > args.budget_s:
+                result["variants"][name] = {"keys": VARIANTS[name], "skipped": f"budget {args.budget_s:g} s spent"}
+                continue
             measure(Path(tmp), name, args, result)
             if args.device == "cuda":
                 torch.cuda.empty_cache()

@@ -60,6 +60,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "diffexp.schedule_config",
         "diffexp.refused",
         "diffexp.catalog",
+        "diffexp.graph_settings",
         "diffexp.methods",
         "diffexp.settings",
     ),

@@ -8,7 +8,9 @@ A scheduler file holds its diffexp ``name``, three declarations and the options 
 - ``ranges`` (optional): ``option: [low, high]`` (null: open), the values diffusers honours, where it would
   otherwise run another value silently (DPM-Solver's ``solver_order=9`` runs order 3);
 - ``takes`` (optional): the explicit schedule it takes (sigmas | timesteps; null: none, so ``schedule=`` is refused);
-- ``family: k-diffusion`` and ``function``: a k-diffusion sampler (``diffexp.sampling.kdiffusion``).
+- ``family: k-diffusion`` and ``function``: a k-diffusion sampler (``diffexp.sampling.kdiffusion``);
+- ``graph_step`` (optional, default false): its ``step()`` keeps no state between steps and draws no noise on the
+  host, so ``graph=step`` can capture each step as a CUDA graph (``diffexp.graph_settings``).
 
 Everything else in the file is an option of the class. Adding a scheduler is adding a file: the tables here are
 read from the files. Classes that cannot drive a DDPM-style UNet are refused, with the reason.
@@ -36,7 +38,7 @@ from diffexp.refused import REFUSED, REFUSED_NAMES
 
 # keys of a scheduler file that are no options
 DECLARED = ("name", "diffusers_class", "stochastic", "theory_order", "prediction_types", "ranges")
-DECLARED += ("takes", "family", "function")
+DECLARED += ("takes", "family", "function", "graph_step")
 REQUIRED = DECLARED[:5]  # every scheduler file declares these (a k-diffusion one: diffusers_class null)
 TAKES = ("sigmas", "timesteps")  # what explicit schedule a scheduler takes (``takes``; null: none)
 K_FAMILY = "k-diffusion"  # ``family`` of the files that name a k-diffusion sampler (``function``)
@@ -151,6 +153,7 @@ class SchedulerSpec:
     takes: str | None = None  # the explicit schedule it takes: sigmas, timesteps, or None (none)
     family: str = "diffusers"  # or k-diffusion: ``function`` of k_diffusion.sampling
     function: str | None = None
+    graph_step: bool = False  # each step can be captured as a CUDA graph (graph=step)
 
     @property
     def is_k(self) -> bool:
@@ -222,6 +225,7 @@ def scheduler_spec(node: Mapping[str, Any]) -> SchedulerSpec:
         takes=takes,
         family=family,
         function=node.get("function"),
+        graph_step=bool(node.get("graph_step", False)),
     )
 
 

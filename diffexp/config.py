@@ -198,6 +198,7 @@ class RunConfig:
     channels_last: bool = False  # the network's weights and inputs in channels-last memory format
     compile: str = "false"  # false | default | reduce-overhead (CUDA graphs) | max-autotune: torch.compile's mode
     cudnn_benchmark: bool = False  # cuDNN picks the fastest convolution algorithm per shape (CUDA only)
+    graph: str = "none"  # none | step: each step (network + scheduler update) as one CUDA graph (CUDA only)
     # a training-free cache of diffusers' hooks (configs/cache/): name + options; transformer models only
     cache: dict[str, Any] = field(default_factory=dict)
     vae_tiling: bool = False  # latent models: the VAE decodes in tiles (AutoencoderKL.enable_tiling)

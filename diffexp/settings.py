@@ -32,6 +32,7 @@ from diffexp.config import (
     config_dir,
 )
 from diffexp.errors import DiffexpError
+from diffexp.graph_settings import read_graph
 from diffexp.guidance_settings import GuidanceSettings
 from diffexp.methods import read_guidance
 from diffexp.samples import Chunks
@@ -64,6 +65,7 @@ class RunSettings:
     channels_last: bool
     compile: str | None  # torch.compile's mode; None: not compiled
     cudnn_benchmark: bool
+    graph: str  # none | step: each step captured as a CUDA graph (diffexp.graph_settings)
     cache: CacheSettings
     vae_tiling: bool
     vae_slicing: bool
@@ -127,9 +129,11 @@ def read_settings(cfg: DictConfig) -> RunSettings:
             "probability-flow ODE solved accurately) or uncached (the same run without its cache)."
         )
     schedule, steps = read_schedule(node.schedule, node.steps, node.steps != RunConfig.steps)
+    scheduler, cache, mode = scheduler_spec(node.scheduler), read_cache(node.cache), compile_mode(node.compile)
+    guidance = read_guidance(node.guidance_scale, node.guidance_rescale, node.guidance_interval, node.guidance)
     return RunSettings(
         model=node.model,
-        scheduler=scheduler_spec(node.scheduler),
+        scheduler=scheduler,
         schedule=schedule,
         steps=steps,
         batch_size=node.batch_size,
@@ -138,15 +142,16 @@ def read_settings(cfg: DictConfig) -> RunSettings:
         device=node.device,
         precision=Precision(node.precision),
         channels_last=node.channels_last,
-        compile=compile_mode(node.compile),
+        compile=mode,
         cudnn_benchmark=node.cudnn_benchmark,
-        cache=read_cache(node.cache),
+        graph=read_graph(node.graph, scheduler, cache.name, guidance.enabled, mode),
+        cache=cache,
         vae_tiling=node.vae_tiling,
         vae_slicing=node.vae_slicing,
         log_every=node.log_every,
         progress=node.progress,
         labels=read_labels(node.labels),
-        guidance=read_guidance(node.guidance_scale, node.guidance_rescale, node.guidance_interval, node.guidance),
+        guidance=guidance,
         prompts=read_prompts("prompt", node.prompt),
         negative_prompts=read_prompts("negative_prompt", node.negative_prompt),
         max_sequence_length=node.max_sequence_length,

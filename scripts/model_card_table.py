@@ -21,6 +21,7 @@ import torch
 import diffexp
 from diffexp.errors import DiffexpError
 from diffexp.metrics.digits_quality import digits_quality
+from diffexp.settings import model_config
 
 
 def run_one(args: argparse.Namespace, scheduler: str, steps: int, scale: float) -> dict[str, Any]:
@@ -67,7 +68,7 @@ def header(args: argparse.Namespace) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("model", help="a packaged model: digits-cond or digits-unet")
+    parser.add_argument("model", help="a packaged digits model: digits-unet, digits-cond, digits-flow ...")
     parser.add_argument("--path", default=None, help="a pipeline folder to measure in the model's place")
     parser.add_argument("--schedulers", nargs="+", default=["ddpm", "dpmsolver", "unipc", "euler"])
     parser.add_argument("--steps", nargs="+", type=int, default=[5, 10, 20, 50])
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("outputs/model-card"))
     args = parser.parse_args(argv)
-    args.labels = args.model != "digits-unet"
+    args.labels = model_config(args.model).num_classes is not None  # class-conditional: labels and guidance
     lines = header(args)
     try:
         for scheduler in args.schedulers:

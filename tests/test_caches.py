@@ -131,3 +131,22 @@ def test_cudnn_benchmark_off_cuda_is_a_no_op_said_once(caplog: pytest.LogCapture
 def test_a_cache_with_compile_is_refused(dit: Path) -> None:
     with pytest.raises(DiffexpError, match="cannot combine with compile=default"):
         run(dit, "cache=first-block", "compile=default")
+
+
+def test_first_block_cache_decides_per_batch_and_mag_cache_per_step(dit: Path) -> None:
+    # a known limit: first-block cache compares the whole batch's residual change with the threshold, so sample 0
+    # drawn alone and sample 0 drawn beside sample 1 skip different passes; without a cache they agree
+    def first(cache: list[str], batch: int) -> tuple[torch.Tensor, int]:
+        exp = run(dit, f"batch_size={batch}", *cache)
+        final = sample(exp.steps())
+        return final.x[0], final.net_evals
+
+    alone, together = first([], 1)[0], first([], 2)[0]
+    assert torch.allclose(alone, together, atol=1e-5)
+    cached = ["cache=first-block", "cache.threshold=0.3"]
+    (alone, ran_alone), (together, ran_together) = first(cached, 1), first(cached, 2)
+    assert ran_alone != ran_together and (alone - together).abs().max().item() > 1e-3
+    # MagCache decides from the checkpoint's magnitude ratios and the step alone: the same passes for any batch
+    mag = ["cache=mag", f"cache.mag_ratios=[{','.join(['1.1'] * 10)}]", "cache.threshold=0.5"]
+    (alone, ran_alone), (together, ran_together) = first(mag, 1), first(mag, 2)
+    assert ran_alone == ran_together < 10 and torch.allclose(alone, together, atol=1e-5)

@@ -1,10 +1,13 @@
 """On a CUDA GPU (skipped without one; ``pytest -m gpu``): the loop never waits for the device between
-snapshots, compiled CUDA graphs sample what eager does, bf16 stays within 1e-2 of fp32, TF32 is recorded."""
+snapshots, compiled CUDA graphs and graph=step sample what eager does, cudnn_benchmark changes nothing beyond float32
+rounding, bf16 stays within 1e-2 of fp32, TF32 is recorded. Each test takes seconds on a tiny model (max-autotune:
+its compilation, under 30 s)."""
 
 from __future__ import annotations
 
 import dataclasses
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -73,3 +76,58 @@ def test_tf32_is_set_per_run_and_recorded() -> None:
     assert torch.isfinite(sample(exp.steps()).x).all()
     diffexp.prepare(compose("model=tiny", "device=cuda", "precision=fp32", "steps=4"))  # the next run of a sweep
     assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+
+
+GRAPHED = ("model=tiny", "device=cuda", "scheduler=ddim", "steps=8", "batch_size=2", "log_every=4")
+
+
+def test_graph_step_samples_what_eager_does_in_fp32() -> None:
+    eager = diffexp.prepare(compose(*GRAPHED))
+    reference = [s.x for s in eager.steps()]
+    exp = diffexp.prepare(compose(*GRAPHED, "graph=step"))
+    states = list(exp.steps())
+    assert exp.speed.graph == "step" and exp.speed.capture_s > 0 and len(exp.graphs.captured) == 1
+    assert [s.nfe for s in states] == list(range(1, 9)) and states[-1].net_evals == 8 and states[-1].snapshot
+    for a, b in zip(states, reference, strict=True):  # the same kernels replayed: exact, or to float32 rounding
+        assert (a.x - b).abs().max().item() <= 1e-6
+    captured = exp.graphs.captured[0]
+    again = list(exp.steps())[-1].x  # replayed, not captured again; the yielded x was a copy
+    assert exp.graphs.captured[0] is captured and torch.equal(again, states[-1].x)
+    other = exp.for_samples(range(2, 4))  # another chunk: its own noise, captured for it
+    chunk, eager_chunk = sample(other.steps()).x, sample(eager.for_samples(range(2, 4)).steps()).x
+    assert (chunk - eager_chunk).abs().max().item() <= 1e-6
+    assert exp.graphs.captured[0] is not captured
+
+
+def test_graph_step_runs_through_the_runner_and_is_recorded(tmp_path: Path) -> None:
+    metrics = diffexp.run(compose(*GRAPHED, "graph=step", "num_samples=3"), tmp_path / "run")
+    assert metrics["graph"] == "step" and metrics["capture_s"] > 0 and metrics["nfe"] == 8
+    plain = diffexp.run(compose(*GRAPHED, "num_samples=3"), tmp_path / "plain")
+    assert "capture_s" not in plain
+    a, b = diffexp.load_samples(tmp_path / "run"), diffexp.load_samples(tmp_path / "plain")
+    assert torch.allclose(torch.as_tensor(a), torch.as_tensor(b), atol=1e-6, rtol=0)
+
+
+def test_cudnn_benchmark_samples_what_it_does_off_in_fp32() -> None:
+    base = ("model=tiny", "device=cuda", "scheduler=ddim", "steps=8", "batch_size=2")
+    off = sample(diffexp.prepare(compose(*base)).steps()).x
+    exp = diffexp.prepare(compose(*base, "cudnn_benchmark=true"))
+    assert torch.backends.cudnn.benchmark
+    on = sample(exp.steps()).x
+    # another convolution algorithm may sum in another order: float32 rounding, no more
+    assert (on - off).abs().max().item() <= 1e-4
+    diffexp.prepare(compose(*base))
+    assert not torch.backends.cudnn.benchmark  # set every run
+
+
+@pytest.mark.parametrize(("precision", "tolerance"), [("fp32", 1e-3), ("bf16", 2e-2)])
+def test_compile_max_autotune_samples_what_eager_does(precision: str, tolerance: float) -> None:
+    # fp32: max abs difference, as for reduce-overhead (fused kernels reorder sums); bf16: the mean, as bf16 vs fp32
+    base = ("model=tiny", "device=cuda", "scheduler=ddim", "steps=6", "batch_size=2", f"precision={precision}")
+    eager = sample(diffexp.prepare(compose(*base)).steps()).x
+    exp = diffexp.prepare(compose(*base, "compile=max-autotune"))
+    assert exp.speed.compile == "max-autotune" and exp.speed.compile_s > 0
+    compiled = sample(exp.steps()).x
+    diff = (compiled - eager).abs()
+    assert (diff.max() if precision == "fp32" else diff.mean()).item() <= tolerance, diff.max()
+    assert torch.equal(sample(exp.steps()).x, compiled)  # its CUDA graphs replayed: the same again

@@ -49,6 +49,18 @@ def test_the_gpu_benchmark_runs_on_the_cpu_in_smoke_mode(tmp_path: Path) -> None
         cells = [f"{row[k]:.3g}" for k in ("forward_small_ms", "forward_large_ms", "large_img_s", "loop_small_s")]
         assert f"| {name} | {' | '.join(cells)} | - |" in lines  # the printed table is the JSON's
     assert data["gflop_per_image"] > 0 and f"{data['gflop_per_image']:.4g} GFLOP per image" in result.stdout
+    # the large part: SDXL- and Flux-sized networks from their published configs, scaled down by SMOKE
+    large = runpy.run_path(str(ROOT / "benchmarks" / "large.py"), run_name="large")
+    models = data["large"]["models"]
+    classes = {name: row["class"] for name, row in models.items()}
+    assert classes == {"sdxl": "UNet2DConditionModel", "flux": "FluxTransformer2DModel"}
+    for name, row in models.items():
+        network = large["build"](name, True, torch.device("cpu"))
+        assert row["params_m"] == pytest.approx(sum(p.numel() for p in network.parameters()) / 1e6, rel=1e-9)
+        assert next(network.parameters()).dtype == torch.bfloat16
+        assert all(row[k] > 0 for k in ("call_b1_s", "call_b4_s", "peak_mem_b1_mb", "run_3_steps_b1_s_per_step"))
+        assert row["finite"] and f"| {name} ({row['class']}) | {row['params_m']:.4g} |" in result.stdout
+    assert models["flux"]["latent_shape"] == [16, 64]  # 64 px: 8x8 latents packed 2x2 into 16 tokens of 4 x 16
 
 
 def test_the_overhead_benchmark_prints_its_ratios(tmp_path: Path) -> None:

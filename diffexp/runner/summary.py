@@ -104,6 +104,8 @@ def speed_record(exp: Experiment) -> dict[str, Any]:
     record.pop("precision")
     if exp.speed.compile is None:
         del record["compile_s"], record["compile_reused"]
+    if exp.speed.graph == "none":
+        del record["capture_s"]
     return record
 
 

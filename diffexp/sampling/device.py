@@ -7,6 +7,7 @@ import re
 import resource
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -103,3 +104,15 @@ def process_age_s() -> float | None:
         return time.time() - psutil.Process().create_time()
     except Exception:  # not installed, or no access
         return None
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes free for a chunk: the GPU's free memory, or the machine's available memory; None where unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    meminfo = Path("/proc/meminfo")
+    if device.type == "cpu" and meminfo.is_file():
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return None

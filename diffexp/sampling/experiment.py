@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from omegaconf import DictConfig
@@ -25,6 +25,7 @@ from diffexp.sampling.caches import apply_cache, remove_cache
 from diffexp.sampling.device import resolve_device, resolve_dtype
 from diffexp.sampling.flow import FlowSchedule, is_flow
 from diffexp.sampling.flux import FluxAdapter
+from diffexp.sampling.graphs import GraphCache
 from diffexp.sampling.guiders import check_options, guidance_of, weak_network
 from diffexp.sampling.kdiffusion import iter_k_steps
 from diffexp.sampling.latent import set_vae_modes
@@ -38,7 +39,7 @@ from diffexp.sampling.placement import build_for
 from diffexp.sampling.schedulers import BuiltScheduler, split_options
 from diffexp.sampling.sd3 import SD3Adapter, TextOptions, check_text_options
 from diffexp.sampling.sdxl import SDXLAdapter, is_sdxl, sdxl_adapter
-from diffexp.sampling.speed import SpeedRecord, accelerate, check_compile, check_precision, check_speed_keys
+from diffexp.sampling.speed import SpeedRecord, accelerate, check_speed_keys
 from diffexp.settings import RunSettings, read_settings
 
 
@@ -55,6 +56,7 @@ class Experiment:
     noise: torch.Tensor
     generators: list[torch.Generator]
     speed: SpeedRecord
+    graphs: GraphCache = field(default_factory=GraphCache)  # graph=step: the captured steps of the last chunk
 
     @property
     def samples(self) -> range:
@@ -106,6 +108,10 @@ class Experiment:
         if self.model.cache is not None:
             self.model.cache.reset()  # the cache's hooks keep state between steps
         with torch.inference_mode():
+            if self.run.graph == "step":  # each step replayed as a CUDA graph (diffexp.sampling.graphs)
+                yield from self.graphs.states(self.model, self.built, self.noise, self.run.steps, self.run.log_every,
+                                              self.speed)  # fmt: skip
+                return
             if self.built.sampler is not None:  # k-diffusion's sampler on the adapter's denoise
                 yield from iter_k_steps(self.built.sampler, self.model, self.noise, self.generators, self.run.log_every)
                 return
@@ -130,9 +136,7 @@ def prepare(settings: RunSettings | DictConfig, model: LoadedModel | None = None
     check_options(run.guidance)  # and a bad guidance method or option
     device = resolve_device(run.device)
     dtype = resolve_dtype(run.precision)
-    check_precision(run.precision, device)
-    check_compile(run.compile, device)
-    check_speed_keys(run, device)
+    check_speed_keys(run, device)  # precision, compile, graph and cudnn_benchmark on this device
     identity = ("model", id(model.model)) if model is not None else ("config", repr(run.model))
     loaded = model or load_model(run.model, device, dtype)
     remove_cache(loaded.model)  # an earlier run's cache on a network passed in again
@@ -154,6 +158,7 @@ def prepare(settings: RunSettings | DictConfig, model: LoadedModel | None = None
     adapter = adapter.with_network(network)
     cache = apply_cache(run.cache, loaded.model, loaded.name, run.steps, float(t))
     adapter = dataclasses.replace(adapter, cache=cache)
+    speed.graph = run.graph
     return Experiment(run, device, dtype, loaded, built, adapter, noise, generators, speed)
 
 

@@ -103,6 +103,23 @@ def completed_full_step(scheduler: Any) -> bool:
     return True
 
 
+def set_schedule(
+    scheduler: Any, num_steps: int, device: torch.device, timesteps_kwargs: dict[str, Any] | None = None
+) -> tuple[torch.Tensor, list[float]]:
+    """Fresh timesteps and internal state for a run: an explicit schedule, or the steps (and a flow model's mu).
+    Returns the schedule on the host, read once per run (the scheduler and the model get CPU timesteps: no device
+    reads), and the noise level of every timestep on the model's own schedule."""
+    kwargs = dict(timesteps_kwargs or {})
+    if "timesteps" in kwargs or "sigmas" in kwargs:
+        scheduler.set_timesteps(device=device, **kwargs)
+    else:
+        scheduler.set_timesteps(num_steps, device=device, **kwargs)
+    timesteps = scheduler.timesteps.cpu()
+    sigmas = call_sigmas(scheduler, timesteps)
+    set_begin_index(scheduler, timesteps)
+    return timesteps, sigmas
+
+
 def iter_steps(
     model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     scheduler: Any,
@@ -125,23 +142,13 @@ def iter_steps(
     ``num_steps``'s own.
     """
     device = noise.device
-    # fresh timesteps and internal state for this run: an explicit schedule, or the steps (and a flow model's mu)
-    kwargs = dict(timesteps_kwargs or {})
-    if "timesteps" in kwargs or "sigmas" in kwargs:
-        scheduler.set_timesteps(device=device, **kwargs)
-    else:
-        scheduler.set_timesteps(num_steps, device=device, **kwargs)
+    timesteps, sigmas = set_schedule(scheduler, num_steps, device, timesteps_kwargs)
     x = noise * getattr(scheduler, "init_noise_sigma", 1.0)  # read after set_timesteps: it depends on the sigmas
     kwargs = dict(step_kwargs or {})
     if generators is not None and "generator" in inspect.signature(scheduler.step).parameters:
         kwargs["generator"] = generators  # one generator per sample, as for the initial noise
     if generators is not None and hasattr(scheduler, "noise_sampler_seed"):
         scheduler.noise_sampler_seed = [g.initial_seed() for g in generators]  # DPMSolverSDE: a Brownian tree each
-    # the schedule on the host, once per run: the scheduler and the model get CPU timesteps (no device reads),
-    # and the noise level of every timestep on the model's own schedule
-    timesteps = scheduler.timesteps.cpu()
-    sigmas = call_sigmas(scheduler, timesteps)
-    set_begin_index(scheduler, timesteps)
     prediction_type = getattr(model, "prediction_type", "epsilon")
     watch = Watch(device, timesteps)
     step = 0

@@ -3,27 +3,14 @@ before the first step, from the largest activation of one sample's model call.""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
 from diffexp.errors import DiffexpError
 from diffexp.sampling.adapters import Adapter
+from diffexp.sampling.device import free_memory
 from diffexp.sampling.loop import initial_noise
 from diffexp.sampling.models import LoadedModel
 from diffexp.sampling.schedulers import BuiltScheduler
-
-
-def free_memory(device: torch.device) -> int | None:
-    """Bytes free for a chunk: the GPU's free memory, or the machine's available memory; None where unknown."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    meminfo = Path("/proc/meminfo")
-    if device.type == "cpu" and meminfo.is_file():
-        for line in meminfo.read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return None
 
 
 def check_memory(

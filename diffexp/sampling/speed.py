@@ -37,6 +37,8 @@ class SpeedRecord:
     attention: list[str] = field(default_factory=list)  # the attention processors of the network (diffusers')
     compile_s: float | None = None  # the warm-up calls that compile; 0 when the process had compiled it already
     compile_reused: bool = False
+    graph: str = "none"  # graph=step: each step replayed as a CUDA graph (diffexp.sampling.graphs)
+    capture_s: float | None = None  # graph=step: the time its chunks took to capture their steps
 
 
 def check_precision(precision: Precision | str, device: torch.device) -> None:
@@ -63,7 +65,15 @@ def check_compile(mode: str | None, device: torch.device) -> None:
 
 
 def check_speed_keys(run: RunSettings, device: torch.device) -> None:
-    """cudnn_benchmark (a no-op off CUDA, said once); a cache, refused with compilation."""
+    """Precision and compile mode on this device; cudnn_benchmark (a no-op off CUDA, said once); graph=step (CUDA
+    only); a cache, refused with compilation."""
+    check_precision(run.precision, device)
+    check_compile(run.compile, device)
+    if run.graph != "none" and device.type != "cuda":
+        raise DiffexpError(
+            f"graph={run.graph} captures each step as a CUDA graph, which needs a CUDA device; this run is on "
+            f"{device}. Use graph=none there (the samples are the same, only slower)."
+        )
     if run.cudnn_benchmark and device.type != "cuda" and not _WARNED:
         _WARNED.append(True)
         log.warning("cudnn_benchmark=true is a no-op on %s: cuDNN autotuning exists on CUDA only.", device)

@@ -171,6 +171,9 @@ class Trainer:
         return folder
 
 
+CLASS_EMBEDDING = "class_embedding."  # UNet2DModel's label embedding (num_class_embeds)
+
+
 def _optimizer(cfg: DictConfig, network: torch.nn.Module) -> tuple[torch.optim.Optimizer, Any]:
     optimizer = torch.optim.AdamW(network.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     try:
@@ -196,19 +199,30 @@ def new_trainer(cfg: DictConfig, device: torch.device) -> Trainer:
 
 
 def _load_weights(cfg: DictConfig, network: torch.nn.Module) -> None:
-    """``init_from``'s weights into ``network``: the same network and prediction type, or a DiffexpError."""
+    """``init_from``'s weights into ``network``: the same network and prediction type, or a DiffexpError. An
+    unconditional UNet may start a class-conditional one: the class embedding, which it lacks, starts at zero, so
+    the network starts as the unconditional model for every label."""
     start, scheduler_config = models.load_pretrained(str(cfg.init_from))
     found = models.prediction_type_of(scheduler_config)
     if found != cfg.prediction_type:
         raise DiffexpError(f"init_from={cfg.init_from} predicts {found}, not prediction_type={cfg.prediction_type}.")
+    state = start.state_dict()
+    extra = {k for k in network.state_dict() if k.startswith(CLASS_EMBEDDING) and k not in state}
     try:
-        network.load_state_dict(start.state_dict())
+        result = network.load_state_dict(state, strict=False)
+        if result.unexpected_keys or set(result.missing_keys) != extra:
+            keys = sorted(set(result.missing_keys) - extra) + result.unexpected_keys
+            raise RuntimeError(f"missing or unexpected keys {', '.join(keys)}")
     except RuntimeError as err:
         reason = str(err).splitlines()[0]
         raise DiffexpError(
             f"init_from={cfg.init_from} is not the network of network={cfg.get('network', 'unet')}, its options and "
             f"num_classes: {reason}"
         ) from None
+    with torch.no_grad():
+        for name, tensor in network.state_dict().items():
+            if name in extra:
+                tensor.zero_()
 
 
 def resume_trainer(cfg: DictConfig, device: torch.device, checkpoint: Path) -> Trainer:
