@@ -355,3 +355,20 @@ def test_hydras_own_logging_configs_pass_the_check() -> None:
         node = OmegaConf.to_container(cfg.hydra[key], resolve=False)  # paths need a run
         assert node["handlers"]
         check_logging(node, key)
+
+
+def test_a_packaged_model_without_weights_names_the_shipped_ones_and_its_recipe() -> None:
+    import torch
+
+    from diffexp.config import WEIGHTS_DIR, config_dir
+    from diffexp.sampling.models import load_model
+
+    with pytest.raises(DiffexpError) as err:
+        load_model(compose("model=digits-unet", "model.path=digits-nothing").model, torch.device("cpu"))
+    assert "digits-unet" in str(err.value) and "model_index.json" not in str(err.value)
+    assert "train.py" not in str(err.value)  # no recipe of that name
+    recipe_only = [p.stem[len("train-") :] for p in (config_dir() / ".").glob("train-digits-*.yaml")]
+    unshipped = [name for name in recipe_only if not (WEIGHTS_DIR / name / "model_index.json").is_file()]
+    for name in unshipped:  # a recipe whose weights are not in the package: the message says how to train them
+        with pytest.raises(DiffexpError, match=f"--config-name train-{name}"):
+            load_model(compose("model=digits-unet", f"model.path={name}").model, torch.device("cpu"))

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from diffusers import DiffusionPipeline, DiTTransformer2DModel, UNet2DModel
 
-from diffexp.config import WEIGHTS_DIR, ModelConfig, ModelSource, Parameterisation
+from diffexp.config import WEIGHTS_DIR, ModelConfig, ModelSource, Parameterisation, config_dir
 from diffexp.errors import DiffexpError
 from diffexp.sampling.flow import FLOW_PREDICTION, is_flow
 from diffexp.sampling.ideal import DDPM_SCHEDULER_CONFIG, FLOW_SCHEDULER_CONFIG, DigitsIdealDenoiser
@@ -160,8 +160,17 @@ def load_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype = torc
     elif source == ModelSource.package:
         path = WEIGHTS_DIR / str(cfg.path)
         if not cfg.path or not (path / "model_index.json").is_file():
-            shipped = sorted(p.name for p in WEIGHTS_DIR.glob("*/model_index.json"))
-            raise DiffexpError(f"No model '{cfg.path}' ships with diffexp; shipped: {', '.join(shipped) or 'none'}.")
+            shipped = sorted(p.parent.name for p in WEIGHTS_DIR.glob("*/model_index.json"))
+            recipe = config_dir() / f"train-{cfg.path}.yaml"
+            train = (
+                f" Its weights are not trained yet: `python scripts/train.py --config-name {recipe.stem}` trains them "
+                f"into outputs/train/{cfg.path}/model (sample it with model=local model.path=that folder)."
+                if recipe.is_file()
+                else ""
+            )
+            raise DiffexpError(
+                f"No model '{cfg.path}' ships with diffexp; shipped: {', '.join(shipped) or 'none'}.{train}"
+            )
         model, scheduler_config = load_pretrained(str(path), dtype=dtype)
         ident = f"diffexp/weights/{cfg.path}"
     else:

@@ -200,8 +200,8 @@ def new_trainer(cfg: DictConfig, device: torch.device) -> Trainer:
 
 def _load_weights(cfg: DictConfig, network: torch.nn.Module) -> None:
     """``init_from``'s weights into ``network``: the same network and prediction type, or a DiffexpError. An
-    unconditional UNet may start a class-conditional one: the class embedding, which it lacks, starts at zero, so
-    the network starts as the unconditional model for every label."""
+    unconditional UNet may start a class-conditional one: the class embedding, which it lacks, keeps its seeded
+    initialisation (a zero one would leave every label the same at the start, and labels are learned far slower)."""
     start, scheduler_config = models.load_pretrained(str(cfg.init_from))
     found = models.prediction_type_of(scheduler_config)
     if found != cfg.prediction_type:
@@ -219,10 +219,6 @@ def _load_weights(cfg: DictConfig, network: torch.nn.Module) -> None:
             f"init_from={cfg.init_from} is not the network of network={cfg.get('network', 'unet')}, its options and "
             f"num_classes: {reason}"
         ) from None
-    with torch.no_grad():
-        for name, tensor in network.state_dict().items():
-            if name in extra:
-                tensor.zero_()
 
 
 def resume_trainer(cfg: DictConfig, device: torch.device, checkpoint: Path) -> Trainer:
