@@ -61,6 +61,7 @@ class ModelConfig:
     prediction_type: str | None = None  # digits-ideal and tiny: epsilon | v_prediction | sample (default epsilon)
     parameterisation: Parameterisation = Parameterisation.vp  # digits-ideal: vp (DDPM betas) | flow (velocity)
     ays: str | None = None  # its published Align Your Steps table (sd15 | sdxl | svd); null: none published
+    t5: bool = True  # SD3: load its T5 text encoder (false: text_encoder_3=None, as StableDiffusion3Pipeline allows)
 
 
 class Preview(str, Enum):
@@ -214,6 +215,8 @@ class RunConfig:
     # text-to-image models: a string or a list (sample k gets prompt[k mod len]); null is the empty prompt
     prompt: Any = None
     negative_prompt: Any = None  # the unconditional half of guidance (null: the empty prompt), string or list
+    max_sequence_length: int | None = None  # SD3, Flux: the T5 prompt length in tokens; null: the pipeline's own
+    guidance_embed: float | None = None  # Flux.1-dev: the distilled guidance scale it takes as input; null: 3.5
     height: int | None = None  # latent models: the image size in pixels; null: the model's own
     width: int | None = None
     # SDXL's size conditioning (its added time ids), [height, width] in pixels: null is the image size, and [0, 0]

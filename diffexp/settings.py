@@ -75,6 +75,8 @@ class RunSettings:
     guidance: GuidanceSettings
     prompts: tuple[str, ...] | None  # None: no prompt given
     negative_prompts: tuple[str, ...] | None
+    max_sequence_length: int | None  # SD3, Flux: the T5 prompt length; None: the pipeline's own
+    guidance_embed: float | None  # Flux.1-dev's distilled guidance scale; None: the pipeline's default
     height: int | None
     width: int | None
     original_size: tuple[int, int] | None  # SDXL's size conditioning; None: the pipeline's default
@@ -106,7 +108,7 @@ def read_settings(cfg: DictConfig) -> RunSettings:
     check_config(cfg)
     node = OmegaConf.to_object(cfg)
     assert isinstance(node, RunConfig)
-    for key in ("steps", "batch_size", "log_every", "num_samples", "height", "width"):
+    for key in ("steps", "batch_size", "log_every", "num_samples", "height", "width", "max_sequence_length"):
         value = getattr(node, key)
         if value is not None and value <= 0:
             raise DiffexpError(f"{key}={value} is not allowed: {key} must be a positive integer.")
@@ -152,6 +154,8 @@ def read_settings(cfg: DictConfig) -> RunSettings:
         guidance=guidance,
         prompts=read_prompts("prompt", node.prompt),
         negative_prompts=read_prompts("negative_prompt", node.negative_prompt),
+        max_sequence_length=node.max_sequence_length,
+        guidance_embed=node.guidance_embed,
         height=node.height,
         width=node.width,
         original_size=read_size("original_size", node.original_size),

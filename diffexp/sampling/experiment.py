@@ -22,18 +22,22 @@ from diffexp.sampling.adapters import (
     build_adapter,
 )
 from diffexp.sampling.caches import apply_cache, remove_cache
-from diffexp.sampling.device import free_memory, resolve_device, resolve_dtype
+from diffexp.sampling.device import resolve_device, resolve_dtype
 from diffexp.sampling.flow import FlowSchedule, is_flow
+from diffexp.sampling.flux import FluxAdapter
 from diffexp.sampling.graphs import GraphCache
 from diffexp.sampling.guiders import check_options, guidance_of, weak_network
 from diffexp.sampling.kdiffusion import iter_k_steps
 from diffexp.sampling.latent import set_vae_modes
 from diffexp.sampling.loop import StepState, initial_noise, iter_steps
+from diffexp.sampling.memory import check_memory
+from diffexp.sampling.mmdit import FluxLatent, TransformerLatent
 from diffexp.sampling.models import LoadedModel, load_model
 from diffexp.sampling.network import Network
 from diffexp.sampling.noise import NoiseSchedule
 from diffexp.sampling.placement import build_for
 from diffexp.sampling.schedulers import BuiltScheduler, split_options
+from diffexp.sampling.sd3 import SD3Adapter, TextOptions, check_text_options
 from diffexp.sampling.sdxl import SDXLAdapter, is_sdxl, sdxl_adapter
 from diffexp.sampling.speed import SpeedRecord, accelerate, check_speed_keys
 from diffexp.settings import RunSettings, read_settings
@@ -67,7 +71,7 @@ class Experiment:
     @property
     def prompts(self) -> list[str] | None:
         """Text models: the prompt of each sample."""
-        return list(self.model.prompts) if isinstance(self.model, TextAdapter) else None
+        return list(self.model.prompts) if isinstance(self.model, (TextAdapter, SD3Adapter)) else None
 
     @property
     def num_samples(self) -> int:
@@ -136,8 +140,8 @@ def prepare(settings: RunSettings | DictConfig, model: LoadedModel | None = None
     identity = ("model", id(model.model)) if model is not None else ("config", repr(run.model))
     loaded = model or load_model(run.model, device, dtype)
     remove_cache(loaded.model)  # an earlier run's cache on a network passed in again
+    check_latent(run, loaded)  # first: the image size sets Flux's dynamic shift
     built = build_for(run, loaded)  # the scheduler or k-diffusion sampler, the schedule placed (or refused)
-    check_latent(run, loaded)
     set_vae_modes(loaded.latent, loaded.name, run.vae_tiling, run.vae_slicing)
     weak = weak_network(run.guidance, loaded, device, dtype)
     check_memory(adapter_for(run, loaded, built, range(1), device, weak), loaded, device, run.batch_size, built)
@@ -174,6 +178,8 @@ def adapter_for(
     timesteps = tuple(built.scheduler.timesteps.cpu().tolist())
     family = TextAdapter if loaded.kind == "text" else Adapter if loaded.num_classes is None else ClassAdapter
     family = DiTAdapter if loaded.kind == "class" else SDXLAdapter if is_sdxl(loaded.latent) else family
+    transformer = loaded.latent if isinstance(loaded.latent, TransformerLatent) else None  # SD3, Flux
+    family = (FluxAdapter if isinstance(transformer, FluxLatent) else SD3Adapter) if transformer else family
     common = {
         "network": Network(loaded.model),
         "prediction_type": loaded.prediction_type,
@@ -186,6 +192,8 @@ def adapter_for(
                 f"labels={run.labels} was given, but {loaded.name} is a text-to-image model: give prompt=... instead."
             )
         assert loaded.latent is not None
+        if transformer:
+            return family.build(text_options(run), transformer, samples, device, common)
         latent = loaded.latent
         if is_sdxl(latent):
             return sdxl_adapter(run, latent, samples, device, **common)
@@ -236,7 +244,8 @@ def check_labels(run: RunSettings, loaded: LoadedModel) -> str | tuple[int, ...]
 
 
 def check_latent(run: RunSettings, loaded: LoadedModel) -> None:
-    """Size, preview, prompts: what only some models take."""
+    """Size, preview, prompts, T5 length, guidance embedding, size conditioning: what only some models take."""
+    check_text_options(text_options(run), loaded.name, loaded.latent)
     if loaded.latent is None:
         if run.height is not None or run.width is not None:
             raise DiffexpError(
@@ -255,38 +264,9 @@ def check_latent(run: RunSettings, loaded: LoadedModel) -> None:
         what = "class-conditional (use labels=...)" if loaded.num_classes is not None else "unconditional"
         raise DiffexpError(
             f"prompt / negative_prompt was given, but {loaded.name} is {what}: only text-to-image models "
-            "(the StableDiffusionPipeline family) take prompts."
+            "(Stable Diffusion, SDXL, SD3, Flux) take prompts."
         )
 
 
-def check_memory(
-    one: Adapter, loaded: LoadedModel, device: torch.device, batch_size: int, built: BuiltScheduler
-) -> None:
-    """Refuse a chunk that cannot fit, before sampling: a lower bound of what a chunk needs is the largest
-    activation of one sample's model call, twice (a layer's input and output), times ``batch_size``."""
-    limit = free_memory(device)
-    if limit is None:
-        return
-    largest = 0
-
-    def record(_module: torch.nn.Module, _inputs: object, output: object) -> None:
-        nonlocal largest
-        if isinstance(output, torch.Tensor):
-            largest = max(largest, output.numel() * output.element_size())
-
-    leaves = [m for m in one.module.modules() if next(m.children(), None) is None]
-    hooks = [m.register_forward_hook(record) for m in leaves or [one.module]]
-    noise, _ = initial_noise(loaded.sample_shape, 0, 1, device)
-    try:
-        with torch.inference_mode():
-            one(noise, built.scheduler.timesteps[0])
-    finally:
-        for hook in hooks:
-            hook.remove()
-    needed = 2 * largest * batch_size
-    if needed > limit:
-        raise DiffexpError(
-            f"batch_size={batch_size} cannot fit on {device}: a chunk needs at least {needed / 2**30:.1f} GiB "
-            f"(the largest activation of one sample, {largest / 2**20:.1f} MiB, twice, times {batch_size}), and "
-            f"{limit / 2**30:.1f} GiB are free. Lower batch_size (num_samples sets how many samples the run makes)."
-        )
+def text_options(run: RunSettings) -> TextOptions:
+    return TextOptions(run.prompts, run.negative_prompts, run.max_sequence_length, run.guidance_embed)

@@ -1,6 +1,7 @@
-"""Latent diffusion models: the Stable Diffusion family (text, ``StableDiffusionPipeline`` and
-``StableDiffusionXLPipeline``) and DiT (class labels, ``DiTPipeline``), loaded with their own diffusers pipeline,
-whose class in ``model_index.json`` picks the adapter.
+"""Latent diffusion models: the Stable Diffusion family (text, ``StableDiffusionPipeline``,
+``StableDiffusionXLPipeline``, and the transformers ``StableDiffusion3Pipeline`` and ``FluxPipeline``, whose latent
+models are in ``diffexp.sampling.mmdit``) and DiT (class labels, ``DiTPipeline``), loaded with their own diffusers
+pipeline, whose class in ``model_index.json`` picks the adapter.
 
 The loop runs in latent space; ``to_pixels`` decodes x or x0 as the pipelines do,
 ``vae.decode(latents / scaling_factor + shift_factor).sample``, or shows them through a fixed linear
@@ -25,12 +26,17 @@ from diffexp.sampling.previews import LATENT_RGB, LatentRGB, known_previews, vae
 
 # the pipeline class of model_index.json -> what conditions it: text (prompts) or class labels
 LATENT_PIPELINES = {"StableDiffusionPipeline": "text", "StableDiffusionXLPipeline": "text", "DiTPipeline": "class"}
+# flow-matching text-to-image transformers (diffexp.sampling.sd3, diffexp.sampling.flux)
+LATENT_PIPELINES |= {"StableDiffusion3Pipeline": "text", "FluxPipeline": "text"}
 # what diffexp leaves out, and why
 NOT_SUPPORTED: dict[str, str] = {}
 # the parts a text pipeline folder must hold to encode prompts
 TEXT_PARTS = {
     "StableDiffusionPipeline": ("text_encoder", "tokenizer"),
     "StableDiffusionXLPipeline": ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"),
+    # SD3: two CLIPs (its T5, text_encoder_3 and tokenizer_3, may be left out); Flux: CLIP and T5
+    "StableDiffusion3Pipeline": ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"),
+    "FluxPipeline": ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"),
 }
 # from_pretrained's options beyond the weights: SD's safety checker is not loaded
 LOAD_OPTIONS: dict[str, dict[str, Any]] = {
@@ -59,7 +65,7 @@ def check_text_parts(source: str, class_name: str) -> None:
         if not entry or entry[0] is None or not (folder / part).is_dir():
             raise DiffexpError(
                 f"The {class_name} folder '{source}' has no {part} ({part}/ and its model_index.json entry): "
-                "diffexp encodes prompts with the pipeline's own CLIP text encoders and tokenizers, so they must be "
+                "diffexp encodes prompts with the pipeline's own text encoders and tokenizers, so they must be "
                 f"there, as {class_name}.save_pretrained writes them."
             )
 
@@ -82,9 +88,21 @@ class LatentModel:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     @property
+    def denoiser(self) -> Any:
+        return self.pipeline.unet if self.kind == "text" else self.pipeline.transformer
+
+    @property
+    def channels(self) -> int:
+        """Latent channels of a sample as the loop holds it."""
+        return int(self.denoiser.config.in_channels)
+
+    def timesteps_kwargs(self, scheduler: Any, steps: int) -> dict[str, Any]:
+        """The ``set_timesteps`` arguments the pipeline itself passes beyond the step count (none here)."""
+        return {}
+
+    @property
     def default_hw(self) -> tuple[int, int]:
-        denoiser = self.pipeline.unet if self.kind == "text" else self.pipeline.transformer
-        size = denoiser.config.sample_size
+        size = self.denoiser.config.sample_size
         h, w = (size, size) if isinstance(size, int) else tuple(size)
         return h * self.scale, w * self.scale
 
@@ -135,18 +153,26 @@ class LatentModel:
         return embeds
 
 
-def load_latent(source: str, revision: str | None, class_name: str, device: torch.device, dtype: torch.dtype) -> Any:
-    """The latent pipeline ``source`` holds, on ``device`` in ``dtype``; the safety checker is not loaded."""
+def load_latent(
+    source: str,
+    revision: str | None,
+    class_name: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    components: dict[str, Any] | None = None,
+) -> Any:
+    """The latent pipeline ``source`` holds, on ``device`` in ``dtype``; the safety checker is not loaded;
+    ``components``: parts given instead of loaded (None: left out, as SD3's T5 may be)."""
     import diffusers
 
     if class_name in NOT_SUPPORTED:
         raise DiffexpError(f"'{source}' is a {class_name}; diffexp leaves it out: {NOT_SUPPORTED[class_name]}.")
     kind = LATENT_PIPELINES[class_name]
-    extra: dict[str, Any] = {}
+    extra: dict[str, Any] = dict(components or {})
     if kind == "text":
         check_text_parts(source, class_name)
-        extra = LOAD_OPTIONS.get(class_name, {})
         import transformers  # noqa: F401  (a dependency only text models need; fail here, clearly, if missing)
+    extra |= LOAD_OPTIONS.get(class_name, {})
     try:
         with quiet_loading():
             pipe = getattr(diffusers, class_name).from_pretrained(

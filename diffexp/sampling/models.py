@@ -29,6 +29,7 @@ from diffexp.sampling.latent import (
     pipeline_class,
     quiet_loading,
 )
+from diffexp.sampling.mmdit import TRANSFORMER_LATENTS
 
 OFFLINE_MODELS = "model=digits-unet (the default), model=digits-ideal, model=tiny, or model=local model.path=DIR"
 
@@ -68,7 +69,7 @@ class LoadedModel:
     def sample_shape(self) -> tuple[int, int, int]:
         cfg = self.model.config
         if self.latent is not None:
-            return (cfg.in_channels, *self.latent.size)
+            return (self.latent.channels, *self.latent.size)
         size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
         return (cfg.in_channels, size, size)
 
@@ -187,6 +188,7 @@ def load_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype = torc
             f"model.prediction_type={cfg.prediction_type} applies only to digits-ideal and tiny; a trained model's "
             "prediction type is the one in its scheduler config."
         )
+    check_no_t5(cfg, True)
     # torch's own cast: diffusers' ModelMixin.to warns on any dtype, and pretrained models already load in it
     model = torch.nn.Module.to(model, device=device, dtype=dtype).eval().requires_grad_(False)
     num_classes, null_class = classes(model, cfg)
@@ -206,10 +208,13 @@ def _latent(source: str, cfg: ModelConfig, device: torch.device, dtype: torch.dt
             "model.prediction_type, model.num_classes and model.null_class do not apply to a latent pipeline: they "
             "come from its scheduler config and its denoiser."
         )
-    pipe = load_latent(source, cfg.revision, str(class_name), device, dtype)
+    family = TRANSFORMER_LATENTS.get(str(class_name))
+    check_no_t5(cfg, family is None)
+    components = family.components(DiffusionPipeline.load_config(source, revision=cfg.revision), cfg) if family else {}
+    pipe = load_latent(source, cfg.revision, str(class_name), device, dtype, components)
     kind = LATENT_PIPELINES[str(class_name)]
-    denoiser = pipe.unet if kind == "text" else pipe.transformer
-    latent = LatentModel(pipe, kind, (0, 0))
+    latent = (family or LatentModel)(pipe, kind, (0, 0))
+    denoiser = latent.denoiser
     latent.set_size(None, None)
     # DiTPipeline: classes 0 .. N-1, the null class N (its label dropout embedding)
     num_classes = int(denoiser.config.num_embeds_ada_norm) if kind == "class" else None
@@ -217,6 +222,12 @@ def _latent(source: str, cfg: ModelConfig, device: torch.device, dtype: torch.dt
     return LoadedModel(
         denoiser, dict(pipe.scheduler.config), cfg.name, ident, cfg.revision, load_s, num_classes, num_classes, latent
     )
+
+
+def check_no_t5(cfg: ModelConfig, no_t5: bool) -> None:
+    """``model.t5=false`` on a model without a T5 encoder: refused (it would be ignored)."""
+    if no_t5 and not cfg.t5:
+        raise DiffexpError(f"model.t5=false applies to SD3 (its optional T5 encoder); {cfg.name} has no T5 encoder.")
 
 
 def classes(model: torch.nn.Module, cfg: ModelConfig) -> tuple[int | None, int | None]:

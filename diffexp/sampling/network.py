@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -41,11 +42,19 @@ class Network:
         """The module's precision, read once (``ModelMixin.dtype`` walks the parameters: not at every call)."""
         return getattr(self.module, "dtype", None) or next((p.dtype for p in self.module.parameters()), torch.float32)
 
+    @functools.cached_property
+    def timestep_by_name(self) -> bool:
+        """Whether the module takes ``timestep`` by name: diffusers' models do, and SD3's and Flux's transformers
+        take it only so (their second parameter is the text embeddings)."""
+        return "timestep" in inspect.signature(self.module.forward).parameters
+
     def __call__(self, x: torch.Tensor, t: torch.Tensor, condition: Condition, channels: int | None) -> torch.Tensor:
         memory_format = torch.channels_last if self.channels_last else torch.preserve_format
         if self.cudagraphs:
             torch.compiler.cudagraph_mark_step_begin()  # each call is a new step of the recorded graph
-        out = (self.compiled or self.module)(x.to(self.dtype, memory_format=memory_format), t, **condition)
+        x = x.to(self.dtype, memory_format=memory_format)
+        fn = self.compiled or self.module
+        out = fn(x, timestep=t, **condition) if self.timestep_by_name else fn(x, t, **condition)
         out = out.sample if hasattr(out, "sample") else out
         out = (out if channels is None else out[:, :channels]).float()
         # a CUDA graph overwrites its outputs at the next replay; schedulers keep past outputs

@@ -133,6 +133,8 @@ def build_for(run: RunSettings, loaded: LoadedModel) -> BuiltScheduler:
             "flow-matching model, whose noise levels its scheduler's shift sets (scheduler.shift, "
             "scheduler.use_dynamic_shifting). Leave schedule at default."
         )
+    if loaded.latent is not None:  # the noise levels the model's pipeline passes (Flux's)
+        built.timesteps_kwargs |= loaded.latent.timesteps_kwargs(built.scheduler, run.steps)
     if not plan.is_default:
         noise = NoiseSchedule(built.scheduler.alphas_cumprod.cpu())
         sigmas = schedule_sigmas(plan, run.steps, noise, loaded.name, run.model.ays)
