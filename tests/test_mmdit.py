@@ -214,6 +214,7 @@ def test_preview_latent_maps_the_16_channel_latents_to_rgb(
         ("flux-dev", ["max_sequence_length=65"], "above the limit of .* T5 encoder: 64 tokens"),
         ("flux-dev", ["height=18"], "must be multiples of 4"),
         ("flux-dev", ["model.t5=false"], "model.t5=false is not allowed"),
+        ("sd3", ["cache=first-block"], "returns no text stream .context_pre_only."),
     ],
 )
 def test_bad_transformer_input_is_refused(

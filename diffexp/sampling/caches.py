@@ -210,6 +210,27 @@ def remove_cache(module: torch.nn.Module) -> None:
     registry.invalidate_child_registries_cache()
 
 
+# (hook config, network): why diffusers' hook fails there (diffusers 0.42.1)
+UNSUPPORTED = {
+    ("FirstBlockCacheConfig", "SD3Transformer2DModel"): (
+        "the last JointTransformerBlock returns no text stream (context_pre_only), and diffusers' first-block "
+        "cache subtracts it from the cached one (a TypeError inside the first step). Use taylorseer, pab or mag."
+    ),
+}
+BLOCK_REGISTRY_CACHES = ("FirstBlockCacheConfig", "MagCacheConfig")  # their hooks need each block class registered
+
+
+def unregistered_blocks(module: torch.nn.Module) -> list[str]:
+    """The block classes of ``module``'s stacks that diffusers' TransformerBlockRegistry does not describe."""
+    from diffusers.hooks._helpers import TransformerBlockRegistry
+
+    TransformerBlockRegistry._register()
+    known = TransformerBlockRegistry._registry
+    return sorted(
+        {type(block).__name__ for stack in block_stacks(module) for block in stack if type(block) not in known}
+    )
+
+
 def apply_cache(
     settings: CacheSettings, module: torch.nn.Module, model: str, steps: int, first_timestep: float
 ) -> AppliedCache | None:
@@ -225,6 +246,15 @@ def apply_cache(
             "on a transformer's top-level stack of blocks (transformer_blocks, single_transformer_blocks, ...), "
             "which a UNet does not have. Use cache=none, or a transformer model (DiT, SD3, Flux)."
         )
+    if settings.diffusers_class in BLOCK_REGISTRY_CACHES and (unknown := unregistered_blocks(module)):
+        raise DiffexpError(
+            f"cache={settings.name} cannot apply to {model} ({type(module).__name__}): diffusers' "
+            f"{settings.diffusers_class} reads each block's outputs through its TransformerBlockRegistry, which has "
+            f"no entry for {', '.join(unknown)}, so its hooks fail inside the first step. Use another cache "
+            "(taylorseer, pab) on this model."
+        )
+    if reason := UNSUPPORTED.get((str(settings.diffusers_class), type(module).__name__)):
+        raise DiffexpError(f"cache={settings.name} cannot apply to {model} ({type(module).__name__}): {reason}")
     options = dict(settings.options)
     if settings.diffusers_class == "FasterCacheConfig":
         high = options.get("spatial_attention_timestep_skip_range", (-1, 681))[1]
