@@ -20,7 +20,7 @@ SCHEDULERS = ("dpmsolver", "unipc", "euler")
 
 
 def measured(tmp_path: Path, *overrides: str, n: int) -> dict:
-    cfg = compose(*overrides, "steps=20", f"batch_size={n}", "progress=false", "metrics.cache_dir=" + str(tmp_path))
+    cfg = compose([*overrides, "steps=20", f"batch_size={n}", "progress=false", f"metrics.cache_dir={tmp_path}"])
     return diffexp.run(cfg, tmp_path / "run")
 
 

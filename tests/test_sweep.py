@@ -184,7 +184,7 @@ def test_report_holds_every_cell_and_marks_the_failed_ones(
     assert red > 500
     for name in ("trajectories.png", "cost.png", "cost.svg"):
         assert (sweep_dir / "report" / name).stat().st_size > 1000
-    assert report["quality"] == {}  # these runs hold no quality metric
+    assert report["quality"] == {"noisy_share": "lower", "residual_noise": "lower"}  # metrics=fast: residual noise
 
 
 def test_compare_by_hand_and_quality_metrics_found_by_name(
@@ -286,7 +286,8 @@ def test_report_page_opens_offline_with_every_image(
     seen = open_page(chromium, sweep_dir / "report.html", tmp_path / "report.png", tmp_path / "profile")
     assert seen["errors"] == []
     finished = [p for p in sweep_dir.glob("*/status.json") if json.loads(p.read_text())["status"] == "finished"]
-    assert len(seen["images"]) == 4 + len(finished)  # grid, cost, noise levels, trajectories, each run's scrubber
+    # grid, cost, noise levels, trajectories, the two residual-noise plots, each run's scrubber
+    assert len(seen["images"]) == 4 + 2 + len(finished)
     assert all(i["complete"] and i["width"] > 100 for i in seen["images"]), seen["images"]
     assert "Runs that did not finish" in seen["text"] and "pndm, 2 steps" in seen["text"]
     shot = Image.open(tmp_path / "report.png")
