@@ -246,3 +246,18 @@ def test_text_options_on_a_flow_model_without_text_are_refused(
     args = ["model=digits-ideal", "model.parameterisation=flow", "scheduler=flow-euler", "steps=2", "logger=none"]
     ran = run_main("scripts/run.py", [*args, *overrides], tmp_path, monkeypatch)
     assert ran.returncode != 0 and message in ran.stderr, ran.stderr
+
+
+def test_faster_cache_on_flux_compares_the_pipelines_timestep(
+    tiny: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """FasterCache's skip range is in the scheduler's timesteps (FluxPipeline's current_timestep), while the
+    transformer gets sigma: with sigma, every step would fall in the range and the first would skip uncached."""
+    out = tmp_path / "run"
+    args = ["model=local", f"model.path={tiny['flux-dev']}", "scheduler=flow-euler", "steps=4", "cache=faster"]
+    ran = run_main(
+        "scripts/run.py", [*args, "logger=none", "progress=false", f"hydra.run.dir={out}"], tmp_path, monkeypatch
+    )
+    assert ran.returncode == 0, ran.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["cache"]["passes_nominal"] == 4 and metrics["cache_name"].startswith("faster")

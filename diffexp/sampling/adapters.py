@@ -47,6 +47,7 @@ class Adapter:
 
     uncond_first: ClassVar[bool] = True  # the halves of guidance's doubled batch: [uncond, cond] (the pipelines')
     expand_t: ClassVar[bool] = False  # the timestep as one per sample
+    cache_timestep_scale: ClassVar[float] = 1.0  # network timestep -> the scheduler's, which cache hooks compare
 
     def bound(self, samples: range) -> dict[str, Any]:
         """The fields that depend on the samples (a family's condition), for ``with_samples``."""
@@ -100,7 +101,8 @@ class Adapter:
         if self.cache is None or network is not None:
             return (network or self.network)(x, t, condition, self.kept_channels)
         self.counter.passes += 1
-        name, timestep = f"pass{self.counter.passes}", float(torch.as_tensor(host_t).reshape(-1)[0])
+        timestep = float(torch.as_tensor(host_t).reshape(-1)[0]) * self.cache_timestep_scale
+        name = f"pass{self.counter.passes}"
         with self.cache.context(name, self.counter.calls - 1, timestep, passes):
             return self.network(x, t, condition, self.kept_channels)
 

@@ -15,7 +15,7 @@ Two guidance knobs, as in the pipeline:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from diffusers import FluxPipeline
@@ -33,6 +33,7 @@ class FluxAdapter(SD3Adapter):
     timestep, and the guidance embedding (one per sample) where the transformer has one."""
 
     guidance_embed: float | None = None  # None: the transformer has no guidance embedding
+    cache_timestep_scale: ClassVar[float] = 1000.0  # sigma in, FluxPipeline's current_timestep (t) to the hooks
 
     @classmethod
     def fields(cls, options: TextOptions, latent: TransformerLatent) -> dict[str, Any]:
