@@ -20,6 +20,7 @@ from typing import Any
 from diffexp.config import config_dir
 from diffexp.errors import DiffexpError
 from diffexp.naming import cache_label
+from diffexp.numbers import out_of_range
 
 DECLARED = ("name", "diffusers_class", "label", "ranges")
 NO_CACHE = "none"
@@ -66,17 +67,14 @@ def read_cache(node: Mapping[str, Any] | None) -> CacheSettings:
         raise DiffexpError(f"cache={name} is unknown. Caches: {', '.join(cache_files())}.")
     node = {**known, **node}
     options = {k: v for k, v in node.items() if k not in DECLARED and v is not None}
-    for key, (low, high) in (node.get("ranges") or {}).items():
-        value = options.get(key)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            continue
-        if (low is not None and value < low) or (high is not None and value > high):
-            span = f"[{'-inf' if low is None else low}, {'inf' if high is None else high}]"
-            raise DiffexpError(
-                f"cache.{key}={value} is outside {span}, the range configs/cache/{name}.yaml declares for "
-                f"{node.get('diffusers_class')}: outside it the cache either never reuses work or reuses it at "
-                "every step, so diffexp refuses it."
-            )
+    if found := out_of_range(options, node.get("ranges")):
+        key, value, low, high = found
+        span = f"[{'-inf' if low is None else low}, {'inf' if high is None else high}]"
+        raise DiffexpError(
+            f"cache.{key}={value} is outside {span}, the range configs/cache/{name}.yaml declares for "
+            f"{node.get('diffusers_class')}: outside it the cache either never reuses work or reuses it at "
+            "every step, so diffexp refuses it."
+        )
     return CacheSettings(
         name=name,
         diffusers_class=node.get("diffusers_class"),

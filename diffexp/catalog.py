@@ -34,6 +34,7 @@ from diffexp.errors import DiffexpError
 from diffexp.folders import safe_name
 from diffexp.guidance_settings import NO_GUIDANCE
 from diffexp.naming import cache_label, run_label, scheduler_label
+from diffexp.numbers import out_of_range
 from diffexp.refused import REFUSED, REFUSED_NAMES
 
 # keys of a scheduler file that are no options
@@ -83,17 +84,13 @@ def scheduler_files() -> dict[str, SchedulerFile]:
 
 def check_ranges(name: str, options: Mapping[str, Any], ranges: Mapping[str, Any] | None) -> None:
     """Refuse an option outside the range its file declares (what diffusers honours)."""
-    for key, (low, high) in (ranges or {}).items():
-        value = options.get(key)
-        if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
-            continue
-        if (low is not None and value < low) or (high is not None and value > high):
-            span = f"{low if low is not None else '-inf'}..{high if high is not None else 'inf'}"
-            raise DiffexpError(
-                f"Scheduler option {name}.{key}={value} is outside {span}, the range diffusers honours for it "
-                f"(configs/scheduler/{name}.yaml, ranges): it would run another value silently, so diffexp "
-                "refuses it."
-            )
+    if found := out_of_range(options, ranges):
+        key, value, low, high = found
+        span = f"{low if low is not None else '-inf'}..{high if high is not None else 'inf'}"
+        raise DiffexpError(
+            f"Scheduler option {name}.{key}={value} is outside {span}, the range diffusers honours for it "
+            f"(configs/scheduler/{name}.yaml, ranges): it would run another value silently, so diffexp refuses it."
+        )
 
 
 def valid_names() -> str:

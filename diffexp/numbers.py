@@ -1,9 +1,10 @@
-"""Non-finite numbers in a config: every float, by dotted key. Imports nothing of diffexp (the config layer and
-the training schema both use it)."""
+"""Numbers in a config: non-finite floats by dotted key, and options outside their declared ranges. Imports nothing
+of diffexp (the config layer and the training schema both use it)."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -34,3 +35,15 @@ def float_values(node: Any, prefix: str = "") -> list[tuple[str, float]]:
     if isinstance(node, list):
         return [kv for i, v in enumerate(node) for kv in float_values(v, f"{prefix}{i}.")]
     return [(prefix.rstrip("."), node)] if isinstance(node, float) else []
+
+
+def out_of_range(options: Mapping[str, Any], ranges: Mapping[str, Any] | None) -> tuple[str, Any, Any, Any] | None:
+    """The first numeric option outside its declared ``(low, high)`` range (either bound None: open), as
+    ``(key, value, low, high)``; None when all are inside. Booleans and non-numbers are not ranged."""
+    for key, (low, high) in (ranges or {}).items():
+        value = options.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if (low is not None and value < low) or (high is not None and value > high):
+            return key, value, low, high
+    return None
