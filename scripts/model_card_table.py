@@ -2,12 +2,15 @@
 
     python scripts/model_card_table.py digits-cond --guidance 3 --num-samples 1000 --fid-n 1000
     python scripts/model_card_table.py digits-unet --num-samples 500 --fid-n 500
-    python scripts/model_card_table.py digits-cond --path outputs/train/NAME/model --steps 20 --guidance 1 3 5 --no-fid
+    python scripts/model_card_table.py digits-cond --path outputs/train/NAME/model --steps 20 --guidance 1 3 5
+    python scripts/model_card_table.py digits-dit --schedulers ddim --steps 50 --caches none first-block taylorseer
 
 Each run is diffexp's own (``diffexp.run``), in OUT/<model>/<scheduler>-<steps>-cfg<s>; a run already finished there
 is read back, not sampled again. Columns: residual-noise share and median (diffexp/metrics/residual_noise.py), label
 accuracy and recognisable share (labelled runs, diffexp/metrics/labels.py) or the digits classifier's confident and
-recognisable shares (diffexp/metrics/digits_quality.py), and FID on the digits features.
+recognisable shares (diffexp/metrics/digits_quality.py), and FID on the digits features. With ``--caches``, one
+row per cache setting (configs/cache/) too, each with the network passes that ran of the nominal and ``ref_rmse``
+against the uncached run from the same noise (``metrics=uncached``).
 """
 
 import argparse
@@ -24,8 +27,8 @@ from diffexp.metrics.digits_quality import digits_quality
 from diffexp.settings import model_config
 
 
-def run_one(args: argparse.Namespace, scheduler: str, steps: int, scale: float) -> dict[str, Any]:
-    out = args.out / args.model / f"{scheduler}-{steps}-cfg{scale:g}"
+def run_one(args: argparse.Namespace, scheduler: str, steps: int, scale: float, cache: str) -> dict[str, Any]:
+    out = args.out / args.model / (f"{scheduler}-{steps}-cfg{scale:g}" + ("" if cache == "none" else f"-{cache}"))
     if (out / "metrics.json").exists():
         metrics = json.loads((out / "metrics.json").read_text())
     else:
@@ -36,8 +39,11 @@ def run_one(args: argparse.Namespace, scheduler: str, steps: int, scale: float) 
         overrides += [f"num_samples={n}", f"batch_size={min(n, args.batch_size)}", "logger=none", "progress=false"]
         if args.labels:
             overrides += ["labels=all", f"guidance_scale={scale}"]
+        if cache != "none":  # the cost of the cache: agreement with the uncached run from the same noise
+            overrides += [f"cache={cache}", "metrics=uncached"]
         if args.fid_n:
-            overrides += ["metrics=fid", f"metrics.fid.n={args.fid_n}"]
+            fid = "metrics=fid" if cache == "none" else "metrics.fid.enabled=true"  # uncached: metrics=fid's keys
+            overrides += [fid, f"metrics.fid.n={args.fid_n}"]
         metrics = diffexp.run(diffexp.compose(overrides), out)
     if not args.labels:  # the digits classifier's own reading (scikit-learn), beside the noise figures
         quality = digits_quality(torch.from_numpy(diffexp.load_samples(out)))
@@ -45,8 +51,11 @@ def run_one(args: argparse.Namespace, scheduler: str, steps: int, scale: float) 
     return metrics
 
 
-def row(args: argparse.Namespace, scheduler: str, steps: int, scale: float, m: dict[str, Any]) -> str:
+def row(args: argparse.Namespace, scheduler: str, steps: int, scale: float, cache: str, m: dict[str, Any]) -> str:
     cells = [scheduler, str(steps)] + ([f"{scale:g}"] if args.labels else [])
+    if args.caches != ["none"]:
+        nominal = m.get("net_evals_nominal") or m["net_evals"]
+        cells += [cache, f"{m['net_evals']}/{nominal}", f"{m['ref_rmse']:.4f}" if "ref_rmse" in m else "-"]
     cells += [f"{m['noisy_share']:.3f}", f"{m['residual_noise']:.2f}"]
     if args.labels:
         cells += [f"{m['label_accuracy']:.3f}", f"{m['recognisable']:.3f}", f"{m['label_agreement']:.3f}"]
@@ -57,7 +66,10 @@ def row(args: argparse.Namespace, scheduler: str, steps: int, scale: float, m: d
 
 
 def header(args: argparse.Namespace) -> list[str]:
-    cells = ["scheduler", "steps"] + (["guidance"] if args.labels else []) + ["noisy share", "residual noise"]
+    cells = ["scheduler", "steps"] + (["guidance"] if args.labels else [])
+    if args.caches != ["none"]:
+        cells += ["cache", "net evals (ran/nominal)", "ref_rmse vs uncached"]
+    cells += ["noisy share", "residual noise"]
     if args.labels:
         cells += ["label accuracy", "recognisable", "label agreement"]
     else:
@@ -73,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--schedulers", nargs="+", default=["ddpm", "dpmsolver", "unipc", "euler"])
     parser.add_argument("--steps", nargs="+", type=int, default=[5, 10, 20, 50])
     parser.add_argument("--guidance", nargs="+", type=float, default=[3.0], help="labelled models only")
+    parser.add_argument("--caches", nargs="+", default=["none"], help="cache settings (configs/cache/)")
     parser.add_argument("--num-samples", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=250)
     parser.add_argument("--fid-n", type=int, default=None, help="FID on the first n samples; default: no FID")
@@ -85,8 +98,10 @@ def main(argv: list[str] | None = None) -> int:
         for scheduler in args.schedulers:
             for steps in args.steps:
                 for scale in args.guidance if args.labels else [1.0]:
-                    lines.append(row(args, scheduler, steps, scale, run_one(args, scheduler, steps, scale)))
-                    print(lines[-1], file=sys.stderr, flush=True)
+                    for cache in args.caches:
+                        metrics = run_one(args, scheduler, steps, scale, cache)
+                        lines.append(row(args, scheduler, steps, scale, cache, metrics))
+                        print(lines[-1], file=sys.stderr, flush=True)
     except DiffexpError as err:
         print(f"diffexp: {err}", file=sys.stderr)
         return 2

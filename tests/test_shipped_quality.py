@@ -4,7 +4,9 @@ The target of the model cards: DPM-Solver++, UniPC and Euler at 20 steps leave a
 than the training digits (``noisy_share``, diffexp/metrics/residual_noise.py); ``digits-cond`` also draws its
 requested label recognisably (``label_accuracy`` >= 0.95) at guidance 1, 3 and 5. ``digits-unet`` meets it;
 ``digits-cond`` does not yet (its card gives the figures), so its target test is a strict expected failure that turns
-red once retrained weights meet it. The fast checks hold each model to what its card reports, on fewer samples.
+red once retrained weights meet it. The fast checks hold each model to what its card reports, on fewer samples;
+for ``digits-dit`` also the quality side of its cache target (first-block cache at its default threshold within
+``ref_rmse`` 0.05 of the uncached run; the speed side is ``benchmarks/cache.py``'s).
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ from diffexp import compose
 SCHEDULERS = ("dpmsolver", "unipc", "euler")
 
 
-def measured(tmp_path: Path, *overrides: str, n: int) -> dict:
-    cfg = compose([*overrides, "steps=20", f"batch_size={n}", "progress=false", f"metrics.cache_dir={tmp_path}"])
+def measured(tmp_path: Path, *overrides: str, n: int, steps: int = 20) -> dict:
+    cfg = compose([*overrides, f"steps={steps}", f"batch_size={n}", "progress=false", f"metrics.cache_dir={tmp_path}"])
     return diffexp.run(cfg, tmp_path / "run")
 
 
@@ -50,3 +52,14 @@ def test_digits_cond_dpmsolver_20_at_guidance_3_reads_every_label_with_limited_g
     overrides = ("model=digits-cond", "labels=all", "guidance_scale=3", "scheduler=dpmsolver")
     metrics = measured(tmp_path, *overrides, n=40)
     assert metrics["label_agreement"] >= 0.95 and metrics["noisy_share"] <= 0.4
+
+
+def test_digits_dit_dpmsolver_20_without_guidance_is_clean_and_reads_its_labels(tmp_path: Path) -> None:
+    metrics = measured(tmp_path, "model=digits-dit", "labels=all", "scheduler=dpmsolver", n=40)
+    assert metrics["noisy_share"] <= 0.05 and metrics["label_agreement"] >= 0.75
+
+
+def test_digits_dit_first_block_cache_skips_passes_at_a_small_cost(tmp_path: Path) -> None:
+    overrides = ("model=digits-dit", "labels=all", "scheduler=ddim", "cache=first-block", "metrics=uncached")
+    metrics = measured(tmp_path, *overrides, n=16, steps=50)  # benchmarks/cache.py's run
+    assert metrics["net_evals"] <= 0.7 * metrics["net_evals_nominal"] and metrics["ref_rmse"] <= 0.05

@@ -197,3 +197,20 @@ def test_a_compiler_that_does_not_work_is_named(monkeypatch: pytest.MonkeyPatch)
     with pytest.raises(DiffexpError, match=r"compile=default cannot run here: torch\.compile failed"):
         speed.probe_compiler("default", torch.device("cpu"))
     torch._dynamo.reset()
+
+
+def test_the_cache_benchmark_times_each_cache_against_its_own_uncached_turns(tmp_path: Path) -> None:
+    out = tmp_path / "cache.json"
+    result = run_cli(["--smoke", "--out", str(out)], cwd=tmp_path, script="benchmarks/cache.py")
+    assert result.returncode == 0, result.stderr
+    settings = json.loads(out.read_text())["settings"]
+    bench = runpy.run_path(str(ROOT / "benchmarks" / "cache.py"), run_name="cache")
+    assert list(settings) == list(bench["SETTINGS"])
+    for name, row in settings.items():
+        assert row["speedup"] == pytest.approx(row["uncached_seconds"] / row["seconds"])
+        cells = f"{row['seconds']:.3g} | {row['uncached_seconds']:.3g} | {row['speedup']:.2f}"
+        assert f"| {name} | {cells} |" in result.stdout  # the printed table is the JSON's
+    assert settings["none"]["ref_rmse"] == 0.0 and "passes_ran" not in settings["none"]
+    strict, loose = settings["first-block 0.05"], settings["first-block 0.2"]  # the cached turn's counts
+    assert loose["passes_ran"] < loose["passes_nominal"] == 6 and loose["share"] < 1
+    assert loose["passes_ran"] <= strict["passes_ran"] and loose["ref_rmse"] > 0
