@@ -17,8 +17,10 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from diffexp.config import WEIGHTS_DIR
 from diffexp.sampling.ideal import digits_images, digits_labels
+from diffexp.sampling.models import load_model
+from diffexp.sampling.parameterisation import x0_from_output
+from diffexp.settings import model_config
 
 
 def off_subspace(size: int = 32) -> torch.Tensor:
@@ -33,19 +35,9 @@ def energy(x: torch.Tensor, projection: torch.Tensor) -> float:
     return (flat @ projection.T).pow(2).mean().item()
 
 
-def network(name: str) -> torch.nn.Module:
-    """A shipped class-conditional digits network (a UNet or a DiT)."""
-    from diffusers import DiTTransformer2DModel, UNet2DModel
-
-    folder = WEIGHTS_DIR / name
-    if (folder / "transformer").is_dir():
-        return DiTTransformer2DModel.from_pretrained(folder / "transformer").eval()
-    return UNet2DModel.from_pretrained(folder / "unet").eval()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("models", nargs="+", help="shipped v-prediction digits models: digits-cond, digits-dit ...")
+    parser.add_argument("models", nargs="+", help="class-conditional digits models: digits-cond, digits-dit ...")
     parser.add_argument("--timesteps", nargs="+", type=int, default=[20, 50, 100, 200, 400])
     parser.add_argument("--samples", type=int, default=200)
     parser.add_argument("--scales", nargs="+", type=float, default=[1.0, 3.0, 5.0])
@@ -62,19 +54,17 @@ def main() -> None:
     print(f"| model | t | cond | uncond | cond - uncond (ratio) | {scales} |")
     print("|---" * (5 + len(args.scales)) + "|")
     for name in args.models:
-        net = network(name)
-        scheduler = DDPMScheduler.from_pretrained(WEIGHTS_DIR / name / "scheduler")
-        if scheduler.config.prediction_type != "v_prediction":
-            raise SystemExit(f"{name} predicts {scheduler.config.prediction_type}; this reads v-prediction models.")
-        alphas = scheduler.alphas_cumprod
-        null = torch.full_like(labels, 10)
+        loaded = load_model(model_config(name), torch.device("cpu"))
+        net, kind = loaded.model.eval(), loaded.scheduler_config["prediction_type"]
+        alphas = DDPMScheduler.from_config(loaded.scheduler_config).alphas_cumprod
+        null = torch.full_like(labels, loaded.null_class)
         for t in args.timesteps:
             a, b = alphas[t].sqrt(), (1 - alphas[t]).sqrt()
             xt = a * x0 + b * torch.randn_like(x0)
             steps = torch.full((len(x0),), t)
-            with torch.no_grad():  # v-prediction: x0 = a x_t - b v
-                cond = a * xt - b * net(xt, steps, class_labels=labels).sample
-                uncond = a * xt - b * net(xt, steps, class_labels=null).sample
+            with torch.no_grad():
+                cond = x0_from_output(net(xt, steps, class_labels=labels).sample, xt, a, b, kind)
+                uncond = x0_from_output(net(xt, steps, class_labels=null).sample, xt, a, b, kind)
             ec, eu, ed = energy(cond, projection), energy(uncond, projection), energy(cond - uncond, projection)
             guided = [energy(uncond + s * (cond - uncond), projection) for s in args.scales]
             cells = [f"{ec:.2e}", f"{eu:.2e}", f"{ed:.2e} ({ed / (ec + eu):.2f})", *(f"{g:.2e}" for g in guided)]
