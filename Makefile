@@ -20,7 +20,8 @@ train-digits: install  # retrains the shipped digits-unet, two stages -> outputs
 	$(PYTHON) scripts/train.py $(ARGS)
 	$(PYTHON) scripts/train.py --config-name train-digits-unet-settle $(ARGS)
 
-train-digits-cond: install  # the class-conditional digits-cond (label dropout for guidance) into outputs/train/digits-cond/model
+train-digits-cond: install  # digits-cond, two stages -> outputs/train/digits-cond/model; its step-1500 checkpoint is digits-cond-weak
+	$(PYTHON) scripts/train.py --config-name train-digits-cond-stage1 $(ARGS)
 	$(PYTHON) scripts/train.py --config-name train-digits-cond $(ARGS)
 
 train-digits-flow: install  # the rectified-flow UNet digits-flow into outputs/train/digits-flow/model

@@ -57,7 +57,7 @@ def main() -> None:
     parser.add_argument("--model", default="digits-cond")
     parser.add_argument("--methods", default="cfg,apg,tcfg,pag,autoguidance")
     parser.add_argument("--scales", default="1.5,3,5,8")
-    parser.add_argument("--schedulers", default="dpmsolver,euler-ancestral")
+    parser.add_argument("--schedulers", default="dpmsolver,k-euler-ancestral")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--samples", type=int, default=200)
     parser.add_argument("--out", default="outputs/guidance-table")

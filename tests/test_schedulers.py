@@ -78,6 +78,14 @@ class Oracle(torch.nn.Module):
         return (self.y if self.prediction_type == "sample" else eps).float()
 
 
+def test_a_refused_prediction_type_names_the_k_diffusion_sampler_that_takes_it() -> None:
+    model_config = DDPM_SCHEDULER_CONFIG | {"prediction_type": "sample"}
+    with pytest.raises(DiffexpError, match=r"Choose another scheduler \(k-euler-ancestral is k-diffusion's"):
+        build_scheduler("euler-ancestral", model_config)
+    with pytest.raises(DiffexpError, match=r"Choose another scheduler\.$"):
+        build_scheduler("pndm", model_config)  # no k-diffusion sampler of that name
+
+
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
 @pytest.mark.parametrize("name", list(SCHEDULERS))
 def test_x0_is_exact_with_an_oracle_model(name: str, prediction_type: str) -> None:

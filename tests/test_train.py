@@ -241,7 +241,7 @@ def test_shipped_digits_cond_is_class_conditional_with_a_null_class() -> None:
     assert (folder / "unet/diffusion_pytorch_model.safetensors").stat().st_size <= 10 * 2**20
     assert (folder / "README.md").is_file()
     unet, scheduler_config = models.load_pretrained(str(folder))
-    assert unet.config.num_class_embeds == 11 and scheduler_config["prediction_type"] == "v_prediction"
+    assert unet.config.num_class_embeds == 11 and scheduler_config["prediction_type"] == "sample"  # x0 (its card)
     x, t = torch.zeros(2, 1, 32, 32), torch.tensor([500, 500])
     with torch.no_grad():
         out = unet(x, t, class_labels=torch.tensor([3, 10])).sample  # a digit and the null class

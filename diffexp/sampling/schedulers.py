@@ -22,7 +22,14 @@ import torch
 from diffusers import DDPMScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-from diffexp.catalog import MODEL_KEYS, SchedulerSpec, option_signatures, resolve_class, scheduler_spec
+from diffexp.catalog import (
+    MODEL_KEYS,
+    SchedulerSpec,
+    option_signatures,
+    resolve_class,
+    scheduler_files,
+    scheduler_spec,
+)
 from diffexp.errors import DiffexpError
 from diffexp.sampling.flow import FLOW_PREDICTION, dynamic_mu, flow_mode, image_seq_len, is_flow
 
@@ -157,9 +164,11 @@ def build_scheduler(
     flow = is_flow(model_scheduler_config)
     model_prediction = FLOW_PREDICTION if flow else str(model_scheduler_config.get("prediction_type") or "epsilon")
     if model_prediction not in spec.prediction_types:
+        counterpart = f"k-{spec.name}"  # k-diffusion's sampler of the same name runs through denoise(x, sigma)
+        hint = f" ({counterpart} is k-diffusion's, which takes it)" if counterpart in scheduler_files() else ""
         raise DiffexpError(
             f"Scheduler '{spec.name}' ({cls.__name__}) cannot sample a model that predicts {model_prediction}: "
-            f"diffusers implements only {', '.join(spec.prediction_types)} for it. Choose another scheduler."
+            f"diffusers implements only {', '.join(spec.prediction_types)} for it. Choose another scheduler{hint}."
         )
     for key in ("shift", "flow_shift"):
         if config.get(key) is not None and not config[key] > 0:
