@@ -10,11 +10,12 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from pathlib import Path
 from types import ModuleType
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # before huggingface_hub reads it: the tests never reach the network
 
@@ -27,6 +28,9 @@ from omegaconf import DictConfig
 import diffexp
 from diffexp.catalog import register
 from diffexp.training.config import register as register_training
+
+if TYPE_CHECKING:
+    from diffexp.tracking.reader import OfflineRun
 
 register()  # the schema and resolvers, as scripts/run.py registers them
 register_training()  # the training schema, as scripts/train.py registers it
@@ -205,6 +209,25 @@ def shared_folder(tmp_path_factory: pytest.TempPathFactory, name: str, make: Cal
             make(folder)
             done.touch()
     return folder
+
+
+def read_wandb(folder: Path, timeout: float = 120.0) -> OfflineRun:
+    """The W&B run in ``folder`` (a ``wandb`` folder, or one ``offline-run-*`` in it) once W&B's service has written all
+    of it: it flushes asynchronously, and the exit record comes last. (Waiting for the file, not for the service to
+    stop: ``wandb.teardown()`` waits for a service that an earlier test of the process may still keep busy.)"""
+    from diffexp.tracking.reader import OfflineRun
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            run = OfflineRun.read(folder)
+            if run.exit_code is not None:
+                return run
+        except Exception:  # a record being written: read again
+            if time.monotonic() > deadline:
+                raise
+        assert time.monotonic() < deadline, f"W&B wrote no exit record in {folder} within {timeout} s"
+        time.sleep(0.2)
 
 
 @pytest.fixture

@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 import re
 import socket
-import time
 from pathlib import Path
 
 import diffusers
 import pytest
 import torch
 import wandb
-from conftest import compose, run_cli
+from conftest import compose, read_wandb, run_cli
 from omegaconf import DictConfig
 from PIL import Image
 
@@ -40,23 +39,6 @@ def offline(*overrides: str) -> DictConfig:
     return compose("logger=wandb", "logger.mode=offline", *overrides)
 
 
-def read_wandb(run_dir: Path, timeout: float = 120.0) -> OfflineRun:
-    """The run's .wandb file, once W&B's service has written all of it: it flushes asynchronously, and the exit
-    record comes last. (Waiting for the file, not for the service to stop: a service that an earlier test of the
-    process still keeps busy would hold a teardown up.)"""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            run = OfflineRun.read(run_dir / "wandb")
-            if run.exit_code is not None:
-                return run
-        except Exception:  # a record being written: read again
-            if time.monotonic() > deadline:
-                raise
-        assert time.monotonic() < deadline, f"W&B wrote no exit record in {run_dir} within {timeout} s"
-        time.sleep(0.2)
-
-
 def steps_jsonl(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "steps.jsonl").read_text().splitlines()]
 
@@ -72,7 +54,7 @@ def test_offline_run_logs_history_images_config_and_summary(run_dir: Path) -> No
         "model=digits-ideal", "scheduler=dpmsolver", "scheduler.use_karras_sigmas=true", "steps=12", "log_every=5"
     )
     metrics = diffexp.run(cfg, run_dir)
-    wb = read_wandb(run_dir)
+    wb = read_wandb(run_dir / "wandb")
     records = steps_jsonl(run_dir)
 
     assert wb.run.display_name == "dpmsolver-karras-12"
@@ -120,7 +102,7 @@ def test_failed_run_is_marked_failed(run_dir: Path) -> None:
     # KDPM2Ancestral diverges at 2 steps: a real failure in the middle of sampling
     with pytest.raises(NonFiniteError):
         diffexp.run(offline("scheduler=kdpm2-ancestral", "steps=2"), run_dir)
-    wb = read_wandb(run_dir)
+    wb = read_wandb(run_dir / "wandb")
     assert wb.exit_code == 1
     assert wb.summary["status"] == "failed" and "NaN" in wb.summary["error"]
     assert read_status(run_dir) == "failed"
@@ -128,7 +110,7 @@ def test_failed_run_is_marked_failed(run_dir: Path) -> None:
     next_dir = run_dir.parent / "next"
     diffexp.run(offline("steps=3"), next_dir)
     assert wandb.run is None
-    assert read_wandb(next_dir).exit_code == 0
+    assert read_wandb(next_dir / "wandb").exit_code == 0
 
 
 def test_logger_none_writes_no_wandb_files(run_dir: Path) -> None:
@@ -155,7 +137,7 @@ def test_reader_joins_records_across_blocks(tmp_path: Path) -> None:
     run.log({"a": 1.5}, step=3)
     run.summary["b"] = [1, 2]
     run.finish()
-    wb = read_wandb(tmp_path)
+    wb = read_wandb(tmp_path / "wandb")
     assert wb.config["blob"] == blob
     assert [(row["_step"], row["a"]) for row in wb.history] == [(3, 1.5)]
     assert wb.summary["b"] == [1, 2] and wb.exit_code == 0

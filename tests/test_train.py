@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import compose, run_main, train_cfg
+from conftest import compose, read_wandb, run_main, train_cfg
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -302,15 +302,10 @@ def test_digits_quality_tells_digits_from_noise_and_copies() -> None:
 
 
 def test_training_logs_loss_and_samples_to_wandb_through_the_logger_config(tmp_path: Path) -> None:
-    import wandb
-
-    from diffexp.tracking.reader import OfflineRun
-
     cfg = train_cfg("steps=4", "log_every=2", "sample_every=4", "sample_batch=2", "sample_steps=2",
                     "logger=wandb", "logger.mode=offline")  # fmt: skip
     train(cfg, tmp_path)
-    wandb.teardown()  # W&B writes its file asynchronously
-    run = OfflineRun.read(tmp_path / "wandb")
+    run = read_wandb(tmp_path / "wandb")  # W&B writes its file asynchronously
     assert run.run.job_type == "train" and run.exit_code == 0 and run.config["steps"] == 4
     assert [row["_step"] for row in run.history] == [2, 4]
     assert all(row["loss"] > 0 for row in run.history) and "samples" in run.history[-1]
