@@ -15,9 +15,8 @@ from __future__ import annotations
 import argparse
 
 import torch
-import torch.nn.functional as F
 
-from diffexp.sampling.ideal import digits_images, digits_labels
+from diffexp.sampling.ideal import digits_images, digits_labels, upsample_digits
 from diffexp.sampling.models import load_model
 from diffexp.sampling.parameterisation import x0_from_output
 from diffexp.settings import model_config
@@ -25,8 +24,7 @@ from diffexp.settings import model_config
 
 def off_subspace(size: int = 32) -> torch.Tensor:
     """The projection onto the complement of the bilinearly upsampled 8x8 images: (size^2, size^2)."""
-    basis = torch.eye(64).reshape(64, 1, 8, 8)
-    up = F.interpolate(basis, size=(size, size), mode="bilinear", align_corners=False).reshape(64, -1).T
+    up = upsample_digits(torch.eye(64).reshape(64, 1, 8, 8), size).reshape(64, -1).T
     return torch.eye(size * size) - up @ torch.linalg.pinv(up)
 
 

@@ -31,9 +31,15 @@ def digits_images(sample_size: int = 32) -> torch.Tensor:
 
     data = load_digits()
     images = torch.tensor(data.images, dtype=torch.float32)[:, None] / 16 * 2 - 1
-    if sample_size != 8:
-        images = F.interpolate(images, size=(sample_size, sample_size), mode="bilinear", align_corners=False)
-    return images.clamp(-1, 1)
+    return upsample_digits(images, sample_size).clamp(-1, 1)
+
+
+def upsample_digits(images: torch.Tensor, sample_size: int) -> torch.Tensor:
+    """8x8 images (N, 1, 8, 8) at ``sample_size``, bilinearly, as the digits models see them: a linear map, so the
+    digits lie in the 64-dimensional span of the upsampled 8x8 basis images."""
+    if sample_size == 8:
+        return images
+    return F.interpolate(images, size=(sample_size, sample_size), mode="bilinear", align_corners=False)
 
 
 def digits_labels() -> torch.Tensor:
